@@ -1,0 +1,65 @@
+"""Argument checks shared by every routing backend.
+
+Every message names the argument, the shape (or dtype/device) received and what was
+expected, so a user can fix the call without reading the kernel source.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x: object, rank: int, expected: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(
+            f"{name} must have {rank} dimensions {expected}, got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32 or float64), got dtype {x.dtype}"
+        )
+
+
+def check_routing_inputs(
+    u: Tensor, W: Tensor, bias: Tensor | None, num_iterations: int
+) -> None:
+    """Raise a ValueError/TypeError naming the argument if the routing inputs do not fit."""
+    _check_tensor("u", u, 3, "[B, N_in, D_in]")
+    _check_tensor("W", W, 4, "[N_in, N_out, D_out, D_in]")
+    batch, num_in, dim_in = u.shape
+    w_num_in, num_out, dim_out, w_dim_in = W.shape
+    if w_num_in != num_in or w_dim_in != dim_in:
+        raise ValueError(
+            f"W must have shape [N_in={num_in}, N_out, D_out, D_in={dim_in}] to match u of shape "
+            f"{tuple(u.shape)}, got W of shape {tuple(W.shape)}"
+        )
+    for dim_name, size in (("N_in", num_in), ("D_in", dim_in), ("N_out", num_out), ("D_out", dim_out)):
+        if size < 1:
+            raise ValueError(
+                f"{dim_name} must be at least 1, got u of shape {tuple(u.shape)} and W of shape "
+                f"{tuple(W.shape)} (only the batch dimension B may be 0)"
+            )
+    if W.dtype != u.dtype:
+        raise TypeError(f"W must have the dtype of u ({u.dtype}), got {W.dtype}")
+    if W.device != u.device:
+        raise ValueError(f"W must be on the device of u ({u.device}), got {W.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, 2, "[N_out, D_out]")
+        if tuple(bias.shape) != (num_out, dim_out):
+            raise ValueError(
+                f"bias must have shape [N_out, D_out] = [{num_out}, {dim_out}] to match W of shape "
+                f"{tuple(W.shape)}, got bias of shape {tuple(bias.shape)}"
+            )
+        if bias.dtype != u.dtype:
+            raise TypeError(f"bias must have the dtype of u ({u.dtype}), got {bias.dtype}")
+        if bias.device != u.device:
+            raise ValueError(f"bias must be on the device of u ({u.device}), got {bias.device}")
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
+        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")

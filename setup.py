@@ -1,0 +1,108 @@
+"""Build capsnet and its compiled extension ``capsnet._C``.
+
+The C++ (CPU) kernels are always built. The CUDA kernels are built when this torch was
+built with CUDA (``torch.version.cuda``) and nvcc is found; no GPU is needed to build.
+Environment variables:
+
+    CAPSNET_FORCE_CUDA=1|0     build the CUDA kernels regardless of detection (1) or never (0)
+    TORCH_CUDA_ARCH_LIST       GPU architectures; default "8.0;9.0+PTX" (A100, H100, PTX for newer)
+    CAPSNET_CPU_ARCH           -march for the C++ kernels; default "native" (the kernels rely on
+                               the compiler vectorising their inner loops). Set it to e.g.
+                               "x86-64-v3" when building a binary for other machines, or to ""
+                               to use the compiler's default.
+
+Build without isolation (``pip install --no-build-isolation -e .``): the extension must be
+compiled against the torch that will import it, and an isolated build would fetch a
+different (multi-GB) torch into a throwaway environment.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _env_switch(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _find_nvcc() -> str | None:
+    if CUDA_HOME is None:
+        return None
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    return nvcc if os.path.exists(nvcc) else None
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    forced = _env_switch("CAPSNET_FORCE_CUDA")
+    if forced is not None:
+        return forced, f"CAPSNET_FORCE_CUDA={int(forced)}"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch.version.cuda={torch.version.cuda}, nvcc at {nvcc}"
+
+
+def _relative(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def build_extension():
+    with_cuda, why = _cuda_decision()
+    csrc = os.path.join(ROOT, "csrc")
+    sources = _relative(
+        glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    )
+    cpu_arch = os.environ.get("CAPSNET_CPU_ARCH", "native")
+    cxx_flags = ["-O3", "-fno-math-errno"]
+    if cpu_arch:
+        cxx_flags.append(f"-march={cpu_arch}")
+    extra_compile_args = {"cxx": cxx_flags}
+    define_macros = []
+    extension_class = CppExtension
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+        sources += _relative(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+        define_macros.append(("CAPSNET_WITH_CUDA", None))
+        extension_class = CUDAExtension
+    print(
+        f"capsnet: building capsnet._C with CUDA {'ON' if with_cuda else 'OFF'} ({why})"
+        + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
+        + f", CPU -march={cpu_arch or '(compiler default)'}; sources: {', '.join(sources)}",
+        flush=True,
+    )
+    return extension_class(
+        "capsnet._C",
+        sources,
+        include_dirs=[csrc],
+        extra_compile_args=extra_compile_args,
+        define_macros=define_macros,
+    )
+
+
+setup(
+    name="capsnet",
+    version="0.1.0",
+    description="Fused dynamic routing between capsules (CPU and CUDA) for PyTorch",
+    packages=find_packages(include=["capsnet", "capsnet.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

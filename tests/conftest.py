@@ -1,0 +1,39 @@
+"""Shared pytest set-up: the ``needs_cuda`` marker and the ``device`` parametrisation.
+
+Tests marked ``needs_cuda`` are skipped, with the reason printed, when no GPU is visible;
+collection never touches the GPU (``torch.cuda.is_available`` only asks the driver).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA_SKIP_REASON = "needs_cuda: no CUDA GPU visible (torch.cuda.is_available() is False)"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_cuda: runs only where a CUDA GPU is available")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+def pytest_report_header(config):
+    import capsnet
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"capsnet: torch {torch.__version__} (CUDA {torch.version.cuda}), {cuda}; "
+        f"extension loaded: {capsnet.has_ops()}, CPU kernel: {capsnet.has_kernel('cpu', torch.float32)}, "
+        f"CUDA kernel: {capsnet.has_kernel('cuda', torch.float32)}"
+    )
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
