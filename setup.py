@@ -68,7 +68,7 @@ def build_extension():
         glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
     )
     cpu_arch = os.environ.get("CAPSNET_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
     if cpu_arch:
         cxx_flags.append(f"-march={cpu_arch}")
     extra_compile_args = {"cxx": cxx_flags}
