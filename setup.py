@@ -68,7 +68,9 @@ def build_extension():
         glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
     )
     cpu_arch = os.environ.get("CAPSNET_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for only runs in parallel in code compiled with OpenMP (torch
+    # links the same libgomp); the kernels use `omp simd` for their inner loops.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     if cpu_arch:
         cxx_flags.append(f"-march={cpu_arch}")
     extra_compile_args = {"cxx": cxx_flags}
@@ -92,6 +94,7 @@ def build_extension():
         sources,
         include_dirs=[csrc],
         extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
         define_macros=define_macros,
     )
 

@@ -50,10 +50,31 @@ inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
   }
 }
 
+// Capsule sizes as compile-time constants for the common shapes (CapsNet: D_out=16, D_in=8)
+// so that the short loops over a capsule's components unroll; 0 means "known at run time".
+template <int kDim>
+constexpr int64_t capsule_dim(int64_t runtime_dim) {
+  return kDim > 0 ? kDim : runtime_dim;
+}
+
+// Calls fn(std::integral_constant<int, D_out>, std::integral_constant<int, D_in>) with the
+// sizes baked in where a specialisation exists, with 0 (run-time sizes) otherwise.
+template <typename Fn>
+void dispatch_capsule_dims(const RoutingShape& shape, Fn&& fn) {
+  using std::integral_constant;
+  if (shape.dim_out == 16 && shape.dim_in == 8) {
+    fn(integral_constant<int, 16>{}, integral_constant<int, 8>{});
+  } else if (shape.dim_out == 8 && shape.dim_in == 8) {
+    fn(integral_constant<int, 8>{}, integral_constant<int, 8>{});
+  } else {
+    fn(integral_constant<int, 0>{}, integral_constant<int, 0>{});
+  }
+}
+
 // v_j = squash(s_j) for every output capsule j (Eq. 1).
-template <typename scalar_t>
+template <typename scalar_t, int kDimOut>
 void squash_capsules(const scalar_t* s, scalar_t* v, const RoutingShape& shape) {
-  const int64_t dim = shape.dim_out;
+  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
   for (int64_t j = 0; j < shape.num_out; ++j) {
     const scalar_t* s_j = s + j * dim;
     const scalar_t scale = squash_scale(dot(s_j, s_j, dim));
@@ -65,19 +86,23 @@ void squash_capsules(const scalar_t* s, scalar_t* v, const RoutingShape& shape) 
 
 // u_hat[i, j*D_out + d] = sum_e W[i, j, d, e] u[i, e]   (Eq. 2), from W_t = W laid out as
 // [N_in, D_in, N_out*D_out] so that the inner loop is a contiguous axpy of length N_out*D_out.
-template <typename scalar_t>
+template <typename scalar_t, int kDimIn>
 void compute_predictions(
     const scalar_t* u_sample, const scalar_t* W_t, scalar_t* u_hat, const RoutingShape& shape) {
+  const int64_t dim_in = capsule_dim<kDimIn>(shape.dim_in);
   const int64_t out_size = shape.out_size();
   for (int64_t i = 0; i < shape.num_in; ++i) {
-    const scalar_t* u_i = u_sample + i * shape.dim_in;
-    const scalar_t* W_i = W_t + i * shape.dim_in * out_size;
+    const scalar_t* u_i = u_sample + i * dim_in;
+    const scalar_t* W_i = W_t + i * dim_in * out_size;
     scalar_t* row = u_hat + i * out_size;
+    // Vectorised over k, the sum over e kept in registers.
+#pragma omp simd
     for (int64_t k = 0; k < out_size; ++k) {
-      row[k] = u_i[0] * W_i[k];
-    }
-    for (int64_t e = 1; e < shape.dim_in; ++e) {
-      axpy(u_i[e], W_i + e * out_size, row, out_size);
+      scalar_t acc = 0;
+      for (int64_t e = 0; e < dim_in; ++e) {
+        acc += u_i[e] * W_i[e * out_size + k];
+      }
+      row[k] = acc;
     }
   }
 }
@@ -87,13 +112,13 @@ void compute_predictions(
 //   c[i, :] = softmax(logits[i, :])              (Eq. 3)
 //   s[j] += c[i, j] u_hat[i, j]                  (Eq. 2; skipped when s is null)
 // and, when coupling_out is given, stores c[i, :] at coupling_out + i * coupling_stride.
-template <typename scalar_t>
+template <typename scalar_t, int kDimOut>
 void routing_pass(
     const scalar_t* u_hat, scalar_t* logits, const scalar_t* v_prev, scalar_t* s,
     scalar_t* coupling_out, int64_t coupling_stride, scalar_t* coupling_scratch,
     const RoutingShape& shape) {
   const int64_t num_out = shape.num_out;
-  const int64_t dim = shape.dim_out;
+  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
   const int64_t out_size = shape.out_size();
   for (int64_t i = 0; i < shape.num_in; ++i) {
     const scalar_t* row = u_hat + i * out_size;
@@ -130,23 +155,23 @@ struct SampleScratch {
         grad_v(shape.out_size()) {}
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int kDimOut, int kDimIn>
 void routing_forward_sample(
     const scalar_t* u_sample, const scalar_t* W_t, const scalar_t* bias, scalar_t* s_saved,
     scalar_t* v_out, SampleScratch<scalar_t>& scratch, const RoutingShape& shape) {
   const int64_t out_size = shape.out_size();
-  compute_predictions(u_sample, W_t, scratch.u_hat.data(), shape);
+  compute_predictions<scalar_t, kDimIn>(u_sample, W_t, scratch.u_hat.data(), shape);
   std::fill(scratch.logits.begin(), scratch.logits.end(), scalar_t(0));  // logits start at 0
   for (int64_t t = 0; t < shape.iterations; ++t) {
     scalar_t* s = s_saved + t * out_size;
     std::fill(s, s + out_size, scalar_t(0));
-    routing_pass(
+    routing_pass<scalar_t, kDimOut>(
         scratch.u_hat.data(), scratch.logits.data(), t > 0 ? scratch.v.data() : nullptr, s,
         static_cast<scalar_t*>(nullptr), 0, scratch.coupling.data(), shape);
     if (bias != nullptr) {
       axpy(scalar_t(1), bias, s, out_size);
     }
-    squash_capsules(s, scratch.v.data(), shape);
+    squash_capsules<scalar_t, kDimOut>(s, scratch.v.data(), shape);
   }
   std::copy(scratch.v.begin(), scratch.v.end(), v_out);
 }
@@ -159,29 +184,29 @@ void routing_forward_sample(
 //   coeffs  [N_in, K, N_out], K = 2r-1:  c^0..c^{r-1}, then grad_b^1..grad_b^{r-1}
 //   vectors [K, N_out*D_out]:           grad_s^0..grad_s^{r-1}, then v^0..v^{r-2}
 // and phase 2 rebuilds grad u_hat[i] = sum_k coeffs[i, k, j] vectors[k, j, :].
-template <typename scalar_t>
+template <typename scalar_t, int kDimOut, int kDimIn>
 void routing_backward_sample(
     const scalar_t* u_sample, const scalar_t* W_t, const scalar_t* grad_v, const scalar_t* s_saved,
     scalar_t* coeffs, scalar_t* vectors, SampleScratch<scalar_t>& scratch,
     const RoutingShape& shape) {
   const int64_t r = shape.iterations;
   const int64_t num_out = shape.num_out;
-  const int64_t dim = shape.dim_out;
+  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
   const int64_t out_size = shape.out_size();
   const int64_t coeff_stride = (2 * r - 1) * num_out;  // between input capsules
   scalar_t* u_hat = scratch.u_hat.data();
-  compute_predictions(u_sample, W_t, u_hat, shape);
+  compute_predictions<scalar_t, kDimIn>(u_sample, W_t, u_hat, shape);
 
   // Recompute the couplings of every iteration from the saved total inputs: v^t =
   // squash(s^t) is bitwise what the forward computed, so the logits and c^t are too.
   std::fill(scratch.logits.begin(), scratch.logits.end(), scalar_t(0));
   for (int64_t t = 0; t < r; ++t) {
     const scalar_t* v_prev = t > 0 ? vectors + (r + t - 1) * out_size : nullptr;
-    routing_pass(
+    routing_pass<scalar_t, kDimOut>(
         u_hat, scratch.logits.data(), v_prev, static_cast<scalar_t*>(nullptr), coeffs + t * num_out,
         coeff_stride, scratch.coupling.data(), shape);
     if (t < r - 1) {
-      squash_capsules(s_saved + t * out_size, vectors + (r + t) * out_size, shape);
+      squash_capsules<scalar_t, kDimOut>(s_saved + t * out_size, vectors + (r + t) * out_size, shape);
     }
   }
 
@@ -237,18 +262,19 @@ void routing_backward_sample(
 //   g = grad u_hat[b, i] = sum_k coeffs[b, i, k, j] vectors[b, k, j, :]
 //   grad_u[b, i, e] = sum_{j,d} W[i, j, d, e] g[j, d]
 //   grad_W_t[i, e, :] += u[b, i, e] g
-template <typename scalar_t>
+template <typename scalar_t, int kDimOut, int kDimIn>
 void routing_backward_input_capsule(
     int64_t i, const scalar_t* u, const scalar_t* W_t, const scalar_t* coeffs,
     const scalar_t* vectors, scalar_t* grad_u, scalar_t* grad_W_t, scalar_t* g,
     const RoutingShape& shape) {
   const int64_t num_terms = 2 * shape.iterations - 1;
   const int64_t num_out = shape.num_out;
-  const int64_t dim = shape.dim_out;
+  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
+  const int64_t dim_in = capsule_dim<kDimIn>(shape.dim_in);
   const int64_t out_size = shape.out_size();
-  const scalar_t* W_i = W_t + i * shape.dim_in * out_size;
-  scalar_t* grad_W_i = grad_W_t + i * shape.dim_in * out_size;
-  std::fill(grad_W_i, grad_W_i + shape.dim_in * out_size, scalar_t(0));
+  const scalar_t* W_i = W_t + i * dim_in * out_size;
+  scalar_t* grad_W_i = grad_W_t + i * dim_in * out_size;
+  std::fill(grad_W_i, grad_W_i + dim_in * out_size, scalar_t(0));
   for (int64_t b = 0; b < shape.batch; ++b) {
     const scalar_t* coeffs_bi = coeffs + (b * shape.num_in + i) * num_terms * num_out;
     const scalar_t* vectors_b = vectors + b * num_terms * out_size;
@@ -258,9 +284,9 @@ void routing_backward_input_capsule(
         axpy(coeffs_bi[k * num_out + j], vectors_b + k * out_size + j * dim, g + j * dim, dim);
       }
     }
-    const scalar_t* u_bi = u + (b * shape.num_in + i) * shape.dim_in;
-    scalar_t* grad_u_bi = grad_u + (b * shape.num_in + i) * shape.dim_in;
-    for (int64_t e = 0; e < shape.dim_in; ++e) {
+    const scalar_t* u_bi = u + (b * shape.num_in + i) * dim_in;
+    scalar_t* grad_u_bi = grad_u + (b * shape.num_in + i) * dim_in;
+    for (int64_t e = 0; e < dim_in; ++e) {
       grad_u_bi[e] = dot(W_i + e * out_size, g, out_size);
       axpy(u_bi[e], g, grad_W_i + e * out_size, out_size);
     }
@@ -292,14 +318,16 @@ std::tuple<at::Tensor, at::Tensor> routing_forward_cpu(
     const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* s_ptr = s_saved.mutable_data_ptr<scalar_t>();
     scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
-      SampleScratch<scalar_t> scratch(shape);
-      for (int64_t b = begin; b < end; ++b) {
-        routing_forward_sample(
-            u_ptr + b * shape.num_in * shape.dim_in, W_ptr, bias_ptr,
-            s_ptr + b * shape.iterations * shape.out_size(), v_ptr + b * shape.out_size(), scratch,
-            shape);
-      }
+    dispatch_capsule_dims(shape, [&](auto dim_out, auto dim_in) {
+      at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
+        SampleScratch<scalar_t> scratch(shape);
+        for (int64_t b = begin; b < end; ++b) {
+          routing_forward_sample<scalar_t, dim_out.value, dim_in.value>(
+              u_ptr + b * shape.num_in * shape.dim_in, W_ptr, bias_ptr,
+              s_ptr + b * shape.iterations * shape.out_size(), v_ptr + b * shape.out_size(),
+              scratch, shape);
+        }
+      });
     });
   });
   return {v, s_saved};
@@ -333,27 +361,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
     scalar_t* vectors_ptr = vectors.mutable_data_ptr<scalar_t>();
     const int64_t out_size = shape.out_size();
 
-    // Phase 1: per sample.
-    at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
-      SampleScratch<scalar_t> scratch(shape);
-      for (int64_t b = begin; b < end; ++b) {
-        routing_backward_sample(
-            u_ptr + b * shape.num_in * shape.dim_in, W_ptr, grad_v_ptr + b * out_size,
-            s_ptr + b * shape.iterations * out_size,
-            coeffs_ptr + b * shape.num_in * num_terms * shape.num_out,
-            vectors_ptr + b * num_terms * out_size, scratch, shape);
-      }
-    });
-
-    // Phase 2: per input capsule, batch in a fixed order.
     scalar_t* grad_u_ptr = grad_u.mutable_data_ptr<scalar_t>();
     scalar_t* grad_W_ptr = grad_W_t.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, shape.num_in, 16, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> g(out_size);
-      for (int64_t i = begin; i < end; ++i) {
-        routing_backward_input_capsule(
-            i, u_ptr, W_ptr, coeffs_ptr, vectors_ptr, grad_u_ptr, grad_W_ptr, g.data(), shape);
-      }
+    dispatch_capsule_dims(shape, [&](auto dim_out, auto dim_in) {
+      // Phase 1: per sample.
+      at::parallel_for(0, shape.batch, 1, [&](int64_t begin, int64_t end) {
+        SampleScratch<scalar_t> scratch(shape);
+        for (int64_t b = begin; b < end; ++b) {
+          routing_backward_sample<scalar_t, dim_out.value, dim_in.value>(
+              u_ptr + b * shape.num_in * shape.dim_in, W_ptr, grad_v_ptr + b * out_size,
+              s_ptr + b * shape.iterations * out_size,
+              coeffs_ptr + b * shape.num_in * num_terms * shape.num_out,
+              vectors_ptr + b * num_terms * out_size, scratch, shape);
+        }
+      });
+      // Phase 2: per input capsule, batch in a fixed order.
+      at::parallel_for(0, shape.num_in, 16, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> g(out_size);
+        for (int64_t i = begin; i < end; ++i) {
+          routing_backward_input_capsule<scalar_t, dim_out.value, dim_in.value>(
+              i, u_ptr, W_ptr, coeffs_ptr, vectors_ptr, grad_u_ptr, grad_W_ptr, g.data(), shape);
+        }
+      });
     });
 
     // grad bias = sum over samples and iterations of grad_s, in a fixed order.
