@@ -23,19 +23,31 @@ except ImportError as error:  # not built, or built against another torch
     _LOAD_ERROR = str(error)
 
 
+
+
+def _registered_device_types() -> frozenset[str]:
+    if _LOAD_ERROR is not None:
+        return frozenset()
+    return frozenset(
+        device_type
+        for device_type, key in _DISPATCH_KEYS.items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key("capsnet::routing_forward", key)
+        and torch._C._dispatch_has_kernel_for_dispatch_key("capsnet::routing_backward", key)
+    )
+
+
+# Read once at import (the kernels register when _C loads): the checks below are then pure
+# Python, which torch.compile traces without a graph break.
+KERNEL_DEVICE_TYPES = _registered_device_types()
+
+
 def has_ops() -> bool:
     """True when the compiled library is loaded and defines the capsnet ops."""
     return _LOAD_ERROR is None
 
 
 def _has_device_kernel(device_type: str) -> bool:
-    key = _DISPATCH_KEYS.get(device_type)
-    return (
-        has_ops()
-        and key is not None
-        and torch._C._dispatch_has_kernel_for_dispatch_key("capsnet::routing_forward", key)
-        and torch._C._dispatch_has_kernel_for_dispatch_key("capsnet::routing_backward", key)
-    )
+    return device_type in KERNEL_DEVICE_TYPES
 
 
 def has_kernel(device_type: str, dtype: torch.dtype) -> bool:

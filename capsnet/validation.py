@@ -1,6 +1,7 @@
 """Argument checks shared by every routing backend.
 
-Every message names the argument, the shape (or dtype/device) received and what was
+Shapes and dtypes that do not fit raise ValueError, arguments of the wrong Python type
+TypeError. Every message names the argument, the shape (or dtype/device) received and what was
 expected, so a user can fix the call without reading the kernel source.
 """
 
@@ -20,8 +21,9 @@ def _check_tensor(name: str, x: object, rank: int, expected: str) -> None:
             f"{name} must have {rank} dimensions {expected}, got shape {tuple(x.shape)}"
         )
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float32 or float64), got dtype {x.dtype}"
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float32 or float64 for the fused kernels), "
+            f"got dtype {x.dtype}"
         )
 
 
@@ -31,7 +33,7 @@ def check_routing_inputs(
     """Raise a ValueError/TypeError naming the argument if the routing inputs do not fit."""
     _check_tensor("u", u, 3, "[B, N_in, D_in]")
     _check_tensor("W", W, 4, "[N_in, N_out, D_out, D_in]")
-    batch, num_in, dim_in = u.shape
+    _batch, num_in, dim_in = u.shape
     w_num_in, num_out, dim_out, w_dim_in = W.shape
     if w_num_in != num_in or w_dim_in != dim_in:
         raise ValueError(
@@ -45,7 +47,7 @@ def check_routing_inputs(
                 f"{tuple(W.shape)} (only the batch dimension B may be 0)"
             )
     if W.dtype != u.dtype:
-        raise TypeError(f"W must have the dtype of u ({u.dtype}), got {W.dtype}")
+        raise ValueError(f"W must have the dtype of u ({u.dtype}), got {W.dtype}")
     if W.device != u.device:
         raise ValueError(f"W must be on the device of u ({u.device}), got {W.device}")
     if bias is not None:
@@ -56,7 +58,7 @@ def check_routing_inputs(
                 f"{tuple(W.shape)}, got bias of shape {tuple(bias.shape)}"
             )
         if bias.dtype != u.dtype:
-            raise TypeError(f"bias must have the dtype of u ({u.dtype}), got {bias.dtype}")
+            raise ValueError(f"bias must have the dtype of u ({u.dtype}), got {bias.dtype}")
         if bias.device != u.device:
             raise ValueError(f"bias must be on the device of u ({u.device}), got {bias.device}")
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):

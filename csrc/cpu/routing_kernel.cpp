@@ -129,7 +129,13 @@ void routing_pass(
       }
     }
     scalar_t* c_i = coupling_out != nullptr ? coupling_out + i * coupling_stride : coupling_scratch;
-    softmax_row(logits_i, c_i, static_cast<int>(num_out));
+    if (v_prev != nullptr) {
+      softmax_row(logits_i, c_i, static_cast<int>(num_out));
+    } else {
+      // First iteration: all logits are 0 and softmax_row would give exactly 1/N_out
+      // (exp(0) = 1, an exact integer sum); skip the N_out exp() calls.
+      std::fill(c_i, c_i + num_out, scalar_t(1) / static_cast<scalar_t>(num_out));
+    }
     if (s != nullptr) {
       for (int64_t j = 0; j < num_out; ++j) {
         axpy(c_i[j], row + j * dim, s + j * dim, dim);

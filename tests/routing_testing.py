@@ -1,0 +1,89 @@
+"""Helpers for the routing-op tests: random problems, running a backend, comparing results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capsnet import dynamic_routing
+
+# |actual - expected| <= ATOL_SCALE * max|expected| + RTOL * |expected|, per dtype. float64 is
+# held to 1e-10 (the CPU kernel agrees to ~1e-15); float32 to a few hundred ulps of the
+# largest value, which covers the different summation order over up to 1152 input capsules.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 1e-4),
+}
+
+
+@dataclass(frozen=True)
+class RoutingCase:
+    batch: int
+    num_in: int
+    num_out: int
+    dim_out: int
+    dim_in: int
+    iterations: int = 3
+    with_bias: bool = True
+
+    def __str__(self) -> str:
+        bias = "bias" if self.with_bias else "nobias"
+        return (
+            f"B{self.batch}-Nin{self.num_in}-Nout{self.num_out}-Dout{self.dim_out}"
+            f"-Din{self.dim_in}-r{self.iterations}-{bias}"
+        )
+
+
+def make_inputs(case: RoutingCase, dtype=torch.float64, device="cpu", seed=0, requires_grad=True):
+    """Random u, W, bias and an upstream gradient for v, at scales where routing is not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+    # W scaled so that |s| is of order 1: the squash and softmax are then in their curved regime.
+    w_scale = 1.0 / (case.dim_in * case.num_in) ** 0.5 * 2.0
+    u = randn(case.batch, case.num_in, case.dim_in)
+    W = randn(case.num_in, case.num_out, case.dim_out, case.dim_in, scale=w_scale)
+    bias = randn(case.num_out, case.dim_out, scale=0.3) if case.with_bias else None
+    grad_v = randn(case.batch, case.num_out, case.dim_out)
+    if requires_grad:
+        u.requires_grad_()
+        W.requires_grad_()
+        if bias is not None:
+            bias.requires_grad_()
+    return u, W, bias, grad_v
+
+
+def run_routing(u, W, bias, grad_v, iterations, backend):
+    """v and the gradients of (v * grad_v).sum() with respect to u, W (and bias)."""
+    v = dynamic_routing(u, W, bias, iterations, backend=backend)
+    wrt = [u, W] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(v, wrt, grad_v)
+    names = ["v", "grad_u", "grad_W"] + (["grad_bias"] if bias is not None else [])
+    return dict(zip(names, [v.detach(), *grads]))
+
+
+def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype=None):
+    """assert_close with dtype tolerances; the failure message gives max abs and rel error."""
+    dtype = dtype or expected.dtype
+    atol_scale, rtol = TOLERANCES[dtype]
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    atol = atol_scale * max(scale, 1e-30)
+    abs_err = (actual - expected).abs()
+    max_abs = abs_err.max().item() if abs_err.numel() else 0.0
+    max_rel = (abs_err / expected.abs().clamp_min(1e-30)).max().item() if abs_err.numel() else 0.0
+    torch.testing.assert_close(
+        actual,
+        expected,
+        atol=atol,
+        rtol=rtol,
+        msg=lambda _: (
+            f"{name} ({dtype}): max abs error {max_abs:.3e}, max rel error {max_rel:.3e}, "
+            f"max |expected| {scale:.3e}, allowed atol {atol:.3e} + rtol {rtol:.0e}"
+        ),
+    )
