@@ -30,14 +30,15 @@ if _extension.has_ops():
         torch._check(u.dim() == 3, lambda: f"u must be [B, N_in, D_in], got {u.shape}")
         torch._check(W.dim() == 4, lambda: f"W must be [N_in, N_out, D_out, D_in], got {W.shape}")
         torch._check(num_iterations >= 1, lambda: "num_iterations must be at least 1")
-        batch = u.shape[0]
+        batch, num_in = u.shape[0], u.shape[1]
         num_out, dim_out = W.shape[1], W.shape[2]
         v = u.new_empty(batch, num_out, dim_out)
         s_saved = u.new_empty(batch, num_iterations, num_out, dim_out)
-        return v, s_saved
+        couplings = u.new_empty(batch, num_in, num_iterations, num_out)
+        return v, s_saved, couplings
 
     @torch.library.register_fake("capsnet::routing_backward")
-    def _routing_backward_fake(grad_v, u, W, s_saved):
+    def _routing_backward_fake(grad_v, u, W, s_saved, couplings):
         torch._check(s_saved.dim() == 4, lambda: f"s_saved must be 4-D, got {s_saved.shape}")
         return (
             torch.empty_like(u, memory_format=torch.contiguous_format),
@@ -47,15 +48,15 @@ if _extension.has_ops():
 
     def _setup_context(ctx, inputs, output):
         u, W, bias, _num_iterations = inputs
-        _v, s_saved = output
-        ctx.mark_non_differentiable(s_saved)
+        _v, s_saved, couplings = output
+        ctx.mark_non_differentiable(s_saved, couplings)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(u, W, s_saved)
+        ctx.save_for_backward(u, W, s_saved, couplings)
 
-    def _routing_forward_backward(ctx, grad_v, _grad_s_saved):
-        u, W, s_saved = ctx.saved_tensors
+    def _routing_forward_backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
+        u, W, s_saved, couplings = ctx.saved_tensors
         grad_u, grad_W, grad_bias = torch.ops.capsnet.routing_backward(
-            grad_v.contiguous(), u, W, s_saved
+            grad_v.contiguous(), u, W, s_saved, couplings
         )
         return grad_u, grad_W, (grad_bias if ctx.has_bias else None), None
 
@@ -129,5 +130,5 @@ def dynamic_routing(
     elif not _extension.has_kernel(device_type, u.dtype):
         _warn_fallback_once(device_type, u.dtype)
         return dynamic_routing_reference(u, W, bias, num_iterations)
-    v, _s_saved = torch.ops.capsnet.routing_forward(u, W, bias, num_iterations)
+    v, _s_saved, _couplings = torch.ops.capsnet.routing_forward(u, W, bias, num_iterations)
     return v

@@ -22,17 +22,20 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(capsnet, m) {
-  // v:       [B, N_out, D_out]      routed output capsules
-  // s_saved: [B, r, N_out, D_out]   total input of every iteration, before squash; the
-  //                                 only state backward needs besides u and W.
+  // v:         [B, N_out, D_out]          routed output capsules
+  // s_saved:   [B, r, N_out, D_out]       total input s of every iteration, before squash
+  // couplings: [B, N_in, r, N_out]        coupling coefficients c of every iteration
+  // s_saved and couplings are the state backward needs besides u and W (u_hat is
+  // recomputed from u and W); couplings is laid out per input capsule because the second
+  // phase of backward reads it that way.
   m.def(
       "routing_forward(Tensor u, Tensor W, Tensor? bias, int num_iterations) "
-      "-> (Tensor v, Tensor s_saved)",
+      "-> (Tensor v, Tensor s_saved, Tensor couplings)",
       {at::Tag::pt2_compliant_tag});
   // Returns (grad_u, grad_W, grad_bias); grad_bias is [N_out, D_out] whether or not the
   // forward had a bias (the bias only enters s, which s_saved already holds).
   m.def(
-      "routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_saved) "
+      "routing_backward(Tensor grad_v, Tensor u, Tensor W, Tensor s_saved, Tensor couplings) "
       "-> (Tensor grad_u, Tensor grad_W, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
 }

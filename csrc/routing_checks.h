@@ -67,7 +67,8 @@ inline RoutingShape check_forward_inputs(
 }
 
 inline RoutingShape check_backward_inputs(
-    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved) {
+    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved,
+    const at::Tensor& couplings) {
   TORCH_CHECK(
       s_saved.dim() == 4, "capsnet: s_saved must have 4 dimensions [B, r, N_out, D_out], got shape ",
       s_saved.sizes());
@@ -79,6 +80,12 @@ inline RoutingShape check_backward_inputs(
           s_saved.size(3) == shape.dim_out,
       "capsnet: s_saved must have shape [B=", shape.batch, ", r, N_out=", shape.num_out,
       ", D_out=", shape.dim_out, "], got ", s_saved.sizes());
+  check_same_placement(couplings, "couplings", u);
+  TORCH_CHECK(
+      couplings.dim() == 4 && couplings.size(0) == shape.batch && couplings.size(1) == shape.num_in &&
+          couplings.size(2) == shape.iterations && couplings.size(3) == shape.num_out,
+      "capsnet: couplings must have shape [B, N_in, r, N_out] = [", shape.batch, ", ", shape.num_in,
+      ", ", shape.iterations, ", ", shape.num_out, "], got ", couplings.sizes());
   TORCH_CHECK(
       grad_v.dim() == 3 && grad_v.size(0) == shape.batch && grad_v.size(1) == shape.num_out &&
           grad_v.size(2) == shape.dim_out,

@@ -86,8 +86,10 @@ def test_direct_op_calls_are_checked(label, args, message):
 
 def test_direct_backward_call_is_checked():
     u, W, bias = _good()
-    v, s_saved = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+    v, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, 3)
     with pytest.raises(RuntimeError, match=r"grad_v must have shape \[B, N_out, D_out\] = \[2, 4, 5\]"):
-        torch.ops.capsnet.routing_backward(torch.randn(2, 5, 4), u, W, s_saved)
+        torch.ops.capsnet.routing_backward(torch.randn(2, 5, 4), u, W, s_saved, couplings)
     with pytest.raises(RuntimeError, match=r"s_saved must have shape \[B=2, r, N_out=4, D_out=5\]"):
-        torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved[:, :, :3])
+        torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved[:, :, :3], couplings)
+    with pytest.raises(RuntimeError, match=r"couplings must have shape \[B, N_in, r, N_out\] = \[2, 6, 3, 4\]"):
+        torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved, couplings[:, :5])

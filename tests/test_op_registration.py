@@ -22,10 +22,10 @@ def test_opcheck(with_bias, dtype, device):
     u, W, bias, grad_v = make_inputs(case, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.capsnet.routing_forward.default, (u, W, bias, 3))
     with torch.no_grad():
-        _, s_saved = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+        _, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, 3)
     torch.library.opcheck(
         torch.ops.capsnet.routing_backward.default,
-        (grad_v, u.detach(), W.detach(), s_saved),
+        (grad_v, u.detach(), W.detach(), s_saved, couplings),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
