@@ -34,7 +34,7 @@ if _extension.has_ops():
         num_out, dim_out = W.shape[1], W.shape[2]
         v = u.new_empty(batch, num_out, dim_out)
         s_saved = u.new_empty(batch, num_iterations, num_out, dim_out)
-        couplings = u.new_empty(batch, num_in, num_iterations, num_out)
+        couplings = u.new_empty(batch, num_iterations, num_out, num_in)
         return v, s_saved, couplings
 
     @torch.library.register_fake("capsnet::routing_backward")

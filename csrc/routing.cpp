@@ -24,10 +24,11 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(capsnet, m) {
   // v:         [B, N_out, D_out]          routed output capsules
   // s_saved:   [B, r, N_out, D_out]       total input s of every iteration, before squash
-  // couplings: [B, N_in, r, N_out]        coupling coefficients c of every iteration
+  // couplings: [B, r, N_out, N_in]        coupling coefficients c[i, j] of every iteration,
+  //                                       input capsules innermost (the kernels vectorise
+  //                                       over i)
   // s_saved and couplings are the state backward needs besides u and W (u_hat is
-  // recomputed from u and W); couplings is laid out per input capsule because the second
-  // phase of backward reads it that way.
+  // recomputed from u and W).
   m.def(
       "routing_forward(Tensor u, Tensor W, Tensor? bias, int num_iterations) "
       "-> (Tensor v, Tensor s_saved, Tensor couplings)",

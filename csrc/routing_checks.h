@@ -82,10 +82,11 @@ inline RoutingShape check_backward_inputs(
       ", D_out=", shape.dim_out, "], got ", s_saved.sizes());
   check_same_placement(couplings, "couplings", u);
   TORCH_CHECK(
-      couplings.dim() == 4 && couplings.size(0) == shape.batch && couplings.size(1) == shape.num_in &&
-          couplings.size(2) == shape.iterations && couplings.size(3) == shape.num_out,
-      "capsnet: couplings must have shape [B, N_in, r, N_out] = [", shape.batch, ", ", shape.num_in,
-      ", ", shape.iterations, ", ", shape.num_out, "], got ", couplings.sizes());
+      couplings.dim() == 4 && couplings.size(0) == shape.batch &&
+          couplings.size(1) == shape.iterations && couplings.size(2) == shape.num_out &&
+          couplings.size(3) == shape.num_in,
+      "capsnet: couplings must have shape [B, r, N_out, N_in] = [", shape.batch, ", ",
+      shape.iterations, ", ", shape.num_out, ", ", shape.num_in, "], got ", couplings.sizes());
   TORCH_CHECK(
       grad_v.dim() == 3 && grad_v.size(0) == shape.batch && grad_v.size(1) == shape.num_out &&
           grad_v.size(2) == shape.dim_out,

@@ -91,5 +91,5 @@ def test_direct_backward_call_is_checked():
         torch.ops.capsnet.routing_backward(torch.randn(2, 5, 4), u, W, s_saved, couplings)
     with pytest.raises(RuntimeError, match=r"s_saved must have shape \[B=2, r, N_out=4, D_out=5\]"):
         torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved[:, :, :3], couplings)
-    with pytest.raises(RuntimeError, match=r"couplings must have shape \[B, N_in, r, N_out\] = \[2, 6, 3, 4\]"):
-        torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved, couplings[:, :5])
+    with pytest.raises(RuntimeError, match=r"couplings must have shape \[B, r, N_out, N_in\] = \[2, 3, 4, 6\]"):
+        torch.ops.capsnet.routing_backward(torch.randn_like(v), u, W, s_saved, couplings[..., :5])

@@ -1,26 +1,29 @@
 // Fused dynamic routing on the CPU: forward and backward, registered for the CPU key.
 //
+// Layout. Every per-capsule-pair quantity is stored with the input capsule i innermost,
+// so that every inner loop is a contiguous, vectorised loop over i and no loop ever has
+// to add up the lanes of a short vector (D_out = 16) one by one:
+//   W_blocked [N_in/16, N_out*D_out, D_in, 16]   W rearranged once per call: blocks of 16
+//                                         input capsules, each block contiguous
+//   u_hat   [N_out*D_out, N_in]          per-sample scratch (737 KB for CapsNet, in L2)
+//   logits  [N_out, N_in]                per-sample scratch
+//   couplings [B, r, N_out, N_in]        saved by forward for backward
+//
 // Forward, a tile of kSampleTile samples at a time (tiles in parallel over ATen's pool):
-//   u_hat = W u (Eq. 2) for the tile's samples in one sweep over W, into per-thread scratch
-//   ([N_in, N_out*D_out] per sample: 737 KB for CapsNet in float32, so it stays in L2; W,
-//   5.9 MB, is read once per tile instead of once per sample). Then, per sample, every
-//   routing iteration is ONE pass over u_hat that updates the logits with the previous
-//   iteration's agreement, takes the softmax (Eq. 3) and accumulates s (Eq. 2). Nothing
-//   batch-sized is allocated besides the outputs: v [B, N_out, D_out] and the state for
-//   backward, s_saved [B, r, N_out, D_out] and couplings [B, N_in, r, N_out].
+// u_hat = W u (Eq. 2) for the tile in one sweep over W (5.9 MB, read once per tile), then
+// per sample and iteration: agreement with the previous v added to the logits, softmax
+// over j for every i (Eq. 3), s_j = sum_i c_ij u_hat_j|i (Eq. 2), v = squash(s) (Eq. 1).
+// Nothing batch-sized is allocated besides the outputs: v, s_saved [B, r, N_out, D_out]
+// and couplings.
 //
 // Backward, in two deterministic phases (no atomics, no reduction whose order depends on
 // the number of threads):
 //   phase 1, per sample: recompute u_hat and sweep the iterations in reverse. The gradient
-//     of u_hat turns out to be a short linear combination of per-sample vectors (see
-//     routing_backward_sample) whose coefficients are the saved couplings and the logit
-//     gradients, [B, N_in, r-1, N_out]; phase 1 stores those and the vectors.
-//   phase 2, per input capsule i, batch in a fixed order: rebuild grad u_hat[b, i] from
-//     the coefficients and accumulate grad W[i] and grad u[:, i].
-//
-// Inner loops run over contiguous memory and are written for the compiler to vectorise
-// (setup.py builds with -march and OpenMP simd); the capsule sizes of CapsNet are
-// compile-time constants (dispatch_capsule_dims) so that their loops unroll.
+//     of u_hat is a short linear combination of per-sample vectors (see
+//     routing_backward_sample); phase 1 stores its coefficients that forward did not
+//     already save (the logit gradients, [B, r-1, N_out, N_in]) and the vectors.
+//   phase 2, per block of input capsules, batch in a fixed order: rebuild grad u_hat from
+//     the coefficients and accumulate grad W and grad u.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -37,16 +40,19 @@
 namespace capsnet {
 namespace {
 
-// Samples whose predictions are computed in one sweep over W (two u_hat buffers of 737 KB
-// still fit a 2 MB L2 beside the streamed W rows).
+// Samples whose predictions are computed in one sweep over W: two u_hat buffers of 737 KB
+// still fit a 2 MB L2 beside the streamed rows of W.
 constexpr int64_t kSampleTile = 2;
-// Input capsules routed together: a block's predictions (10 KB for CapsNet) stay in L1
-// between the agreement and the weighted sum, and its exponentials form one vector loop.
-constexpr int64_t kRowBlock = 16;
-// Samples whose grad u_hat rows are combined per update of grad W[i] in phase 2, so that
-// grad W[i] is loaded and stored once per tile instead of once per sample.
+// Input capsules per block of W_blocked and per task of backward phase 2 (one AVX-512
+// register of floats).
+constexpr int64_t kCapsuleBlock = 16;
+// Samples combined per update of a grad W block in phase 2, so that the block is loaded
+// and stored once per tile instead of once per sample.
 constexpr int64_t kGradTile = 4;
 
+// Sum of a[k] * b[k] over a long contiguous range. `omp simd reduction` lets the compiler
+// keep partial sums in vector lanes; the order is fixed by the compiled code, so the
+// result is the same on every call and from every thread.
 template <typename scalar_t>
 C10_ALWAYS_INLINE scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   scalar_t acc = 0;
@@ -66,132 +72,189 @@ C10_ALWAYS_INLINE void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int6
   }
 }
 
-// Capsule sizes as compile-time constants where a specialisation exists; 0 = run time.
+// D_in as a compile-time constant for CapsNet (8) so that the prediction loop keeps its
+// sum over e in registers; 0 = known at run time.
 template <int kDim>
 constexpr int64_t capsule_dim(int64_t runtime_dim) {
   return kDim > 0 ? kDim : runtime_dim;
 }
 
-// Calls fn(integral_constant<int, D_out>, integral_constant<int, D_in>) with the sizes
-// baked in for CapsNet's capsules, with 0 (run-time sizes) otherwise.
 template <typename Fn>
-void dispatch_capsule_dims(const RoutingShape& shape, Fn&& fn) {
-  using std::integral_constant;
-  if (shape.dim_out == 16 && shape.dim_in == 8) {
-    fn(integral_constant<int, 16>{}, integral_constant<int, 8>{});
-  } else if (shape.dim_out == 8 && shape.dim_in == 8) {
-    fn(integral_constant<int, 8>{}, integral_constant<int, 8>{});
+void dispatch_dim_in(const RoutingShape& shape, Fn&& fn) {
+  if (shape.dim_in == 8) {
+    fn(std::integral_constant<int, 8>{});
   } else {
-    fn(integral_constant<int, 0>{}, integral_constant<int, 0>{});
+    fn(std::integral_constant<int, 0>{});
   }
 }
 
+// Squared norm of a short vector, summed in order (deterministic and cheap at D_out <= 32).
+template <typename scalar_t>
+inline scalar_t squared_norm(const scalar_t* x, int64_t n) {
+  scalar_t acc = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    acc += x[k] * x[k];
+  }
+  return acc;
+}
+
 // v_j = squash(s_j) for every output capsule j (Eq. 1).
-template <typename scalar_t, int kDimOut>
+template <typename scalar_t>
 void squash_capsules(const scalar_t* s, scalar_t* v, const RoutingShape& shape) {
-  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
+  const int64_t dim = shape.dim_out;
   for (int64_t j = 0; j < shape.num_out; ++j) {
     const scalar_t* s_j = s + j * dim;
-    const scalar_t scale = squash_scale(dot(s_j, s_j, dim));
+    const scalar_t scale = squash_scale(squared_norm(s_j, dim));
     for (int64_t d = 0; d < dim; ++d) {
       v[j * dim + d] = scale * s_j[d];
     }
   }
 }
 
-// u_hat[n][i, j*D_out + d] = sum_e W[i, j, d, e] u[n][i, e]   (Eq. 2) for the `count`
-// samples of a tile, from W_t = W laid out as [N_in, D_in, N_out*D_out] so that the
-// vectorised loop runs over j*D_out + d with the sum over e in registers.
+// grad_s_j from (s_j, grad_v_j) for every output capsule j; see routing_math.h.
+template <typename scalar_t>
+void squash_backward_capsules(
+    const scalar_t* s, const scalar_t* grad_v, scalar_t* grad_s, const RoutingShape& shape) {
+  const int64_t dim = shape.dim_out;
+  for (int64_t j = 0; j < shape.num_out; ++j) {
+    const scalar_t* s_j = s + j * dim;
+    const scalar_t* gv_j = grad_v + j * dim;
+    const scalar_t sq_norm = squared_norm(s_j, dim);
+    scalar_t s_dot_gv = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      s_dot_gv += s_j[d] * gv_j[d];
+    }
+    const scalar_t scale = squash_scale(sq_norm);
+    const scalar_t outer = squash_grad_outer_coeff(sq_norm) * s_dot_gv;
+    for (int64_t d = 0; d < dim; ++d) {
+      grad_s[j * dim + d] = scale * gv_j[d] + outer * s_j[d];
+    }
+  }
+}
+
+// u_hat[n][k, i] = sum_e W[i, k, e] u[n][i, e], k = j*D_out + d   (Eq. 2), for the `count`
+// samples of a tile, from W_blocked and u_t[n] = u[n] transposed [D_in, N_in]. One block of
+// kCapsuleBlock input capsules at a time: the block's u values stay in registers while
+// its slice of W (80 KB for CapsNet, contiguous) streams past once for the whole tile.
 template <typename scalar_t, int kDimIn>
 void compute_predictions(
-    const scalar_t* const* u_samples, scalar_t* const* u_hat, int64_t count, const scalar_t* W_t,
+    const scalar_t* const* u_t, scalar_t* const* u_hat, int64_t count, const scalar_t* W_blocked,
     const RoutingShape& shape) {
+  constexpr int64_t kLanes = kCapsuleBlock;
   const int64_t dim_in = capsule_dim<kDimIn>(shape.dim_in);
+  const int64_t num_in = shape.num_in;
   const int64_t out_size = shape.out_size();
-  for (int64_t i = 0; i < shape.num_in; ++i) {
-    const scalar_t* W_i = W_t + i * dim_in * out_size;
+  // Zero for the samples missing from a partial tile, so that the loops below can always
+  // run over kSampleTile samples.
+  std::vector<scalar_t> u_block(kSampleTile * dim_in * kLanes, scalar_t(0));
+  for (int64_t i_begin = 0; i_begin < num_in; i_begin += kLanes) {
+    const int64_t width = std::min(kLanes, num_in - i_begin);
+    // The block's inputs, zero-padded to full width.
     for (int64_t n = 0; n < count; ++n) {
-      const scalar_t* u_i = u_samples[n] + i * dim_in;
-      scalar_t* row = u_hat[n] + i * out_size;
+      for (int64_t e = 0; e < dim_in; ++e) {
+        scalar_t* dst = u_block.data() + (n * dim_in + e) * kLanes;
+        std::fill(dst, dst + kLanes, scalar_t(0));
+        std::copy_n(u_t[n] + e * num_in + i_begin, width, dst);
+      }
+    }
+    const scalar_t* W_block = W_blocked + (i_begin / kLanes) * out_size * dim_in * kLanes;
+    for (int64_t k = 0; k < out_size; ++k) {
+      const scalar_t* W_k = W_block + k * dim_in * kLanes;
+      // Each row of W is loaded once and used for every sample of the tile.
+      scalar_t acc[kSampleTile][kLanes] = {};
+      for (int64_t e = 0; e < dim_in; ++e) {
+        for (int64_t n = 0; n < kSampleTile; ++n) {
+          const scalar_t* u_ne = u_block.data() + (n * dim_in + e) * kLanes;
 #pragma omp simd
-      for (int64_t k = 0; k < out_size; ++k) {
-        scalar_t acc = 0;
-        for (int64_t e = 0; e < dim_in; ++e) {
-          acc += u_i[e] * W_i[e * out_size + k];
+          for (int64_t lane = 0; lane < kLanes; ++lane) {
+            acc[n][lane] += W_k[e * kLanes + lane] * u_ne[lane];
+          }
         }
-        row[k] = acc;
+      }
+      for (int64_t n = 0; n < count; ++n) {
+        scalar_t* out = u_hat[n] + k * num_in + i_begin;
+        if (width == kLanes) {
+#pragma omp simd
+          for (int64_t lane = 0; lane < kLanes; ++lane) {
+            out[lane] = acc[n][lane];
+          }
+        } else {
+          std::copy_n(acc[n], width, out);
+        }
       }
     }
   }
 }
 
-// Softmax over each of `rows` rows of n logits (Eq. 3: over the output capsules of one
-// input capsule), max-subtracted so that exp() cannot overflow. The exponentials of all
-// rows go through one vectorised loop.
+// couplings[j, i] = softmax over j of logits[:, i]   (Eq. 3: over the OUTPUT capsules),
+// max-subtracted so that exp() cannot overflow. Vectorised over i.
 template <typename scalar_t>
-void softmax_rows(const scalar_t* logits, scalar_t* coupling, int64_t rows, int64_t n) {
-  for (int64_t row = 0; row < rows; ++row) {
-    const scalar_t* x = logits + row * n;
-    scalar_t row_max = x[0];
-    for (int64_t k = 1; k < n; ++k) {
-      row_max = x[k] > row_max ? x[k] : row_max;
-    }
-    for (int64_t k = 0; k < n; ++k) {
-      coupling[row * n + k] = x[k] - row_max;
+void softmax_over_outputs(
+    const scalar_t* logits, scalar_t* couplings, scalar_t* column_scratch, const RoutingShape& shape) {
+  const int64_t num_in = shape.num_in;
+  scalar_t* column_max = column_scratch;
+  std::copy(logits, logits + num_in, column_max);
+  for (int64_t j = 1; j < shape.num_out; ++j) {
+    const scalar_t* logits_j = logits + j * num_in;
+#pragma omp simd
+    for (int64_t i = 0; i < num_in; ++i) {
+      column_max[i] = logits_j[i] > column_max[i] ? logits_j[i] : column_max[i];
     }
   }
-  cpu::exp_inplace(coupling, rows * n);
-  for (int64_t row = 0; row < rows; ++row) {
-    scalar_t* c = coupling + row * n;
-    scalar_t total = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      total += c[k];
+  for (int64_t j = 0; j < shape.num_out; ++j) {
+    const scalar_t* logits_j = logits + j * num_in;
+    scalar_t* c_j = couplings + j * num_in;
+#pragma omp simd
+    for (int64_t i = 0; i < num_in; ++i) {
+      c_j[i] = cpu::vectorizable_exp(logits_j[i] - column_max[i]);
     }
-    const scalar_t inv_total = scalar_t(1) / total;
-    for (int64_t k = 0; k < n; ++k) {
-      c[k] *= inv_total;
+  }
+  scalar_t* inv_total = column_scratch;  // the maxima are no longer needed
+  std::copy(couplings, couplings + num_in, inv_total);
+  for (int64_t j = 1; j < shape.num_out; ++j) {
+    axpy(scalar_t(1), couplings + j * num_in, inv_total, num_in);
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < num_in; ++i) {
+    inv_total[i] = scalar_t(1) / inv_total[i];
+  }
+  for (int64_t j = 0; j < shape.num_out; ++j) {
+    scalar_t* c_j = couplings + j * num_in;
+#pragma omp simd
+    for (int64_t i = 0; i < num_in; ++i) {
+      c_j[i] *= inv_total[i];
     }
   }
 }
 
-// One routing iteration over all input capsules of one sample:
-//   logits[i, j] += u_hat[i, j] . v_prev[j]     (agreement of the previous iteration)
-//   c[i, :] = softmax(logits[i, :])              (Eq. 3), stored at couplings + i * stride
-//   s[j] += c[i, j] u_hat[i, j]                  (Eq. 2)
-// v_prev == nullptr marks the first iteration, whose logits are all 0.
-template <typename scalar_t, int kDimOut>
-void routing_pass(
-    const scalar_t* u_hat, scalar_t* logits, const scalar_t* v_prev, scalar_t* s,
-    scalar_t* couplings, int64_t couplings_stride, scalar_t* coupling_block,
-    const RoutingShape& shape) {
-  const int64_t num_out = shape.num_out;
-  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
-  const int64_t out_size = shape.out_size();
-  for (int64_t block_start = 0; block_start < shape.num_in; block_start += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, shape.num_in - block_start);
-    const scalar_t* block_u_hat = u_hat + block_start * out_size;
-    scalar_t* block_logits = logits + block_start * num_out;
-    if (v_prev != nullptr) {
-      for (int64_t row = 0; row < rows; ++row) {
-        for (int64_t j = 0; j < num_out; ++j) {
-          block_logits[row * num_out + j] +=
-              dot(block_u_hat + row * out_size + j * dim, v_prev + j * dim, dim);
-        }
-      }
-      softmax_rows(block_logits, coupling_block, rows, num_out);
-    } else {
-      // softmax of all-zero logits: exactly 1/N_out (exp(0) = 1, an exact integer sum).
-      std::fill(
-          coupling_block, coupling_block + rows * num_out,
-          scalar_t(1) / static_cast<scalar_t>(num_out));
+// out[j, i] (+)= sum_d u_hat[j*D_out + d, i] * x[j, d]: the agreement u_hat_j|i . v_j
+// (accumulate = true) or the gradient of the couplings u_hat_j|i . grad_s_j.
+template <typename scalar_t>
+void project_predictions(
+    const scalar_t* u_hat, const scalar_t* x, scalar_t* out, bool accumulate, const RoutingShape& shape) {
+  const int64_t num_in = shape.num_in;
+  const int64_t dim = shape.dim_out;
+  for (int64_t j = 0; j < shape.num_out; ++j) {
+    scalar_t* out_j = out + j * num_in;
+    if (!accumulate) {
+      std::fill(out_j, out_j + num_in, scalar_t(0));
     }
-    for (int64_t row = 0; row < rows; ++row) {
-      const scalar_t* c_i = coupling_block + row * num_out;
-      std::copy(c_i, c_i + num_out, couplings + (block_start + row) * couplings_stride);
-      const scalar_t* row_u_hat = block_u_hat + row * out_size;
-      for (int64_t j = 0; j < num_out; ++j) {
-        axpy(c_i[j], row_u_hat + j * dim, s + j * dim, dim);
-      }
+    for (int64_t d = 0; d < dim; ++d) {
+      axpy(x[j * dim + d], u_hat + (j * dim + d) * num_in, out_j, num_in);
+    }
+  }
+}
+
+// out[j*D_out + d] = sum_i weights[j, i] * u_hat[j*D_out + d, i]: the weighted sum s_j
+// (weights = couplings, Eq. 2) or the gradient of v through the agreement.
+template <typename scalar_t>
+void weighted_sum_of_predictions(
+    const scalar_t* u_hat, const scalar_t* weights, scalar_t* out, const RoutingShape& shape) {
+  const int64_t num_in = shape.num_in;
+  const int64_t dim = shape.dim_out;
+  for (int64_t j = 0; j < shape.num_out; ++j) {
+    for (int64_t d = 0; d < dim; ++d) {
+      out[j * dim + d] = dot(weights + j * num_in, u_hat + (j * dim + d) * num_in, num_in);
     }
   }
 }
@@ -199,183 +262,241 @@ void routing_pass(
 // Per-thread working memory for one tile of samples.
 template <typename scalar_t>
 struct TileScratch {
-  std::vector<scalar_t> u_hat;           // [kSampleTile, N_in, N_out*D_out]
-  std::vector<scalar_t> logits;          // [N_in, N_out]; backward: their gradient
-  std::vector<scalar_t> coupling_block;  // [kRowBlock, N_out]; backward: grad of one row's c
-  std::vector<scalar_t> v;               // [N_out*D_out]; backward: grad of the previous v
-  std::vector<scalar_t> grad_v;          // [N_out*D_out]
+  std::vector<scalar_t> u_t;     // [kSampleTile, D_in, N_in]
+  std::vector<scalar_t> u_hat;   // [kSampleTile, N_out*D_out, N_in]
+  std::vector<scalar_t> logits;  // [N_out, N_in]; backward: their gradient
+  std::vector<scalar_t> grad_c;  // [N_out, N_in]  (backward)
+  std::vector<scalar_t> column;  // [N_in]
+  std::vector<scalar_t> v;       // [N_out*D_out]
+  std::vector<scalar_t> grad_v;  // [N_out*D_out]
 
   explicit TileScratch(const RoutingShape& shape)
-      : u_hat(kSampleTile * shape.num_in * shape.out_size()),
-        logits(shape.num_in * shape.num_out),
-        coupling_block(kRowBlock * shape.num_out),
+      : u_t(kSampleTile * shape.dim_in * shape.num_in),
+        u_hat(kSampleTile * shape.out_size() * shape.num_in),
+        logits(shape.num_out * shape.num_in),
+        grad_c(shape.num_out * shape.num_in),
+        column(shape.num_in),
         v(shape.out_size()),
         grad_v(shape.out_size()) {}
 
   scalar_t* u_hat_of(int64_t n, const RoutingShape& shape) {
-    return u_hat.data() + n * shape.num_in * shape.out_size();
+    return u_hat.data() + n * shape.out_size() * shape.num_in;
   }
 };
 
-// Computes the predictions of samples [begin, end) (at most kSampleTile) into scratch.
+// Predictions of samples [begin, end) (at most kSampleTile) into scratch.u_hat.
 template <typename scalar_t, int kDimIn>
 void predict_tile(
-    const scalar_t* u, const scalar_t* W_t, int64_t begin, int64_t end,
+    const scalar_t* u, const scalar_t* W_blocked, int64_t begin, int64_t end,
     TileScratch<scalar_t>& scratch, const RoutingShape& shape) {
-  const scalar_t* u_samples[kSampleTile];
+  const int64_t num_in = shape.num_in;
+  const int64_t dim_in = shape.dim_in;
+  const scalar_t* u_t[kSampleTile];
   scalar_t* u_hat[kSampleTile];
-  for (int64_t b = begin; b < end; ++b) {
-    u_samples[b - begin] = u + b * shape.num_in * shape.dim_in;
-    u_hat[b - begin] = scratch.u_hat_of(b - begin, shape);
+  for (int64_t n = 0; n < end - begin; ++n) {
+    const scalar_t* u_b = u + (begin + n) * num_in * dim_in;
+    scalar_t* u_t_n = scratch.u_t.data() + n * dim_in * num_in;
+    for (int64_t i = 0; i < num_in; ++i) {
+      for (int64_t e = 0; e < dim_in; ++e) {
+        u_t_n[e * num_in + i] = u_b[i * dim_in + e];
+      }
+    }
+    u_t[n] = u_t_n;
+    u_hat[n] = scratch.u_hat_of(n, shape);
   }
-  compute_predictions<scalar_t, kDimIn>(u_samples, u_hat, end - begin, W_t, shape);
+  compute_predictions<scalar_t, kDimIn>(u_t, u_hat, end - begin, W_blocked, shape);
 }
 
-template <typename scalar_t, int kDimOut>
+template <typename scalar_t>
 void routing_forward_sample(
     const scalar_t* u_hat, const scalar_t* bias, scalar_t* s_saved, scalar_t* couplings,
     scalar_t* v_out, TileScratch<scalar_t>& scratch, const RoutingShape& shape) {
   const int64_t out_size = shape.out_size();
-  const int64_t couplings_stride = shape.iterations * shape.num_out;  // between input capsules
+  const int64_t pair_count = shape.num_out * shape.num_in;
   std::fill(scratch.logits.begin(), scratch.logits.end(), scalar_t(0));  // logits start at 0
   for (int64_t t = 0; t < shape.iterations; ++t) {
+    scalar_t* c = couplings + t * pair_count;
+    if (t == 0) {
+      // softmax of all-zero logits: exactly 1/N_out (exp(0) = 1, an exact integer sum).
+      std::fill(c, c + pair_count, scalar_t(1) / static_cast<scalar_t>(shape.num_out));
+    } else {
+      project_predictions(u_hat, scratch.v.data(), scratch.logits.data(), /*accumulate=*/true, shape);
+      softmax_over_outputs(scratch.logits.data(), c, scratch.column.data(), shape);
+    }
     scalar_t* s = s_saved + t * out_size;
-    std::fill(s, s + out_size, scalar_t(0));
-    routing_pass<scalar_t, kDimOut>(
-        u_hat, scratch.logits.data(), t > 0 ? scratch.v.data() : nullptr, s,
-        couplings + t * shape.num_out, couplings_stride, scratch.coupling_block.data(), shape);
+    weighted_sum_of_predictions(u_hat, c, s, shape);
     if (bias != nullptr) {
       axpy(scalar_t(1), bias, s, out_size);
     }
-    squash_capsules<scalar_t, kDimOut>(s, scratch.v.data(), shape);
+    squash_capsules(s, scratch.v.data(), shape);
   }
   std::copy(scratch.v.begin(), scratch.v.end(), v_out);
 }
 
 // Phase 1 of backward for one sample. With 0-based iterations t = 0..r-1, the gradient of
-// u_hat[i, j] is
-//   sum_t c^t[i, j] grad_s^t[j]  +  sum_{t<r-1} grad_b^{t+1}[i, j] v^t[j],
+// u_hat_j|i is
+//   sum_t c^t[j, i] grad_s^t[j]  +  sum_{t<r-1} grad_b^{t+1}[j, i] v^t[j],
 // where grad_b^{t+1} is the gradient of the logits entering iteration t+1 (they add the
 // agreement u_hat . v^t). Each term is a per-(i, j) scalar times a per-j vector, so phase 2
-// can rebuild it from
-//   couplings   [N_in, r, N_out]     c^0..c^{r-1}                       (saved by forward)
-//   grad_logits [N_in, r-1, N_out]   grad_b^1..grad_b^{r-1}              (written here)
+// rebuilds it from
+//   couplings   [r, N_out, N_in]     c^0..c^{r-1}                        (saved by forward)
+//   grad_logits [r-1, N_out, N_in]   grad_b^1..grad_b^{r-1}               (written here)
 //   vectors     [2r-1, N_out*D_out]  grad_s^0..grad_s^{r-1}, v^0..v^{r-2} (written here)
-template <typename scalar_t, int kDimOut>
+template <typename scalar_t>
 void routing_backward_sample(
     const scalar_t* u_hat, const scalar_t* grad_v, const scalar_t* s_saved,
     const scalar_t* couplings, scalar_t* grad_logits_out, scalar_t* vectors,
     TileScratch<scalar_t>& scratch, const RoutingShape& shape) {
   const int64_t r = shape.iterations;
-  const int64_t num_out = shape.num_out;
-  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
+  const int64_t num_in = shape.num_in;
   const int64_t out_size = shape.out_size();
+  const int64_t pair_count = shape.num_out * num_in;
   for (int64_t t = 0; t + 1 < r; ++t) {
     // v^t = squash(s^t): bitwise what the forward computed from the same s^t.
-    squash_capsules<scalar_t, kDimOut>(s_saved + t * out_size, vectors + (r + t) * out_size, shape);
+    squash_capsules(s_saved + t * out_size, vectors + (r + t) * out_size, shape);
   }
-
   // Reverse sweep. grad_logits accumulates dL/db^t over the iterations already swept:
   // b^{t+1} = b^t + agreement, so dL/db^t = dL/db^{t+1} + (softmax backward of iteration t).
   scalar_t* grad_logits = scratch.logits.data();
+  scalar_t* grad_c = scratch.grad_c.data();
+  scalar_t* c_dot_grad_c = scratch.column.data();
   std::fill(scratch.logits.begin(), scratch.logits.end(), scalar_t(0));
   std::copy(grad_v, grad_v + out_size, scratch.grad_v.data());
-  scalar_t* grad_c = scratch.coupling_block.data();
   for (int64_t t = r - 1; t >= 0; --t) {
-    // grad_s^t: squash backward at (s^t, grad_v^t), see routing_math.h.
-    const scalar_t* s = s_saved + t * out_size;
     scalar_t* grad_s = vectors + t * out_size;
-    for (int64_t j = 0; j < num_out; ++j) {
-      const scalar_t* s_j = s + j * dim;
-      const scalar_t* gv_j = scratch.grad_v.data() + j * dim;
-      const scalar_t sq_norm = dot(s_j, s_j, dim);
-      const scalar_t scale = squash_scale(sq_norm);
-      const scalar_t outer = squash_grad_outer_coeff(sq_norm) * dot(s_j, gv_j, dim);
-      for (int64_t d = 0; d < dim; ++d) {
-        grad_s[j * dim + d] = scale * gv_j[d] + outer * s_j[d];
-      }
-    }
+    squash_backward_capsules(s_saved + t * out_size, scratch.grad_v.data(), grad_s, shape);
     if (t == 0) {
       break;  // the logits of iteration 0 are the constant 0: nothing more flows back
     }
-    // One pass over u_hat: softmax backward of iteration t, then the gradient of v^{t-1}
-    // through the agreement that produced b^t.
-    scalar_t* grad_v_prev = scratch.v.data();
-    std::fill(grad_v_prev, grad_v_prev + out_size, scalar_t(0));
-    for (int64_t i = 0; i < shape.num_in; ++i) {
-      const scalar_t* row = u_hat + i * out_size;
-      const scalar_t* c_i = couplings + (i * r + t) * num_out;
-      scalar_t* grad_logits_i = grad_logits + i * num_out;
-      for (int64_t j = 0; j < num_out; ++j) {
-        grad_c[j] = dot(grad_s + j * dim, row + j * dim, dim);
-      }
-      const scalar_t c_dot_grad_c = softmax_row_dot(c_i, grad_c, static_cast<int>(num_out));
-      scalar_t* saved = grad_logits_out + (i * (r - 1) + (t - 1)) * num_out;  // pairs with v^{t-1}
-      for (int64_t j = 0; j < num_out; ++j) {
-        grad_logits_i[j] += c_i[j] * (grad_c[j] - c_dot_grad_c);
-        saved[j] = grad_logits_i[j];
-        axpy(grad_logits_i[j], row + j * dim, grad_v_prev + j * dim, dim);
+    // Softmax backward of iteration t: grad_b = c * (grad_c - sum_j c grad_c), per i.
+    const scalar_t* c = couplings + t * pair_count;
+    project_predictions(u_hat, grad_s, grad_c, /*accumulate=*/false, shape);
+    std::fill(c_dot_grad_c, c_dot_grad_c + num_in, scalar_t(0));
+    for (int64_t j = 0; j < shape.num_out; ++j) {
+      const scalar_t* c_j = c + j * num_in;
+      const scalar_t* grad_c_j = grad_c + j * num_in;
+#pragma omp simd
+      for (int64_t i = 0; i < num_in; ++i) {
+        c_dot_grad_c[i] += c_j[i] * grad_c_j[i];
       }
     }
-    std::copy(grad_v_prev, grad_v_prev + out_size, scratch.grad_v.data());
+    for (int64_t j = 0; j < shape.num_out; ++j) {
+      const scalar_t* c_j = c + j * num_in;
+      const scalar_t* grad_c_j = grad_c + j * num_in;
+      scalar_t* grad_logits_j = grad_logits + j * num_in;
+#pragma omp simd
+      for (int64_t i = 0; i < num_in; ++i) {
+        grad_logits_j[i] += c_j[i] * (grad_c_j[i] - c_dot_grad_c[i]);
+      }
+    }
+    // Saved as the coefficient of v^{t-1}, then the gradient of v^{t-1} through the
+    // agreement that produced b^t.
+    std::copy(grad_logits, grad_logits + pair_count, grad_logits_out + (t - 1) * pair_count);
+    weighted_sum_of_predictions(u_hat, grad_logits, scratch.grad_v.data(), shape);
   }
 }
 
-// Phase 2 for one input capsule i: for the samples b in order, in tiles of kGradTile,
-//   g_b = grad u_hat[b, i] = sum_t c^t[b,i,j] grad_s^t[b,j,:] + sum_t grad_b^{t+1}[b,i,j] v^t[b,j,:]
-//   grad_u[b, i, e] = sum_{j,d} W[i, j, d, e] g_b[j, d]
-//   grad_W_t[i, e, :] += u[b, i, e] g_b        (summed over b in order: deterministic)
-template <typename scalar_t, int kDimOut, int kDimIn>
-void routing_backward_input_capsule(
-    int64_t i, const scalar_t* u, const scalar_t* W_t, const scalar_t* couplings,
-    const scalar_t* grad_logits, const scalar_t* vectors, scalar_t* grad_u, scalar_t* grad_W_t,
-    scalar_t* g_tile, const RoutingShape& shape) {
+// Phase 2 for the input capsules [i_begin, i_end) (at most kCapsuleBlock), samples in
+// order, in tiles of kGradTile:
+//   g[k, i] = grad u_hat_j|i for sample b   (k = j*D_out + d), rebuilt from the coefficients
+//   grad_u[b, i, e]     = sum_k W[i, k, e] g[k, i]
+//   grad_W[i, k, e]    += u[b, i, e] g[k, i]     (summed over b in order: deterministic)
+// grad_W is written in the W_blocked layout; lanes past N_in stay 0.
+// kWidth: the block width as a compile-time constant for full blocks (the loops over the
+// block then become single vector instructions), 0 for the last, partial block.
+template <typename scalar_t, int kDimIn, int kWidth>
+void routing_backward_capsule_block(
+    int64_t i_begin, int64_t i_end, const scalar_t* u_t_all, const scalar_t* W_blocked,
+    const scalar_t* couplings, const scalar_t* grad_logits, const scalar_t* vectors,
+    scalar_t* grad_u, scalar_t* grad_W_blocked, scalar_t* g_tile, const RoutingShape& shape) {
   const int64_t r = shape.iterations;
-  const int64_t num_vectors = 2 * r - 1;
-  const int64_t num_out = shape.num_out;
-  const int64_t dim = capsule_dim<kDimOut>(shape.dim_out);
+  const int64_t num_in = shape.num_in;
+  const int64_t dim = shape.dim_out;
   const int64_t dim_in = capsule_dim<kDimIn>(shape.dim_in);
   const int64_t out_size = shape.out_size();
-  const scalar_t* W_i = W_t + i * dim_in * out_size;
-  scalar_t* grad_W_i = grad_W_t + i * dim_in * out_size;
-  std::fill(grad_W_i, grad_W_i + dim_in * out_size, scalar_t(0));
+  const int64_t pair_count = shape.num_out * num_in;
+  const int64_t width = kWidth > 0 ? kWidth : i_end - i_begin;
+  const int64_t num_vectors = 2 * r - 1;
+  const scalar_t* W_block = W_blocked + (i_begin / kCapsuleBlock) * out_size * dim_in * kCapsuleBlock;
+  scalar_t* grad_W_block =
+      grad_W_blocked + (i_begin / kCapsuleBlock) * out_size * dim_in * kCapsuleBlock;
+  std::fill_n(grad_W_block, out_size * dim_in * kCapsuleBlock, scalar_t(0));
   for (int64_t tile_start = 0; tile_start < shape.batch; tile_start += kGradTile) {
     const int64_t tile = std::min(kGradTile, shape.batch - tile_start);
     for (int64_t n = 0; n < tile; ++n) {
       const int64_t b = tile_start + n;
-      const scalar_t* c_bi = couplings + (b * shape.num_in + i) * r * num_out;
-      const scalar_t* gl_bi = grad_logits + (b * shape.num_in + i) * (r - 1) * num_out;
+      const scalar_t* c_b = couplings + b * r * pair_count + i_begin;
+      const scalar_t* gl_b = grad_logits + b * (r - 1) * pair_count + i_begin;
       const scalar_t* vectors_b = vectors + b * num_vectors * out_size;
-      scalar_t* g = g_tile + n * out_size;
-      for (int64_t j = 0; j < num_out; ++j) {
-        scalar_t* g_j = g + j * dim;
-        std::fill(g_j, g_j + dim, scalar_t(0));
-        for (int64_t t = 0; t < r; ++t) {
-          axpy(c_bi[t * num_out + j], vectors_b + t * out_size + j * dim, g_j, dim);
-        }
-        for (int64_t t = 0; t + 1 < r; ++t) {
-          axpy(gl_bi[t * num_out + j], vectors_b + (r + t) * out_size + j * dim, g_j, dim);
+      scalar_t* g = g_tile + n * out_size * kCapsuleBlock;
+      for (int64_t j = 0; j < shape.num_out; ++j) {
+        for (int64_t d = 0; d < dim; ++d) {
+          const int64_t k = j * dim + d;
+          scalar_t* g_k = g + k * kCapsuleBlock;
+          std::fill_n(g_k, width, scalar_t(0));
+          for (int64_t t = 0; t < r; ++t) {
+            axpy(vectors_b[t * out_size + k], c_b + t * pair_count + j * num_in, g_k, width);
+          }
+          for (int64_t t = 0; t + 1 < r; ++t) {
+            axpy(vectors_b[(r + t) * out_size + k], gl_b + t * pair_count + j * num_in, g_k, width);
+          }
         }
       }
-      const scalar_t* u_bi = u + (b * shape.num_in + i) * dim_in;
-      scalar_t* grad_u_bi = grad_u + (b * shape.num_in + i) * dim_in;
       for (int64_t e = 0; e < dim_in; ++e) {
-        grad_u_bi[e] = dot(W_i + e * out_size, g, out_size);
+        scalar_t grad_u_e[kCapsuleBlock] = {};
+        for (int64_t k = 0; k < out_size; ++k) {
+          const scalar_t* W_ke = W_block + (k * dim_in + e) * kCapsuleBlock;
+          const scalar_t* g_k = g + k * kCapsuleBlock;
+#pragma omp simd
+          for (int64_t ii = 0; ii < width; ++ii) {
+            grad_u_e[ii] += W_ke[ii] * g_k[ii];
+          }
+        }
+        for (int64_t ii = 0; ii < width; ++ii) {
+          grad_u[(b * num_in + i_begin + ii) * dim_in + e] = grad_u_e[ii];
+        }
       }
     }
-    for (int64_t e = 0; e < dim_in; ++e) {
-      scalar_t* grad_W_ie = grad_W_i + e * out_size;
-      for (int64_t n = 0; n < tile; ++n) {
-        const scalar_t u_bie = u[((tile_start + n) * shape.num_in + i) * dim_in + e];
-        axpy(u_bie, g_tile + n * out_size, grad_W_ie, out_size);
+    for (int64_t k = 0; k < out_size; ++k) {
+      for (int64_t e = 0; e < dim_in; ++e) {
+        scalar_t* grad_W_ke = grad_W_block + (k * dim_in + e) * kCapsuleBlock;
+        for (int64_t n = 0; n < tile; ++n) {
+          const scalar_t* u_be = u_t_all + ((tile_start + n) * dim_in + e) * num_in + i_begin;
+          const scalar_t* g_k = g_tile + (n * out_size + k) * kCapsuleBlock;
+#pragma omp simd
+          for (int64_t ii = 0; ii < width; ++ii) {
+            grad_W_ke[ii] += u_be[ii] * g_k[ii];
+          }
+        }
       }
     }
   }
 }
 
-// [N_in, N_out, D_out, D_in] -> [N_in, D_in, N_out*D_out]
-at::Tensor transpose_weights(const at::Tensor& W) {
-  return W.permute({0, 3, 1, 2}).contiguous();
+int64_t num_capsule_blocks(int64_t num_in) {
+  return (num_in + kCapsuleBlock - 1) / kCapsuleBlock;
+}
+
+// [N_in, N_out, D_out, D_in] -> [N_in/16, N_out*D_out, D_in, 16], N_in zero-padded.
+at::Tensor block_weights(const at::Tensor& W) {
+  const int64_t num_in = W.size(0);
+  const int64_t blocks = num_capsule_blocks(num_in);
+  at::Tensor padded = W;
+  if (blocks * kCapsuleBlock != num_in) {
+    padded = at::zeros({blocks * kCapsuleBlock, W.size(1), W.size(2), W.size(3)}, W.options());
+    padded.narrow(0, 0, num_in).copy_(W);
+  }
+  return padded.reshape({blocks, kCapsuleBlock, W.size(1) * W.size(2), W.size(3)})
+      .permute({0, 2, 3, 1})
+      .contiguous();
+}
+
+// The inverse of block_weights: [N_in/16, N_out*D_out, D_in, 16] -> [N_in, N_out, D_out, D_in].
+at::Tensor unblock_weights(const at::Tensor& blocked, const RoutingShape& shape) {
+  return blocked.permute({0, 3, 1, 2})
+      .reshape({blocked.size(0) * kCapsuleBlock, shape.num_out, shape.dim_out, shape.dim_in})
+      .narrow(0, 0, shape.num_in)
+      .contiguous();
 }
 
 int64_t num_tiles(int64_t batch) {
@@ -391,21 +512,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(
   at::Tensor s_saved =
       at::empty({shape.batch, shape.iterations, shape.num_out, shape.dim_out}, u.options());
   at::Tensor couplings =
-      at::empty({shape.batch, shape.num_in, shape.iterations, shape.num_out}, u.options());
+      at::empty({shape.batch, shape.iterations, shape.num_out, shape.num_in}, u.options());
   if (shape.batch == 0) {
     return {v, s_saved, couplings};
   }
-  const at::Tensor W_t = transpose_weights(W_in);
+  const at::Tensor W_blocked = block_weights(W_in);
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_forward_cpu", [&] {
     const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
-    const scalar_t* W_ptr = W_t.const_data_ptr<scalar_t>();
+    const scalar_t* W_ptr = W_blocked.const_data_ptr<scalar_t>();
     const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* s_ptr = s_saved.mutable_data_ptr<scalar_t>();
     scalar_t* couplings_ptr = couplings.mutable_data_ptr<scalar_t>();
     scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
     const int64_t out_size = shape.out_size();
-    dispatch_capsule_dims(shape, [&](auto dim_out, auto dim_in) {
+    const int64_t couplings_per_sample = shape.iterations * shape.num_out * shape.num_in;
+    dispatch_dim_in(shape, [&](auto dim_in) {
       at::parallel_for(0, num_tiles(shape.batch), 1, [&](int64_t tile_begin, int64_t tile_end) {
         TileScratch<scalar_t> scratch(shape);
         for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -413,11 +535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(
           const int64_t end = std::min(begin + kSampleTile, shape.batch);
           predict_tile<scalar_t, dim_in.value>(u_ptr, W_ptr, begin, end, scratch, shape);
           for (int64_t b = begin; b < end; ++b) {
-            routing_forward_sample<scalar_t, dim_out.value>(
-                scratch.u_hat_of(b - begin, shape), bias_ptr,
-                s_ptr + b * shape.iterations * out_size,
-                couplings_ptr + b * shape.num_in * shape.iterations * shape.num_out,
-                v_ptr + b * out_size, scratch, shape);
+            routing_forward_sample(
+                scratch.u_hat_of(b - begin, shape), bias_ptr, s_ptr + b * shape.iterations * out_size,
+                couplings_ptr + b * couplings_per_sample, v_ptr + b * out_size, scratch, shape);
           }
         }
       });
@@ -442,22 +562,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
   const int64_t r = shape.iterations;
   const int64_t num_vectors = 2 * r - 1;
   const int64_t out_size = shape.out_size();
-  const at::Tensor W_t = transpose_weights(W_in);
-  at::Tensor grad_W_t = at::empty_like(W_t);
-  at::Tensor grad_logits = at::empty({shape.batch, shape.num_in, r - 1, shape.num_out}, u.options());
+  const int64_t pair_count = shape.num_out * shape.num_in;
+  const at::Tensor W_blocked = block_weights(W_in);
+  const at::Tensor u_t = u.transpose(1, 2).contiguous();  // [B, D_in, N_in] for phase 2
+  at::Tensor grad_W_blocked = at::empty_like(W_blocked);
+  at::Tensor grad_logits = at::empty({shape.batch, r - 1, shape.num_out, shape.num_in}, u.options());
   at::Tensor vectors = at::empty({shape.batch, num_vectors, out_size}, u.options());
 
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_backward_cpu", [&] {
     const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
-    const scalar_t* W_ptr = W_t.const_data_ptr<scalar_t>();
+    const scalar_t* u_t_ptr = u_t.const_data_ptr<scalar_t>();
+    const scalar_t* W_ptr = W_blocked.const_data_ptr<scalar_t>();
     const scalar_t* grad_v_ptr = grad_v.const_data_ptr<scalar_t>();
     const scalar_t* s_ptr = s_saved.const_data_ptr<scalar_t>();
     const scalar_t* couplings_ptr = couplings.const_data_ptr<scalar_t>();
     scalar_t* grad_logits_ptr = grad_logits.mutable_data_ptr<scalar_t>();
     scalar_t* vectors_ptr = vectors.mutable_data_ptr<scalar_t>();
     scalar_t* grad_u_ptr = grad_u.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_W_ptr = grad_W_t.mutable_data_ptr<scalar_t>();
-    dispatch_capsule_dims(shape, [&](auto dim_out, auto dim_in) {
+    scalar_t* grad_W_ptr = grad_W_blocked.mutable_data_ptr<scalar_t>();
+    dispatch_dim_in(shape, [&](auto dim_in) {
       // Phase 1: per sample (tiles of samples share the sweep over W).
       at::parallel_for(0, num_tiles(shape.batch), 1, [&](int64_t tile_begin, int64_t tile_end) {
         TileScratch<scalar_t> scratch(shape);
@@ -466,21 +589,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
           const int64_t end = std::min(begin + kSampleTile, shape.batch);
           predict_tile<scalar_t, dim_in.value>(u_ptr, W_ptr, begin, end, scratch, shape);
           for (int64_t b = begin; b < end; ++b) {
-            routing_backward_sample<scalar_t, dim_out.value>(
+            routing_backward_sample(
                 scratch.u_hat_of(b - begin, shape), grad_v_ptr + b * out_size,
-                s_ptr + b * r * out_size, couplings_ptr + b * shape.num_in * r * shape.num_out,
-                grad_logits_ptr + b * shape.num_in * (r - 1) * shape.num_out,
-                vectors_ptr + b * num_vectors * out_size, scratch, shape);
+                s_ptr + b * r * out_size, couplings_ptr + b * r * pair_count,
+                grad_logits_ptr + b * (r - 1) * pair_count, vectors_ptr + b * num_vectors * out_size,
+                scratch, shape);
           }
         }
       });
-      // Phase 2: per input capsule, batch in a fixed order.
-      at::parallel_for(0, shape.num_in, 16, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> g_tile(kGradTile * out_size);
-        for (int64_t i = begin; i < end; ++i) {
-          routing_backward_input_capsule<scalar_t, dim_out.value, dim_in.value>(
-              i, u_ptr, W_ptr, couplings_ptr, grad_logits_ptr, vectors_ptr, grad_u_ptr,
-              grad_W_ptr, g_tile.data(), shape);
+      // Phase 2: per block of input capsules, batch in a fixed order.
+      at::parallel_for(0, num_capsule_blocks(shape.num_in), 1, [&](int64_t block_begin, int64_t block_end) {
+        std::vector<scalar_t> g_tile(kGradTile * out_size * kCapsuleBlock);
+        for (int64_t block = block_begin; block < block_end; ++block) {
+          const int64_t i_begin = block * kCapsuleBlock;
+          const int64_t i_end = std::min(i_begin + kCapsuleBlock, shape.num_in);
+          if (i_end - i_begin == kCapsuleBlock) {
+            routing_backward_capsule_block<scalar_t, dim_in.value, kCapsuleBlock>(
+                i_begin, i_end, u_t_ptr, W_ptr, couplings_ptr, grad_logits_ptr, vectors_ptr,
+                grad_u_ptr, grad_W_ptr, g_tile.data(), shape);
+          } else {
+            routing_backward_capsule_block<scalar_t, dim_in.value, 0>(
+                i_begin, i_end, u_t_ptr, W_ptr, couplings_ptr, grad_logits_ptr, vectors_ptr,
+                grad_u_ptr, grad_W_ptr, g_tile.data(), shape);
+          }
         }
       });
     });
@@ -494,10 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
     }
   });
 
-  // [N_in, D_in, N_out*D_out] -> [N_in, N_out, D_out, D_in]
-  at::Tensor grad_W = grad_W_t.view({shape.num_in, shape.dim_in, shape.num_out, shape.dim_out})
-                          .permute({0, 2, 3, 1})
-                          .contiguous();
+  const at::Tensor grad_W = unblock_weights(grad_W_blocked, shape);
   return {grad_u, grad_W, grad_bias};
 }
 
