@@ -421,6 +421,10 @@ void routing_backward_capsule_block(
   scalar_t* grad_W_block =
       grad_W_blocked + (i_begin / kCapsuleBlock) * out_size * dim_in * kCapsuleBlock;
   std::fill_n(grad_W_block, out_size * dim_in * kCapsuleBlock, scalar_t(0));
+  // The loops below keep their sums in local arrays of kLanes (vector registers) and run
+  // over all kLanes lanes wherever the data is padded: W_blocked is zero past N_in, and so
+  // is g (its sums start at 0 and only `width` lanes are added to).
+  constexpr int64_t kLanes = kCapsuleBlock;
   for (int64_t tile_start = 0; tile_start < shape.batch; tile_start += kGradTile) {
     const int64_t tile = std::min(kGradTile, shape.batch - tile_start);
     for (int64_t n = 0; n < tile; ++n) {
@@ -428,46 +432,84 @@ void routing_backward_capsule_block(
       const scalar_t* c_b = couplings + b * r * pair_count + i_begin;
       const scalar_t* gl_b = grad_logits + b * (r - 1) * pair_count + i_begin;
       const scalar_t* vectors_b = vectors + b * num_vectors * out_size;
-      scalar_t* g = g_tile + n * out_size * kCapsuleBlock;
+      scalar_t* g = g_tile + n * out_size * kLanes;
+      // g[k] = sum over the 2r-1 terms of coefficient row (j) * vector element (k), four
+      // components d at a time: four independent sums per coefficient row loaded.
+      constexpr int64_t kComponents = 4;
       for (int64_t j = 0; j < shape.num_out; ++j) {
-        for (int64_t d = 0; d < dim; ++d) {
-          const int64_t k = j * dim + d;
-          scalar_t* g_k = g + k * kCapsuleBlock;
-          std::fill_n(g_k, width, scalar_t(0));
-          for (int64_t t = 0; t < r; ++t) {
-            axpy(vectors_b[t * out_size + k], c_b + t * pair_count + j * num_in, g_k, width);
+        for (int64_t d0 = 0; d0 < dim; d0 += kComponents) {
+          const int64_t components = std::min(kComponents, dim - d0);
+          scalar_t acc[kComponents][kLanes] = {};
+          for (int64_t term = 0; term < num_vectors; ++term) {
+            const scalar_t* coeff =
+                (term < r ? c_b + term * pair_count : gl_b + (term - r) * pair_count) + j * num_in;
+            const scalar_t* x = vectors_b + term * out_size + j * dim + d0;
+            for (int64_t q = 0; q < kComponents; ++q) {
+              const scalar_t x_q = q < components ? x[q] : scalar_t(0);
+#pragma omp simd
+              for (int64_t ii = 0; ii < width; ++ii) {
+                acc[q][ii] += x_q * coeff[ii];
+              }
+            }
           }
-          for (int64_t t = 0; t + 1 < r; ++t) {
-            axpy(vectors_b[(r + t) * out_size + k], gl_b + t * pair_count + j * num_in, g_k, width);
+          for (int64_t q = 0; q < components; ++q) {
+            std::copy_n(acc[q], kLanes, g + (j * dim + d0 + q) * kLanes);
           }
         }
       }
-      for (int64_t e = 0; e < dim_in; ++e) {
-        scalar_t grad_u_e[kCapsuleBlock] = {};
+      // grad_u[b, i, e] = sum_k W[i, k, e] g[k, i]
+      if constexpr (kDimIn > 0) {
+        scalar_t acc[kDimIn][kLanes] = {};
         for (int64_t k = 0; k < out_size; ++k) {
-          const scalar_t* W_ke = W_block + (k * dim_in + e) * kCapsuleBlock;
-          const scalar_t* g_k = g + k * kCapsuleBlock;
+          const scalar_t* g_k = g + k * kLanes;
+          const scalar_t* W_k = W_block + k * kDimIn * kLanes;
+          for (int64_t e = 0; e < kDimIn; ++e) {
 #pragma omp simd
-          for (int64_t ii = 0; ii < width; ++ii) {
-            grad_u_e[ii] += W_ke[ii] * g_k[ii];
+            for (int64_t ii = 0; ii < kLanes; ++ii) {
+              acc[e][ii] += W_k[e * kLanes + ii] * g_k[ii];
+            }
           }
         }
         for (int64_t ii = 0; ii < width; ++ii) {
-          grad_u[(b * num_in + i_begin + ii) * dim_in + e] = grad_u_e[ii];
+          for (int64_t e = 0; e < kDimIn; ++e) {
+            grad_u[(b * num_in + i_begin + ii) * kDimIn + e] = acc[e][ii];
+          }
+        }
+      } else {
+        for (int64_t e = 0; e < dim_in; ++e) {
+          scalar_t acc[kLanes] = {};
+          for (int64_t k = 0; k < out_size; ++k) {
+            const scalar_t* W_ke = W_block + (k * dim_in + e) * kLanes;
+            const scalar_t* g_k = g + k * kLanes;
+#pragma omp simd
+            for (int64_t ii = 0; ii < kLanes; ++ii) {
+              acc[ii] += W_ke[ii] * g_k[ii];
+            }
+          }
+          for (int64_t ii = 0; ii < width; ++ii) {
+            grad_u[(b * num_in + i_begin + ii) * dim_in + e] = acc[ii];
+          }
         }
       }
     }
-    for (int64_t k = 0; k < out_size; ++k) {
-      for (int64_t e = 0; e < dim_in; ++e) {
-        scalar_t* grad_W_ke = grad_W_block + (k * dim_in + e) * kCapsuleBlock;
+    // grad_W[i, k, e] += u[b, i, e] g_b[k, i] for the tile's samples, in order.
+    for (int64_t e = 0; e < dim_in; ++e) {
+      scalar_t u_e[kGradTile][kLanes] = {};
+      for (int64_t n = 0; n < tile; ++n) {
+        std::copy_n(u_t_all + ((tile_start + n) * dim_in + e) * num_in + i_begin, width, u_e[n]);
+      }
+      for (int64_t k = 0; k < out_size; ++k) {
+        scalar_t* grad_W_ke = grad_W_block + (k * dim_in + e) * kLanes;
+        scalar_t acc[kLanes];
+        std::copy_n(grad_W_ke, kLanes, acc);
         for (int64_t n = 0; n < tile; ++n) {
-          const scalar_t* u_be = u_t_all + ((tile_start + n) * dim_in + e) * num_in + i_begin;
-          const scalar_t* g_k = g_tile + (n * out_size + k) * kCapsuleBlock;
+          const scalar_t* g_k = g_tile + (n * out_size + k) * kLanes;
 #pragma omp simd
-          for (int64_t ii = 0; ii < width; ++ii) {
-            grad_W_ke[ii] += u_be[ii] * g_k[ii];
+          for (int64_t ii = 0; ii < kLanes; ++ii) {
+            acc[ii] += u_e[n][ii] * g_k[ii];
           }
         }
+        std::copy_n(acc, kLanes, grad_W_ke);
       }
     }
   }
