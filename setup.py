@@ -20,13 +20,41 @@ from __future__ import annotations
 
 import glob
 import os
-
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+STANDARD_CUDA_HOME = "/usr/local/cuda"
+
+
+def _default_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit with headers when torch's own guess would not.
+
+    Without CUDA_HOME/CUDA_PATH, torch takes the folder above the `nvcc` on PATH; when that
+    nvcc is a wrapper script (e.g. /usr/local/bin/nvcc) the guess, /usr/local, has no CUDA
+    headers or libraries and the build fails at link time. Must run before
+    torch.utils.cpp_extension is imported: it reads the variable once, at import.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else STANDARD_CUDA_HOME
+    has_headers = os.path.exists(os.path.join(guess, "include", "cuda_runtime.h"))
+    if not has_headers and os.path.exists(os.path.join(STANDARD_CUDA_HOME, "include", "cuda_runtime.h")):
+        os.environ["CUDA_HOME"] = STANDARD_CUDA_HOME
+        print(f"capsnet: CUDA_HOME not set and {guess} has no CUDA headers; using {STANDARD_CUDA_HOME}")
+
+
+_default_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled)
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 
 def _env_switch(name: str) -> bool | None:

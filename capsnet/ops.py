@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from capsnet import _extension
+from capsnet.autocast import dtype_seen_by_op  # importing it registers the autocast rule
 from capsnet.reference import dynamic_routing_reference
 from capsnet.validation import check_routing_inputs
 
@@ -125,10 +126,12 @@ def dynamic_routing(
     device_type = u.device.type
     if backend == "reference":
         return dynamic_routing_reference(u, W, bias, num_iterations)
+    # Under autocast the op receives float32 (capsnet/autocast.py): choose the kernel for that.
+    kernel_dtype = dtype_seen_by_op(u)
     if backend == "fused":
-        _extension.require_kernel(device_type, u.dtype)
-    elif not _extension.has_kernel(device_type, u.dtype):
-        _warn_fallback_once(device_type, u.dtype)
+        _extension.require_kernel(device_type, kernel_dtype)
+    elif not _extension.has_kernel(device_type, kernel_dtype):
+        _warn_fallback_once(device_type, kernel_dtype)
         return dynamic_routing_reference(u, W, bias, num_iterations)
     v, _s_saved, _couplings = torch.ops.capsnet.routing_forward(u, W, bias, num_iterations)
     return v

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from capsnet.autocast import dtype_seen_by_op
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -46,7 +48,7 @@ def check_routing_inputs(
                 f"{dim_name} must be at least 1, got u of shape {tuple(u.shape)} and W of shape "
                 f"{tuple(W.shape)} (only the batch dimension B may be 0)"
             )
-    if W.dtype != u.dtype:
+    if dtype_seen_by_op(W) != dtype_seen_by_op(u):  # autocast casts half inputs to float32
         raise ValueError(f"W must have the dtype of u ({u.dtype}), got {W.dtype}")
     if W.device != u.device:
         raise ValueError(f"W must be on the device of u ({u.device}), got {W.device}")
@@ -57,7 +59,7 @@ def check_routing_inputs(
                 f"bias must have shape [N_out, D_out] = [{num_out}, {dim_out}] to match W of shape "
                 f"{tuple(W.shape)}, got bias of shape {tuple(bias.shape)}"
             )
-        if bias.dtype != u.dtype:
+        if dtype_seen_by_op(bias) != dtype_seen_by_op(u):
             raise ValueError(f"bias must have the dtype of u ({u.dtype}), got {bias.dtype}")
         if bias.device != u.device:
             raise ValueError(f"bias must be on the device of u ({u.device}), got {bias.device}")

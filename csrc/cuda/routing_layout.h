@@ -47,11 +47,20 @@ struct GenericTile {
 // kernels and grad_weight_kernel (whose launch bound allows 255 registers per thread).
 constexpr int kColumnKernelMaxThreads = 256;
 
-// Shared-memory arrays of the softmax exchange (see CouplingExchange in routing_kernel.cuh):
-// logits and exponentials in the forward pass, plus dL/dc in the backward pass. Each array
-// is [N_out][samples_per_block].
-constexpr int kForwardExchangeArrays = 2;
-constexpr int kBackwardExchangeArrays = 3;
+// Shared memory of the routing kernels (routing_kernel.cuh), in elements:
+//  - CapsuleExchange: two buffers of [N_out][samples_per_block], used in turn;
+//  - CouplingStaging (forward only): [samples_per_block * N_out][coupling_run + 1], where
+//    the run is the number of consecutive inputs staged before a store: ideally those whose
+//    couplings fill one 32-byte memory sector (RoutingSizes::coupling_run).
+constexpr int kExchangeBuffers = 2;
+constexpr int kSectorBytes = 32;
+
+C10_HOST_DEVICE inline int64_t exchange_elements(int num_out, int samples_per_block) {
+  return int64_t(kExchangeBuffers) * num_out * samples_per_block;
+}
+C10_HOST_DEVICE inline int64_t staging_elements(int num_out, int samples_per_block, int coupling_run) {
+  return int64_t(num_out) * samples_per_block * (coupling_run + 1);
+}
 
 // ---------------------------------------------------------------------------------------
 // Sizes of one call, with the partition of the work chosen by the planner.
@@ -67,6 +76,7 @@ struct RoutingSizes {
   int64_t inputs_per_chunk;  // consecutive input capsules per block
   int64_t num_chunks;        // ceil(I / inputs_per_chunk); each writes one partial sum
   int samples_per_block;     // blockDim.x of the routing kernels (blockDim.y = J)
+  int coupling_run;          // inputs per staged store of the forward's couplings
 
   C10_HOST_DEVICE int64_t columns() const { return int64_t(num_out) * dim_out; }
 
@@ -90,10 +100,14 @@ struct RoutingSizes {
   C10_HOST_DEVICE int64_t partial_vector(int64_t b, int64_t chunk, int64_t j) const {
     return ((b * num_chunks + chunk) * num_out + j) * dim_out;
   }
-  // Routing coefficients saved by the backward pass [r - 1, I, J, B] (sample fastest, so
-  // that the threads of a warp, which hold consecutive samples, touch consecutive words).
-  // Slot m - 1 holds the values of iteration m = 1..r-1 (iteration 0's are known: c = 1/J).
-  C10_HOST_DEVICE int64_t coefficient(int64_t m, int64_t i, int64_t j, int64_t b) const {
+  // The op's couplings [B, r, J, I] (the contract of csrc/routing.cpp): c_k[i, j].
+  C10_HOST_DEVICE int64_t coupling(int64_t b, int64_t k, int64_t j, int64_t i) const {
+    return ((b * iterations + k) * num_out + j) * num_in + i;
+  }
+  // The backward's logit gradients G_m = dL/db_m, m = 1..r-1, in a workspace [r - 1, I, J, B]:
+  // sample fastest, so that a warp, whose lanes hold consecutive samples, touches
+  // consecutive words. (G_0 is never needed: b_0 = 0 is a constant.)
+  C10_HOST_DEVICE int64_t logit_grad(int64_t m, int64_t i, int64_t j, int64_t b) const {
     return (((m - 1) * num_in + i) * num_out + j) * batch + b;
   }
 };

@@ -1,0 +1,79 @@
+// CUDA kernels of capsnet::routing_forward / routing_backward: the launcher.
+//
+// The kernels are in routing_kernel.cuh, the launch plan in routing_launch.h, and the host
+// side shared with the CPU emulator (checks, tensors, launch order) in routing_host.h. What
+// is CUDA-specific lives here: the device guard, the current stream, the device's limits,
+// the <<<>>> launch with its error check, and the registration for the CUDA dispatch key.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "routing_host.h"
+
+namespace capsnet::cuda {
+namespace {
+
+dim3 to_dim3(const LaunchDims& dims) {
+  return dim3(dims.x, dims.y, dims.z);
+}
+
+// Launches each kernel on one stream and checks the launch.
+struct CudaLauncher {
+  cudaStream_t stream;
+
+  template <typename Params>
+  void operator()(KernelRef<Params> kernel, const KernelLaunch& config, const Params& params) const {
+    kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+int device_attribute(cudaDeviceAttr attribute, c10::DeviceIndex device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// The current device's limits. (Queried with the runtime API rather than through
+// ATen/cuda/CUDAContext.h, which would make the build need the cuBLAS/cuSPARSE headers.)
+HostOptions cuda_options() {
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  const DeviceLimits limits{
+      device_attribute(cudaDevAttrMultiProcessorCount, device),
+      device_attribute(cudaDevAttrMaxThreadsPerBlock, device),
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlock, device)};
+  return HostOptions{c10::DeviceType::CUDA, limits, /*poison_memory=*/false};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
+    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias, int64_t num_iterations) {
+  // u on a GPU before the guard (which needs one); the rest is checked against the
+  // properties of u's device.
+  TORCH_CHECK(u.is_cuda(), "capsnet: u must be a CUDA tensor, got one on ", u.device());
+  const c10::cuda::CUDAGuard device_guard(u.device());
+  const HostOptions options = cuda_options();
+  check_forward_arguments(u, W, bias, num_iterations, options);
+  const CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
+  return routing_forward_host(u, W, bias, num_iterations, options, launcher);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cuda(
+    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved,
+    const at::Tensor& couplings) {
+  TORCH_CHECK(u.is_cuda(), "capsnet: u must be a CUDA tensor, got one on ", u.device());
+  const c10::cuda::CUDAGuard device_guard(u.device());
+  const HostOptions options = cuda_options();
+  check_backward_arguments(grad_v, u, W, s_saved, couplings, options);
+  const CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
+  return routing_backward_host(grad_v, u, W, s_saved, couplings, options, launcher);
+}
+
+}  // namespace
+}  // namespace capsnet::cuda
+
+TORCH_LIBRARY_IMPL(capsnet, CUDA, m) {
+  m.impl("routing_forward", &capsnet::cuda::routing_forward_cuda);
+  m.impl("routing_backward", &capsnet::cuda::routing_backward_cuda);
+}

@@ -1,0 +1,217 @@
+"""The CUDA kernels on a GPU (every test is ``needs_cuda``: skipped where no GPU is visible).
+
+The device-parametrised tests (test_fused_vs_reference, test_op_registration,
+test_determinism) already run their small cases on "cuda". This file adds what is specific
+to the CUDA kernels: both tile classes (the CapsNet tile needs D_in = 8, which those cases
+mostly lack), the CapsNet shape at real batch sizes, agreement with the CPU kernel on every
+output (saved state included), float64 gradcheck, opcheck and torch.compile on the CapsNet
+tile, bitwise determinism across many blocks, B = 1024, autocast, streams and devices.
+The same kernels run without a GPU in test_cuda_emulated.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import capsnet
+import capsnet.autocast  # noqa: F401  (registers the autocast rule; ops.py imports it too)
+from capsnet import dynamic_routing
+from routing_testing import RoutingCase, assert_close_report, make_inputs, run_routing
+
+pytestmark = pytest.mark.needs_cuda
+
+CAPSNET_TILE = RoutingCase(batch=3, num_in=40, num_out=10, dim_out=16, dim_in=8, iterations=3)
+GENERIC_TILE = RoutingCase(batch=3, num_in=40, num_out=4, dim_out=5, dim_in=3, iterations=3)
+
+
+def capsnet_case(batch, iterations=3, with_bias=True):
+    return RoutingCase(batch, 1152, 10, 16, 8, iterations=iterations, with_bias=with_bias)
+
+
+def _to(tensors, **kwargs):
+    return [None if t is None else t.detach().to(**kwargs).requires_grad_(t.requires_grad) for t in tensors]
+
+
+def test_cuda_kernel_is_registered():
+    """On a GPU the fused path must be the CUDA kernel, not a silent fallback."""
+    for dtype in (torch.float32, torch.float64):
+        assert capsnet.has_kernel("cuda", dtype), capsnet._extension.missing_reason("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        capsnet_case(1, iterations=1),
+        capsnet_case(3, with_bias=False),
+        capsnet_case(37),  # two tiles of samples, the second mostly idle lanes
+        capsnet_case(128, iterations=2),
+        RoutingCase(33, 70, 40, 3, 2, iterations=4),  # N_out > 32: fewer samples per block
+        RoutingCase(4, 20, 6, 20, 8, iterations=3),  # D_out > 16 with D_in = 8: generic tile
+    ],
+    ids=str,
+)
+def test_matches_reference(case, dtype):
+    """Values and every gradient against the reference, evaluated in float64 on the GPU."""
+    u, W, bias, grad_v = make_inputs(case, dtype=dtype, device="cuda")
+    expected_inputs = _to([u, W, bias], dtype=torch.float64)
+    expected = run_routing(*expected_inputs, grad_v.double(), case.iterations, backend="reference")
+    actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    for name in expected:
+        assert actual[name].dtype == dtype
+        assert_close_report(actual[name], expected[name], f"{case} {name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE, capsnet_case(5)], ids=str)
+def test_matches_cpu_kernel(case, dtype):
+    """Every output of both ops, the saved state (s_saved, couplings) included."""
+    if not capsnet.has_kernel("cpu", dtype):
+        pytest.skip("no CPU kernel in capsnet._C")
+    u, W, bias, grad_v = make_inputs(case, dtype=dtype, device="cuda", requires_grad=False)
+    gpu_forward = torch.ops.capsnet.routing_forward(u, W, bias, case.iterations)
+    gpu_backward = torch.ops.capsnet.routing_backward(grad_v, u, W, *gpu_forward[1:])
+    cpu = [None if t is None else t.cpu() for t in (u, W, bias, grad_v)]
+    cpu_forward = torch.ops.capsnet.routing_forward(cpu[0], cpu[1], cpu[2], case.iterations)
+    cpu_backward = torch.ops.capsnet.routing_backward(cpu[3], cpu[0], cpu[1], *cpu_forward[1:])
+    names = ("v", "s_saved", "couplings", "grad_u", "grad_W", "grad_bias")
+    for name, actual, expected in zip(names, (*gpu_forward, *gpu_backward), (*cpu_forward, *cpu_backward)):
+        assert actual.is_cuda
+        assert_close_report(actual, expected, f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE], ids=str)
+def test_gradcheck_float64(case):
+    small = RoutingCase(2, 4, case.num_out, case.dim_out, case.dim_in, iterations=3)
+    u, W, bias, _ = make_inputs(small, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(
+        lambda u, W, bias: dynamic_routing(u, W, bias, small.iterations, backend="fused"),
+        (u, W, bias),
+        eps=1e-6,
+        atol=1e-7,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_opcheck_capsnet_tile(dtype):
+    u, W, bias, grad_v = make_inputs(CAPSNET_TILE, dtype=dtype, device="cuda")
+    torch.library.opcheck(torch.ops.capsnet.routing_forward.default, (u, W, bias, 3))
+    with torch.no_grad():
+        _, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+    torch.library.opcheck(
+        torch.ops.capsnet.routing_backward.default,
+        (grad_v, u.detach(), W.detach(), s_saved, couplings),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+def test_torch_compile_fullgraph_capsnet_shape():
+    case = capsnet_case(8)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+
+    def layer(u, W, bias):
+        return dynamic_routing(torch.tanh(u), W, bias, case.iterations, backend="fused").norm(dim=-1)
+
+    eager = layer(u, W, bias)
+    eager_grads = torch.autograd.grad(eager.sum(), (u, W, bias))
+    compiled = torch.compile(layer, fullgraph=True)(u, W, bias)
+    compiled_grads = torch.autograd.grad(compiled.sum(), (u, W, bias))
+    assert_close_report(compiled, eager, "lengths")
+    for name, actual, expected in zip(("grad_u", "grad_W", "grad_bias"), compiled_grads, eager_grads):
+        assert_close_report(actual, expected, name)
+
+
+def test_bitwise_deterministic_across_many_blocks():
+    """B = 256: hundreds of blocks, all sums in a fixed order, no atomics."""
+    case = capsnet_case(256)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    first = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    for _ in range(3):
+        again = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+        for name in first:
+            assert torch.equal(first[name], again[name]), f"{name} differs between runs"
+
+
+def test_batch_1024():
+    case = capsnet_case(1024)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    expected_inputs = _to([u, W, bias], dtype=torch.float64)
+    expected = run_routing(*expected_inputs, grad_v.double(), case.iterations, backend="reference")
+    for name in expected:
+        assert_close_report(actual[name], expected[name], f"B=1024 {name}", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_runs_the_kernel_in_float32(half):
+    """Half-precision activations and float32 weights, as in an autocast training step."""
+    case = capsnet_case(4)
+    u32, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    u = u32.detach().to(half).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused kernel runs: no fallback warning
+        with torch.autocast("cuda", dtype=half):
+            v = dynamic_routing(u, W, bias, case.iterations)
+    assert v.dtype == torch.float32
+    grad_u, grad_W, grad_bias = torch.autograd.grad(v, (u, W, bias), grad_v)
+    assert grad_u.dtype == half and grad_W.dtype == torch.float32
+    # Exactly the float32 op on the rounded inputs: the only loss is the inputs' rounding.
+    expected = run_routing(u.detach().float().requires_grad_(), W, bias, grad_v, case.iterations, backend="fused")
+    assert torch.equal(v.detach(), expected["v"])
+    assert torch.equal(grad_W, expected["grad_W"]) and torch.equal(grad_bias, expected["grad_bias"])
+    assert torch.equal(grad_u, expected["grad_u"].to(half))
+
+
+def test_non_default_stream():
+    case = capsnet_case(16)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    expected = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_gpu():
+    case = CAPSNET_TILE
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda:1")
+    actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    assert all(t.device == torch.device("cuda:1") for t in actual.values())
+    expected = run_routing(*_to([u, W, bias], device="cuda:0"), grad_v.to("cuda:0"), case.iterations, backend="fused")
+    for name in expected:
+        assert torch.equal(actual[name].cpu(), expected[name].cpu()), name
+
+
+def test_non_contiguous_and_misaligned_inputs():
+    u, W, bias, grad_v = make_inputs(CAPSNET_TILE, dtype=torch.float32, device="cuda", requires_grad=False)
+    expected = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+    u_strided = u.transpose(0, 1).contiguous().transpose(0, 1)
+    # Contiguous but one float into its storage: not 16-byte aligned, as the CapsNet tile's
+    # vector loads need (the launcher copies it).
+    W_misaligned = torch.empty(W.numel() + 1, device="cuda")[1:].view_as(W).copy_(W)
+    actual = torch.ops.capsnet.routing_forward(u_strided, W_misaligned, bias, 3)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+def test_empty_batch():
+    u, W, bias, _ = make_inputs(RoutingCase(0, 6, 3, 4, 8), dtype=torch.float32, device="cuda")
+    v = dynamic_routing(u, W, bias, 3, backend="fused")
+    assert v.shape == (0, 3, 4)
+    grad_W, grad_bias = torch.autograd.grad(v.sum(), (W, bias), allow_unused=True)
+    assert grad_W is None or torch.equal(grad_W, torch.zeros_like(W))
+
+
+def test_unsupported_shape_names_the_limit():
+    u, W, bias, _ = make_inputs(RoutingCase(1, 2, 3, 33, 4), dtype=torch.float32, device="cuda", requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"D_out <= 32, got D_out = 33"):
+        torch.ops.capsnet.routing_forward(u, W, bias, 2)
