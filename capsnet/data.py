@@ -65,11 +65,13 @@ class ImageSet:
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
             raise ValueError(
-                f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+                f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
             )
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(
-                f"labels must be [N] with N = {self.images.shape[0]}, got {tuple(self.labels.shape)}"
+                f"labels must be [N] with N = {self.images.shape[0]}, "
+                f"got {tuple(self.labels.shape)}"
             )
 
     def __len__(self) -> int:
@@ -87,6 +89,20 @@ class ImageSet:
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
         return ImageSet(self.images[:count], self.labels[:count])
+
+    def padded_to(self, height: int, width: int) -> ImageSet:
+        """Centre the images on a zero canvas of ``height x width`` (e.g. 36x36 for the
+        paper's affNIST set-up, Sec. 5.2); the same set if already that size."""
+        _, _, old_height, old_width = self.images.shape
+        if (height, width) == (old_height, old_width):
+            return self
+        if height < old_height or width < old_width:
+            raise ValueError(
+                f"cannot pad {old_height}x{old_width} images to a smaller {height}x{width} canvas"
+            )
+        top, left = (height - old_height) // 2, (width - old_width) // 2
+        padding = (left, width - old_width - left, top, height - old_height - top)
+        return ImageSet(F.pad(self.images, padding), self.labels)
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Float images in [0, 1] and labels for ``indices`` (any device; moved here)."""
@@ -109,7 +125,9 @@ def load_mnist(
     try:
         from torchvision.datasets import MNIST
     except ImportError as error:  # torchvision is needed for training only
-        raise ImportError(f"reading MNIST needs torchvision (pip install torchvision): {error}") from error
+        raise ImportError(
+            f"reading MNIST needs torchvision (pip install torchvision): {error}"
+        ) from error
 
     root = Path(root).expanduser()
     raw_dir = root / "MNIST" / "raw"
@@ -177,7 +195,9 @@ def num_batches(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
 
 
-def shift_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+def shift_generator(
+    device: torch.device, seed: int, epoch: int, step: int, rank: int = 0
+) -> torch.Generator:
     """The generator for the shifts of one training step on one rank."""
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, _SHIFT_STREAM, epoch, step, rank))
@@ -199,7 +219,9 @@ def shift_images(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if shifts.shape != (images.shape[0], 2):
-        raise ValueError(f"shifts must be [B, 2] with B = {images.shape[0]}, got {tuple(shifts.shape)}")
+        raise ValueError(
+            f"shifts must be [B, 2] with B = {images.shape[0]}, got {tuple(shifts.shape)}"
+        )
     if max_shift == 0:
         return images
     batch, channels, height, width = images.shape
@@ -216,7 +238,9 @@ def shift_images(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
     return cropped_rows.gather(3, col_index)
 
 
-def random_shift(images: Tensor, max_shift: int = PAPER_MAX_SHIFT, generator: torch.Generator | None = None) -> Tensor:
+def random_shift(
+    images: Tensor, max_shift: int = PAPER_MAX_SHIFT, generator: torch.Generator | None = None
+) -> Tensor:
     """Shift each image by independent uniform ``dy, dx`` in ``[-max_shift, max_shift]`` with
     zero padding: the paper's only augmentation (Sec. 5, ``max_shift = 2``).
 

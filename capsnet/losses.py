@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Sec. 3: "m+ = 0.9 and m- = 0.1", "We use lambda = 0.5".
@@ -47,10 +46,14 @@ def margin_loss(
         raise ValueError(f"lengths must be [B, num_classes], got shape {tuple(lengths.shape)}")
     if labels.dim() != 1 or labels.shape[0] != lengths.shape[0]:
         raise ValueError(
-            f"labels must be [B] with B = {lengths.shape[0]} to match lengths, got shape {tuple(labels.shape)}"
+            f"labels must be [B] with B = {lengths.shape[0]} to match lengths, "
+            f"got shape {tuple(labels.shape)}"
         )
     lengths = lengths.to(_at_least_float32(lengths.dtype))
-    present = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    # One-hot by comparison rather than F.one_hot, which checks the label range on the
+    # host and so waits for the GPU at every step.
+    classes = torch.arange(lengths.shape[1], device=lengths.device)
+    present = (labels.unsqueeze(1) == classes).to(lengths.dtype)
     present_loss = present * torch.clamp(m_plus - lengths, min=0) ** 2
     absent_loss = lambda_ * (1 - present) * torch.clamp(lengths - m_minus, min=0) ** 2
     return (present_loss + absent_loss).sum(dim=1).mean()

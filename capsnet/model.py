@@ -22,7 +22,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from capsnet.layers import DECODER_INPUTS, DigitCaps, PrimaryCaps, ReconstructionDecoder, conv_output_size
+from capsnet.layers import (
+    DECODER_INPUTS,
+    DigitCaps,
+    PrimaryCaps,
+    ReconstructionDecoder,
+    conv_output_size,
+)
 from capsnet.ops import BACKENDS
 
 MASK_CHOICES = ("auto", "true", "predicted")
@@ -75,7 +81,8 @@ class CapsNetConfig:
         object.__setattr__(self, "decoder_hidden", tuple(self.decoder_hidden))
         if len(self.input_shape) != 3 or not all(_is_positive_int(s) for s in self.input_shape):
             raise ValueError(
-                f"input_shape must be three positive ints (channels, height, width), got {self.input_shape}"
+                "input_shape must be three positive ints (channels, height, width), "
+                f"got {self.input_shape}"
             )
         for field in (
             "num_classes",
@@ -94,16 +101,23 @@ class CapsNetConfig:
         if not all(_is_positive_int(s) for s in self.decoder_hidden):
             raise ValueError(f"decoder_hidden must be positive ints, got {self.decoder_hidden}")
         if self.routing_backend not in BACKENDS:
-            raise ValueError(f"routing_backend must be one of {BACKENDS}, got {self.routing_backend!r}")
+            raise ValueError(
+                f"routing_backend must be one of {BACKENDS}, got {self.routing_backend!r}"
+            )
         if self.decoder_input not in DECODER_INPUTS:
-            raise ValueError(f"decoder_input must be one of {DECODER_INPUTS}, got {self.decoder_input!r}")
+            raise ValueError(
+                f"decoder_input must be one of {DECODER_INPUTS}, got {self.decoder_input!r}"
+            )
         if not (isinstance(self.weight_init_std, (int, float)) and self.weight_init_std > 0):
-            raise ValueError(f"weight_init_std must be a positive number, got {self.weight_init_std!r}")
+            raise ValueError(
+                f"weight_init_std must be a positive number, got {self.weight_init_std!r}"
+            )
         rows, cols = self.primary_grid
         if rows < 1 or cols < 1:
             raise ValueError(
-                f"input_shape {self.input_shape} is too small: Conv1 ({self.conv1_kernel}x{self.conv1_kernel}) "
-                f"and PrimaryCaps ({self.primary_kernel}x{self.primary_kernel}, stride {self.primary_stride}) "
+                f"input_shape {self.input_shape} is too small: Conv1 "
+                f"({self.conv1_kernel}x{self.conv1_kernel}) and PrimaryCaps "
+                f"({self.primary_kernel}x{self.primary_kernel}, stride {self.primary_stride}) "
                 f"leave a {rows}x{cols} capsule grid"
             )
 
@@ -125,7 +139,7 @@ class CapsNetConfig:
         return self.primary_types * rows * cols
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values only (lists for tuples), safe for JSON and ``weights_only`` loading."""
+        """Plain Python values only (lists for tuples): safe for JSON and ``weights_only`` loads."""
         return {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in dataclasses.asdict(self).items()
@@ -133,11 +147,13 @@ class CapsNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CapsNetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (they may come from another version)."""
+        """Inverse of :meth:`to_dict`; unknown keys (from another version?) are an error."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown CapsNetConfig fields {unknown}; known fields are {sorted(known)}")
+            raise ValueError(
+                f"unknown CapsNetConfig fields {unknown}; known fields are {sorted(known)}"
+            )
         return cls(**values)
 
 
@@ -223,7 +239,9 @@ class CapsNet(nn.Module):
         self.digit_caps.backend = backend
         self.config = dataclasses.replace(self.config, routing_backend=backend)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None, *, mask: str = "auto") -> CapsNetOutput:
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None, *, mask: str = "auto"
+    ) -> CapsNetOutput:
         """Classify ``images [B, *input_shape]`` and reconstruct one digit capsule per sample.
 
         Args:
@@ -262,20 +280,41 @@ class CapsNet(nn.Module):
         return CapsNetOutput(digit_caps, lengths, reconstructions, selected)
 
     def _check_images(self, images: Tensor) -> None:
-        expected = self.config.input_shape
+        expected = "[B, " + ", ".join(map(str, self.config.input_shape)) + "]"
         if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor [B, {', '.join(map(str, expected))}], got {type(images).__name__}")
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise TypeError(
+                f"images must be a torch.Tensor {expected}, got {type(images).__name__}"
+            )
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.config.input_shape:
             raise ValueError(
-                f"images must have shape [B, {', '.join(map(str, expected))}] (the model's input_shape), "
+                f"images must have shape {expected} (the model's input_shape), "
                 f"got {tuple(images.shape)}"
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
 
     def _check_labels(self, labels: Tensor, images: Tensor) -> None:
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dim() != 1
+            or labels.shape[0] != images.shape[0]
+        ):
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be a 1-D tensor of {images.shape[0]} class indices, got {shape}")
+            raise ValueError(
+                f"labels must be a 1-D tensor of {images.shape[0]} class indices, got {shape}"
+            )
         if labels.dtype != torch.long:
-            raise TypeError(f"labels must be int64 (torch.long) class indices, got dtype {labels.dtype}")
+            raise TypeError(
+                f"labels must be int64 (torch.long) class indices, got dtype {labels.dtype}"
+            )
+        # Range check on the CPU only: on a GPU it would wait for the device at every step.
+        num_classes = self.config.num_classes
+        if labels.device.type == "cpu" and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+        else:
+            low, high = 0, 0
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must be class indices in [0, {num_classes}), got values from "
+                f"{low} to {high}"
+            )

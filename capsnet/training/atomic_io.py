@@ -35,7 +35,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         # mkstemp creates the file private (0600); give it the permissions a plain open() would.
         os.chmod(tmp_name, 0o666 & ~_current_umask())
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as file:
+        with os.fdopen(
+            fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})
+        ) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -19,12 +19,14 @@ unpickles arbitrary objects. Keys (see :func:`capsnet.training.runner.make_check
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from capsnet.model import CapsNet, CapsNetConfig
 from capsnet.training.atomic_io import atomic_write
 
 CHECKPOINT_FORMAT = 1
@@ -49,26 +51,60 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not a capsnet training checkpoint."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``.
 
-    Raises FileNotFoundError or ValueError with the path in the message.
+    Keep ``map_location="cpu"`` when resuming: the saved RNG states must stay on the CPU
+    (``load_state_dict`` moves weights and optimiser state to the model's device anyway).
+
+    Raises:
+        CheckpointError: naming the path and what is wrong with it.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated file, not a torch file, unsafe pickle
-        raise ValueError(f"could not read checkpoint {path}: {error}") from error
+        raise CheckpointError(f"could not read checkpoint {path}: {error}") from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a capsnet checkpoint (got a {type(checkpoint).__name__})")
+        raise CheckpointError(
+            f"{path} is not a capsnet checkpoint (got a {type(checkpoint).__name__})"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"{path} is not a capsnet training checkpoint: missing keys {missing}")
+        raise CheckpointError(
+            f"{path} is not a capsnet training checkpoint: missing keys {missing}"
+        )
     if checkpoint["format_version"] != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has checkpoint format {checkpoint['format_version']}, this capsnet reads "
             f"format {CHECKPOINT_FORMAT}"
         )
     return checkpoint
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any] | str | os.PathLike, routing_backend: str | None = None
+) -> CapsNet:
+    """The trained CapsNet in a checkpoint (on the CPU, in eval mode).
+
+    Args:
+        checkpoint: a loaded checkpoint or its path.
+        routing_backend: override the saved backend (e.g. ``"reference"`` where the compiled
+            extension is not built); the weights do not depend on it.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
+    config = CapsNetConfig.from_dict(checkpoint["train_config"]["model"])
+    if routing_backend is not None:
+        config = dataclasses.replace(config, routing_backend=routing_backend)
+    model = CapsNet(config)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()

@@ -85,7 +85,9 @@ class TrainConfig:
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not self.reconstruction_weight >= 0:
-            raise ValueError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+            raise ValueError(
+                f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}"
+            )
         if self.eval_mask not in EVAL_MASKS:
             raise ValueError(f"eval_mask must be one of {EVAL_MASKS}, got {self.eval_mask!r}")
 
@@ -100,7 +102,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields are {sorted(known)}")
+            raise ValueError(
+                f"unknown TrainConfig fields {unknown}; known fields are {sorted(known)}"
+            )
         return cls(**values)
 
     def trajectory_differences(self, other: TrainConfig) -> list[str]:

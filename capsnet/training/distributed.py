@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist here or is not supported (the message says which)."""
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     """Where this process stands: its rank among ``world_size`` and its device."""
@@ -38,14 +42,23 @@ class DistributedContext:
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) if CUDA is available, else CPU."""
     if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+        raise DeviceError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise DeviceError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (the devices the routing kernels "
+            f"and the float64 metric sums support), got {device!r}"
+        )
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was requested but CUDA is not available")
+            raise DeviceError(f"device {device!r} was requested but CUDA is not available")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved
@@ -78,10 +91,14 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
         elif resolved.type == "cpu":
             dist.init_process_group("gloo")
         else:
-            raise ValueError(f"distributed training supports CPU (gloo) and CUDA (nccl), got device {resolved}")
+            raise ValueError(
+                f"distributed training supports CPU (gloo) and CUDA (nccl), got device {resolved}"
+            )
     elif resolved.type == "cuda":
         torch.cuda.set_device(resolved)
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+    return DistributedContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=resolved
+    )
 
 
 def cleanup_distributed() -> None:

@@ -49,7 +49,9 @@ class MetricSums:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(_SUM_NAMES), dtype=torch.float64, device=device)
 
-    def update(self, terms: CapsNetLossTerms, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self, terms: CapsNetLossTerms, predictions: torch.Tensor, labels: torch.Tensor
+    ) -> None:
         count = labels.shape[0]
         batch = torch.stack(
             [
@@ -71,10 +73,15 @@ class MetricSums:
 
     def averages(self) -> dict[str, float]:
         """Per-sample means (waits for the device): loss terms and accuracy in [0, 1]."""
-        values = dict(zip(_SUM_NAMES, self.sums.tolist()))
+        values = dict(zip(_SUM_NAMES, self.sums.tolist(), strict=True))
         count = values["count"]
         if count == 0:
-            return {"loss": math.nan, "margin_loss": math.nan, "reconstruction_loss": math.nan, "accuracy": math.nan}
+            return {
+                "loss": math.nan,
+                "margin_loss": math.nan,
+                "reconstruction_loss": math.nan,
+                "accuracy": math.nan,
+            }
         return {
             "loss": values["loss"] / count,
             "margin_loss": values["margin_loss"] / count,
@@ -83,10 +90,12 @@ class MetricSums:
         }
 
     def state_dict(self) -> dict[str, float]:
-        return dict(zip(_SUM_NAMES, self.sums.tolist()))
+        return dict(zip(_SUM_NAMES, self.sums.tolist(), strict=True))
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.sums.copy_(torch.tensor([float(state[name]) for name in _SUM_NAMES], dtype=torch.float64))
+        self.sums.copy_(
+            torch.tensor([float(state[name]) for name in _SUM_NAMES], dtype=torch.float64)
+        )
 
 
 def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
@@ -97,7 +106,9 @@ def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) ->
     checkpoint and was lost with the process does not appear twice.
     """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for record in history:
         writer.writerow({key: _format_value(record.get(key)) for key in HISTORY_COLUMNS})

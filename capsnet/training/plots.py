@@ -49,7 +49,8 @@ def save_reconstruction_plot(
         raise ValueError("images is empty: nothing to plot")
     if reconstructions.shape != images.shape:
         raise ValueError(
-            f"reconstructions must have the shape of images {tuple(images.shape)}, got {tuple(reconstructions.shape)}"
+            f"reconstructions must have the shape of images {tuple(images.shape)}, "
+            f"got {tuple(reconstructions.shape)}"
         )
     images = images.detach().float().cpu()
     reconstructions = reconstructions.detach().float().cpu()
@@ -65,7 +66,9 @@ def save_reconstruction_plot(
             axis.set_yticks([])
         correct = labels[column] == predictions[column]
         axes[0][column].set_title(
-            f"label {labels[column]}\npred {predictions[column]}", fontsize=8, color="black" if correct else "red"
+            f"label {labels[column]}\npred {predictions[column]}",
+            fontsize=8,
+            color="black" if correct else "red",
         )
     axes[0][0].set_ylabel("input", fontsize=8)
     axes[1][0].set_ylabel("reconstruction", fontsize=8)
@@ -77,16 +80,29 @@ def save_reconstruction_plot(
 
 def save_training_curves(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
     """Loss terms (log scale) and accuracy per epoch, train and test."""
+    from matplotlib.ticker import MaxNLocator
+
     if not history:
         raise ValueError("history is empty: nothing to plot")
     epochs = [record["epoch"] for record in history]
     figure = _new_figure(11, 4)
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     for split, style in (("train", "-"), ("test", "--")):
-        for term, color in (("loss", "black"), ("margin_loss", "tab:blue"), ("reconstruction_loss", "tab:orange")):
+        for term, color in (
+            ("loss", "black"),
+            ("margin_loss", "tab:blue"),
+            ("reconstruction_loss", "tab:orange"),
+        ):
             values = [record[f"{split}_{term}"] for record in history]
             if all(v > 0 for v in values if not math.isnan(v)):
-                loss_axis.plot(epochs, values, style, color=color, marker=".", label=f"{split} {term.replace('_', ' ')}")
+                loss_axis.plot(
+                    epochs,
+                    values,
+                    style,
+                    color=color,
+                    marker=".",
+                    label=f"{split} {term.replace('_', ' ')}",
+                )
         accuracy_axis.plot(
             epochs,
             [100 * record[f"{split}_accuracy"] for record in history],
@@ -99,11 +115,15 @@ def save_training_curves(path: str | os.PathLike, history: list[dict[str, Any]])
     loss_axis.set_ylabel("loss per image")
     loss_axis.legend(fontsize=7)
     loss_axis.grid(True, alpha=0.3)
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.set_ylabel("accuracy (%)")
     accuracy_axis.legend(fontsize=7)
     accuracy_axis.grid(True, alpha=0.3)
     best = max(history, key=lambda record: record["test_accuracy"])
-    accuracy_axis.set_title(f"best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']})", fontsize=9)
+    accuracy_axis.set_title(
+        f"best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']})", fontsize=9
+    )
     figure.tight_layout()
     _save(figure, path)

@@ -1,0 +1,137 @@
+"""``torchrun --nproc_per_node=2 train_mnist.py`` on the CPU with gloo: both ranks end with
+identical weights, and those weights are what averaging the two ranks' shard gradients
+gives (so each rank really trained on its own shard and DDP synchronised them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import capsnet
+from capsnet.data import DATA_DIR_ENV, epoch_order, load_mnist, random_shift, shard, shift_generator
+from capsnet.losses import capsnet_loss
+from capsnet.model import CapsNet, CapsNetConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ROUTING = "fused" if capsnet.has_kernel("cpu", torch.float32) else "reference"
+WORLD_SIZE = 2
+NUM_TRAIN = 64
+BATCH_SIZE = 8  # per rank: 64 images / 2 ranks / 8 = 4 steps
+SEED = 0
+
+# Runs under torchrun: trains through train_mnist.py's own entry point, then every rank
+# saves the weights it ended with.
+WORKER = """
+import importlib.util, os, sys
+import torch
+spec = importlib.util.spec_from_file_location("train_mnist", sys.argv[1])
+train_mnist = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_mnist)
+result = train_mnist.run_training(sys.argv[3:])
+torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def mnist_root() -> Path:
+    """``$CAPSNET_DATA_DIR`` or ``<repo>/../shared/data``; never downloads."""
+    root = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data")
+    if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail(
+            f"MNIST not found under {root}/MNIST/raw: set {DATA_DIR_ENV} "
+            "or put shared/ beside the repo"
+        )
+    return root
+
+
+def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:
+    """One epoch as DDP computes it, in one process: average the gradients of
+    ``shards_per_step`` ranks' batches (rank r's shard, rank r's shifts), then step Adam.
+    With ``shards_per_step=1`` only rank 0's data is used: what an unsynchronised rank
+    would compute."""
+    train_set = load_mnist(mnist_root(), train=True).head(NUM_TRAIN)
+    torch.manual_seed(SEED)
+    model = CapsNet(CapsNetConfig(routing_backend=ROUTING))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = epoch_order(NUM_TRAIN, SEED, 0)
+    for step in range(NUM_TRAIN // WORLD_SIZE // BATCH_SIZE):
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        for rank in range(shards_per_step):
+            indices = shard(order, rank, WORLD_SIZE)[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
+            images, labels = train_set.batch(indices)
+            images = random_shift(
+                images, 2, shift_generator(torch.device("cpu"), SEED, 0, step, rank)
+            )
+            model.zero_grad()
+            capsnet_loss(model(images, labels), images, labels).total.backward()
+            for total, p in zip(grads, model.parameters(), strict=True):
+                total += p.grad / shards_per_step
+        for total, p in zip(grads, model.parameters(), strict=True):
+            p.grad = total
+        optimizer.step()
+    return model.state_dict()
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_train_identical_replicas_on_their_own_shards(tmp_path):
+    worker = tmp_path / "ddp_worker.py"
+    worker.write_text(WORKER)
+    dump_dir = tmp_path / "weights"
+    dump_dir.mkdir()
+    out_dir = tmp_path / "run"
+    train_args = [
+        "--device", "cpu",
+        "--routing", ROUTING,
+        "--data-dir", str(mnist_root()),
+        "--limit-train", str(NUM_TRAIN),
+        "--limit-test", "32",
+        "--batch-size", str(BATCH_SIZE),
+        "--epochs", "1",
+        "--seed", str(SEED),
+        "--num-reconstructions", "2",
+        "--no-progress",
+        "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",  # two processes on a small machine
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+        str(worker), str(REPO / "train_mnist.py"), str(dump_dir), *train_args,
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540
+    )
+    assert completed.returncode == 0, f"torchrun failed:\n{completed.stdout}\n{completed.stderr}"
+
+    rank0 = torch.load(dump_dir / "rank0.pt", weights_only=True)
+    rank1 = torch.load(dump_dir / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+
+    # Only rank 0 logs and writes.
+    assert (
+        completed.stdout.count("CapsNet:") == 1 and f"x {WORLD_SIZE} processes" in completed.stdout
+    )
+    assert len((out_dir / "metrics.csv").read_text().splitlines()) == 2
+    assert (out_dir / "last.pt").is_file()
+
+    # The replicas equal DDP's arithmetic (mean of both shards' gradients) up to rounding
+    # (thread counts differ), and are far from a rank that trained on its shard alone.
+    synchronised = emulate_ddp(shards_per_step=WORLD_SIZE)
+    alone = emulate_ddp(shards_per_step=1)
+    to_synchronised, to_alone = distance(rank0, synchronised), distance(rank0, alone)
+    assert to_synchronised < 1e-4, to_synchronised
+    assert to_alone > 100 * to_synchronised + 1e-5, (to_alone, to_synchronised)
