@@ -134,6 +134,8 @@ setup(
     packages=find_packages(include=["capsnet", "capsnet.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
+    # train_mnist.py and capsnet.training import these lazily; the op and model do not need them.
+    extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
     ext_modules=[build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -433,6 +433,19 @@ void routing_backward_capsule_block(
       const scalar_t* gl_b = grad_logits + b * (r - 1) * pair_count + i_begin;
       const scalar_t* vectors_b = vectors + b * num_vectors * out_size;
       scalar_t* g = g_tile + n * out_size * kLanes;
+      // The 2r-1 coefficient rows of every j are far apart in memory (one block-wide slice
+      // of each [N_out, N_in] plane): too many streams for the hardware prefetcher, so ask
+      // for the next sample's rows while this one is computed.
+      if (b + 1 < shape.batch) {
+        const scalar_t* c_next = c_b + r * pair_count;
+        const scalar_t* gl_next = gl_b + (r - 1) * pair_count;
+        for (int64_t j = 0; j < shape.num_out; ++j) {
+          for (int64_t term = 0; term < num_vectors; ++term) {
+            __builtin_prefetch(
+                (term < r ? c_next + term * pair_count : gl_next + (term - r) * pair_count) + j * num_in);
+          }
+        }
+      }
       // g[k] = sum over the 2r-1 terms of coefficient row (j) * vector element (k), four
       // components d at a time: four independent sums per coefficient row loaded.
       constexpr int64_t kComponents = 4;
