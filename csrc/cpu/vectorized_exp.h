@@ -1,7 +1,8 @@
 // exp() written as plain arithmetic so that the compiler can vectorise loops over it.
 //
 // The routing softmax takes N_in * N_out exponentials per sample and iteration (11,520 for
-// CapsNet); glibc's scalar expf costs more than the rest of a routing pass. This version
+// CapsNet); a call to glibc's scalar expf inside the loop keeps the loop from being
+// vectorised (glibc's vector variants are only declared under -ffast-math). This version
 // is the textbook range reduction exp(x) = 2^k exp(r), x = k ln2 + r, |r| <= ln2/2, with
 // a Taylor polynomial for exp(r): truncation error r^8/8! < 6e-9 (float, degree 7) and
 // r^13/13! < 2e-17 (double, degree 12), below each type's rounding. It is accurate to a
@@ -60,15 +61,6 @@ inline scalar_t vectorizable_exp(scalar_t x) {
   // 2^k by building the floating-point exponent directly.
   const bits_t exponent_bits = (static_cast<bits_t>(k) + C::kExponentBias) << C::kMantissaBits;
   return p * __builtin_bit_cast(scalar_t, exponent_bits);
-}
-
-// out[k] = exp(x[k]) for k < n, vectorised.
-template <typename scalar_t>
-inline void exp_inplace(scalar_t* x, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    x[k] = vectorizable_exp(x[k]);
-  }
 }
 
 }  // namespace cpu
