@@ -3,7 +3,6 @@ random shift (Sec. 5: up to 2 pixels in each direction, zero padding)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,7 @@ import torch
 
 from capsnet import data
 from capsnet.data import DatasetNotFoundError, ImageSet
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def mnist_root() -> Path:
-    """``$CAPSNET_DATA_DIR`` or ``<repo>/../shared/data``; never downloads."""
-    root = Path(os.environ.get(data.DATA_DIR_ENV) or REPO.parent / "shared" / "data")
-    if not (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
-        pytest.fail(
-            f"MNIST not found under {root}/MNIST/raw: set {data.DATA_DIR_ENV} "
-            "or put shared/ beside the repo"
-        )
-    return root
+from mnist_testing import mnist_root
 
 
 # --- loading --------------------------------------------------------------------------------------

@@ -7,18 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import capsnet
-from capsnet.data import DATA_DIR_ENV, epoch_order, load_mnist, random_shift, shard, shift_generator
+from capsnet.data import epoch_order, load_mnist, random_shift, shard, shift_generator
 from capsnet.losses import capsnet_loss
 from capsnet.model import CapsNet, CapsNetConfig
+from mnist_testing import REPO, mnist_root
 
-REPO = Path(__file__).resolve().parent.parent
-ROUTING = "fused" if capsnet.has_kernel("cpu", torch.float32) else "reference"
+ROUTING = "fused"
 WORLD_SIZE = 2
 NUM_TRAIN = 64
 BATCH_SIZE = 8  # per rank: 64 images / 2 ranks / 8 = 4 steps
@@ -35,17 +33,6 @@ spec.loader.exec_module(train_mnist)
 result = train_mnist.run_training(sys.argv[3:])
 torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 """
-
-
-def mnist_root() -> Path:
-    """``$CAPSNET_DATA_DIR`` or ``<repo>/../shared/data``; never downloads."""
-    root = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data")
-    if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.fail(
-            f"MNIST not found under {root}/MNIST/raw: set {DATA_DIR_ENV} "
-            "or put shared/ beside the repo"
-        )
-    return root
 
 
 def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import capsnet
 from capsnet import _extension
-from capsnet.data import DATA_DIR_ENV, load_mnist, random_shift, shift_generator
+from capsnet.data import load_mnist, random_shift, shift_generator
 from capsnet.losses import capsnet_loss
 from capsnet.model import CapsNet, CapsNetConfig
 from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,21 +24,10 @@ from capsnet.training.config import TrainConfig
 from capsnet.training.interrupt import StopRequest
 from capsnet.training.metrics import HISTORY_COLUMNS
 from capsnet.training.runner import TrainingInterrupted, evaluate_checkpoint, fit
+from mnist_testing import REPO, mnist_root
 
-REPO = Path(__file__).resolve().parent.parent
-# The fused kernel where it is built (as in CI), else the reference: same results, slower.
-ROUTING = "fused" if capsnet.has_kernel("cpu", torch.float32) else "reference"
-
-
-def mnist_root() -> Path:
-    """``$CAPSNET_DATA_DIR`` or ``<repo>/../shared/data``; never downloads."""
-    root = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data")
-    if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.fail(
-            f"MNIST not found under {root}/MNIST/raw: set {DATA_DIR_ENV} "
-            "or put shared/ beside the repo"
-        )
-    return root
+# The default backend; the reference backend's trajectory is checked against it below.
+ROUTING = "fused"
 
 
 def load_train_mnist():
@@ -383,9 +371,6 @@ def test_amp_run_trains_with_float32_routing(tmp_path):
 # --- fused vs reference ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not capsnet.has_kernel("cpu", torch.float64), reason="compiled extension not built"
-)
 def test_fused_and_reference_follow_the_same_training_trajectory_in_float64():
     train_set = load_mnist(mnist_root(), train=True).head(24)
     models = {}
