@@ -554,8 +554,26 @@ at::Tensor unblock_weights(const at::Tensor& blocked, const RoutingShape& shape)
       .contiguous();
 }
 
-int64_t num_tiles(int64_t batch) {
-  return (batch + kSampleTile - 1) / kSampleTile;
+// Calls per_sample(b, u_hat of sample b, scratch) for every sample, in parallel over tiles
+// of kSampleTile samples whose predictions share one sweep over W. Forward and backward
+// phase 1 both walk the batch this way.
+template <typename scalar_t, typename PerSample>
+void for_each_sample_with_predictions(
+    const scalar_t* u, const scalar_t* W_blocked, const RoutingShape& shape, PerSample&& per_sample) {
+  const int64_t num_tiles = (shape.batch + kSampleTile - 1) / kSampleTile;
+  dispatch_dim_in(shape, [&](auto dim_in) {
+    at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+      TileScratch<scalar_t> scratch(shape);
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t begin = tile * kSampleTile;
+        const int64_t end = std::min(begin + kSampleTile, shape.batch);
+        predict_tile<scalar_t, dim_in.value>(u, W_blocked, begin, end, scratch, shape);
+        for (int64_t b = begin; b < end; ++b) {
+          per_sample(b, scratch.u_hat_of(b - begin, shape), scratch);
+        }
+      }
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(
@@ -582,21 +600,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cpu(
     scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
     const int64_t out_size = shape.out_size();
     const int64_t couplings_per_sample = shape.iterations * shape.num_out * shape.num_in;
-    dispatch_dim_in(shape, [&](auto dim_in) {
-      at::parallel_for(0, num_tiles(shape.batch), 1, [&](int64_t tile_begin, int64_t tile_end) {
-        TileScratch<scalar_t> scratch(shape);
-        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-          const int64_t begin = tile * kSampleTile;
-          const int64_t end = std::min(begin + kSampleTile, shape.batch);
-          predict_tile<scalar_t, dim_in.value>(u_ptr, W_ptr, begin, end, scratch, shape);
-          for (int64_t b = begin; b < end; ++b) {
-            routing_forward_sample(
-                scratch.u_hat_of(b - begin, shape), bias_ptr, s_ptr + b * shape.iterations * out_size,
-                couplings_ptr + b * couplings_per_sample, v_ptr + b * out_size, scratch, shape);
-          }
-        }
-      });
-    });
+    for_each_sample_with_predictions<scalar_t>(
+        u_ptr, W_ptr, shape, [&](int64_t b, const scalar_t* u_hat, TileScratch<scalar_t>& scratch) {
+          routing_forward_sample(
+              u_hat, bias_ptr, s_ptr + b * shape.iterations * out_size,
+              couplings_ptr + b * couplings_per_sample, v_ptr + b * out_size, scratch, shape);
+        });
   });
   return {v, s_saved, couplings};
 }
@@ -635,23 +644,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
     scalar_t* vectors_ptr = vectors.mutable_data_ptr<scalar_t>();
     scalar_t* grad_u_ptr = grad_u.mutable_data_ptr<scalar_t>();
     scalar_t* grad_W_ptr = grad_W_blocked.mutable_data_ptr<scalar_t>();
+    // Phase 1: per sample.
+    for_each_sample_with_predictions<scalar_t>(
+        u_ptr, W_ptr, shape, [&](int64_t b, const scalar_t* u_hat, TileScratch<scalar_t>& scratch) {
+          routing_backward_sample(
+              u_hat, grad_v_ptr + b * out_size, s_ptr + b * r * out_size,
+              couplings_ptr + b * r * pair_count, grad_logits_ptr + b * (r - 1) * pair_count,
+              vectors_ptr + b * num_vectors * out_size, scratch, shape);
+        });
     dispatch_dim_in(shape, [&](auto dim_in) {
-      // Phase 1: per sample (tiles of samples share the sweep over W).
-      at::parallel_for(0, num_tiles(shape.batch), 1, [&](int64_t tile_begin, int64_t tile_end) {
-        TileScratch<scalar_t> scratch(shape);
-        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-          const int64_t begin = tile * kSampleTile;
-          const int64_t end = std::min(begin + kSampleTile, shape.batch);
-          predict_tile<scalar_t, dim_in.value>(u_ptr, W_ptr, begin, end, scratch, shape);
-          for (int64_t b = begin; b < end; ++b) {
-            routing_backward_sample(
-                scratch.u_hat_of(b - begin, shape), grad_v_ptr + b * out_size,
-                s_ptr + b * r * out_size, couplings_ptr + b * r * pair_count,
-                grad_logits_ptr + b * (r - 1) * pair_count, vectors_ptr + b * num_vectors * out_size,
-                scratch, shape);
-          }
-        }
-      });
       // Phase 2: per block of input capsules, batch in a fixed order.
       at::parallel_for(0, num_capsule_blocks(shape.num_in), 1, [&](int64_t block_begin, int64_t block_end) {
         std::vector<scalar_t> g_tile(kGradTile * out_size * kCapsuleBlock);
