@@ -12,7 +12,7 @@ BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
     "(or `make install`); see README.md, 'Building'"
 )
-FUSED_DTYPES = (torch.float32, torch.float64)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 try:
@@ -21,8 +21,6 @@ try:
     _LOAD_ERROR: str | None = None
 except ImportError as error:  # not built, or built against another torch
     _LOAD_ERROR = str(error)
-
-
 
 
 def _registered_device_types() -> frozenset[str]:

@@ -7,12 +7,16 @@ expected, so a user can fix the call without reading the kernel source.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
 from capsnet.autocast import dtype_seen_by_op
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Largest num_iterations accepted (csrc/routing_math.h, kMaxRoutingIterations, says the same).
+MAX_ITERATIONS = 1 << 16
 
 
 def _check_tensor(name: str, x: object, rank: int, expected: str) -> None:
@@ -24,15 +28,40 @@ def _check_tensor(name: str, x: object, rank: int, expected: str) -> None:
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"{name} must be a floating-point tensor (float32 or float64 for the fused kernels), "
-            f"got dtype {x.dtype}"
+            f"{name} must be a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}"
         )
 
 
+def check_num_iterations(num_iterations: object) -> int:
+    """``num_iterations`` as a Python int (NumPy integers accepted), or a TypeError/ValueError."""
+    if isinstance(num_iterations, bool):
+        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
+    try:
+        value = operator.index(num_iterations)
+    except TypeError:
+        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations!r}") from None
+    if not 1 <= value <= MAX_ITERATIONS:
+        raise ValueError(f"num_iterations must be between 1 and {MAX_ITERATIONS}, got {value}")
+    return value
+
+
+def _check_companion(name: str, t: Tensor, u: Tensor) -> None:
+    if dtype_seen_by_op(t) != dtype_seen_by_op(u):  # autocast casts half inputs to float32
+        raise ValueError(f"{name} must have the dtype of u ({u.dtype}), got {t.dtype}")
+    if t.device != u.device:
+        raise ValueError(f"{name} must be on the device of u ({u.device}), got {t.device}")
+
+
 def check_routing_inputs(
-    u: Tensor, W: Tensor, bias: Tensor | None, num_iterations: int
-) -> None:
-    """Raise a ValueError/TypeError naming the argument if the routing inputs do not fit."""
+    u: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    num_iterations: object,
+    *,
+    logit_prior: Tensor | None = None,
+) -> int:
+    """Raise a ValueError/TypeError naming the argument if the routing inputs do not fit;
+    return ``num_iterations`` as an int."""
     _check_tensor("u", u, 3, "[B, N_in, D_in]")
     _check_tensor("W", W, 4, "[N_in, N_out, D_out, D_in]")
     _batch, num_in, dim_in = u.shape
@@ -48,10 +77,7 @@ def check_routing_inputs(
                 f"{dim_name} must be at least 1, got u of shape {tuple(u.shape)} and W of shape "
                 f"{tuple(W.shape)} (only the batch dimension B may be 0)"
             )
-    if dtype_seen_by_op(W) != dtype_seen_by_op(u):  # autocast casts half inputs to float32
-        raise ValueError(f"W must have the dtype of u ({u.dtype}), got {W.dtype}")
-    if W.device != u.device:
-        raise ValueError(f"W must be on the device of u ({u.device}), got {W.device}")
+    _check_companion("W", W, u)
     if bias is not None:
         _check_tensor("bias", bias, 2, "[N_out, D_out]")
         if tuple(bias.shape) != (num_out, dim_out):
@@ -59,11 +85,13 @@ def check_routing_inputs(
                 f"bias must have shape [N_out, D_out] = [{num_out}, {dim_out}] to match W of shape "
                 f"{tuple(W.shape)}, got bias of shape {tuple(bias.shape)}"
             )
-        if dtype_seen_by_op(bias) != dtype_seen_by_op(u):
-            raise ValueError(f"bias must have the dtype of u ({u.dtype}), got {bias.dtype}")
-        if bias.device != u.device:
-            raise ValueError(f"bias must be on the device of u ({u.device}), got {bias.device}")
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
-        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        _check_companion("bias", bias, u)
+    if logit_prior is not None:
+        _check_tensor("logit_prior", logit_prior, 2, "[N_in, N_out]")
+        if tuple(logit_prior.shape) != (num_in, num_out):
+            raise ValueError(
+                f"logit_prior must have shape [N_in, N_out] = [{num_in}, {num_out}] to match W of "
+                f"shape {tuple(W.shape)}, got logit_prior of shape {tuple(logit_prior.shape)}"
+            )
+        _check_companion("logit_prior", logit_prior, u)
+    return check_num_iterations(num_iterations)

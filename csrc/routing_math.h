@@ -1,67 +1,234 @@
-// Math shared by the CPU and CUDA routing kernels (and by the CPU emulation of CUDA).
+// The math of dynamic routing, shared by every backend: the CPU kernels (csrc/cpu), the
+// CUDA kernels (csrc/cuda) and the CPU emulation of CUDA (csrc/simt) compile these very
+// functions. A routing variant is a change here plus its flag in RoutingOptions; the
+// kernels only decide where values live and in which order they are visited.
 //
-// Everything here is a pure function of a few scalars or of one short vector, marked
-// C10_HOST_DEVICE so that the CPU kernel, the CUDA kernels and the emulator compile the
-// very same expressions. Equation numbers refer to Sabour, Frosst & Hinton (2017).
+// Everything is C10_HOST_DEVICE and works on scalars, or on one short vector given as an
+// accessor `x(d)` (a CUDA thread keeps its vectors in register arrays, the CPU kernels in
+// memory), so that each backend keeps its own layout. Arithmetic is in the op-math type
+// (float for float16/bfloat16 storage). Equation numbers: Sabour, Frosst & Hinton (2017).
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 namespace capsnet {
 
-// squash(s) = |s|^2 / (1 + |s|^2) * s / |s|            (Eq. 1)
-//           = s * f(q),  q = |s|^2,  f(q) = sqrt(q) / (1 + q).
-// Written with f so that squash(0) = 0 exactly instead of 0/0.
+// Accumulation type of a storage type: float for float16 and bfloat16, else the type itself.
 template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t squash_scale(scalar_t sq_norm) {
-  return std::sqrt(sq_norm) / (scalar_t(1) + sq_norm);
+using opmath_t = at::opmath_type<scalar_t>;
+
+// ---------------------------------------------------------------------------------------
+// The problem.
+// ---------------------------------------------------------------------------------------
+
+// Sizes of one routing call, read off u [B, N_in, D_in] and W [N_in, N_out, D_out, D_in].
+struct RoutingShape {
+  int64_t batch;       // B
+  int64_t num_in;      // N_in (I)
+  int64_t num_out;     // N_out (J)
+  int64_t dim_out;     // D_out (D)
+  int64_t dim_in;      // D_in (E)
+  int64_t iterations;  // r
+
+  C10_HOST_DEVICE int64_t out_size() const { return num_out * dim_out; }  // J * D
+  C10_HOST_DEVICE int64_t pair_count() const { return num_in * num_out; }  // I * J
+};
+
+// The routing variant. Every flag defaults to the paper's MNIST routing.
+struct RoutingOptions {
+  // Leaky routing (Sec. 7, "none-of-the-above"): each input capsule's softmax has an extra
+  // logit fixed at 0 whose coupling is dropped.
+  bool leaky = false;
+  // Backward only: the couplings of every iteration are constants; gradients flow through
+  // the last iteration's weighted sum and squash alone.
+  bool detach_routing = false;
+};
+
+// Largest num_iterations the op accepts (capsnet/validation.py says the same).
+constexpr int64_t kMaxRoutingIterations = int64_t(1) << 16;
+
+// ---------------------------------------------------------------------------------------
+// Short vectors.
+// ---------------------------------------------------------------------------------------
+
+// Calls body(d) for d = 0 .. dim-1. With kMaxDim > 0 the loop runs to the compile-time
+// bound kMaxDim with a guard, so that nvcc unrolls it and a register array indexed by d
+// stays in registers; with kMaxDim = 0 it is a plain loop to dim.
+template <int kMaxDim, typename Body>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void for_each_component(int64_t dim, const Body& body) {
+  if constexpr (kMaxDim > 0) {
+#pragma unroll
+    for (int d = 0; d < kMaxDim; ++d) {
+      if (d < dim) {
+        body(d);
+      }
+    }
+  } else {
+    for (int64_t d = 0; d < dim; ++d) {
+      body(d);
+    }
+  }
 }
 
-// Backward of v = s * f(|s|^2):
-//   dv/ds = f(q) I + 2 f'(q) s s^T,   2 f'(q) = (1 - q) / (sqrt(q) (1 + q)^2),
-// so  grad_s = f(q) grad_v + 2 f'(q) (s . grad_v) s.
-// The second coefficient diverges like 1/|s| at s = 0 but multiplies (s . grad_v) s, which
-// vanishes like |s|^2: the limit is 0, and we return 0 there so that the gradient of squash
-// at the zero vector is exactly 0 (never NaN), matching the reference's autograd.
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t squash_grad_outer_coeff(scalar_t sq_norm) {
-  if (!(sq_norm > scalar_t(0))) {
-    // Zero vector (or NaN, which then propagates through the first term).
-    return scalar_t(0);
+// ---------------------------------------------------------------------------------------
+// Squash (Eq. 1) and its backward, exact for every finite input.
+//
+//   v = squash(s) = |s|^2 / (1 + |s|^2) * s / |s| = phi(n) s,   n = |s|,  phi(n) = n / (1 + n^2)
+//   grad_s = phi grad_v + radial <u, grad_v> u,   u = s / n,  radial = n phi'(n) = phi (2g - 1),
+//   g = 1 / (1 + n^2)
+// (n phi'(n) = n (1 - n^2) / (1 + n^2)^2 = phi (1 - n^2) g, and n^2 g = 1 - g.)
+// Written with the unit vector u and g in [0, 1], no intermediate overflows or underflows
+// where the result does not: |s|^2 overflows float32 from |s| ~ 1.8e19 and underflows below
+// ~1e-19, so n is then recomputed from s scaled by its largest component. squash(0) = 0 with
+// gradient 0 (phi(0) = 0, and the radial term vanishes: radial = 0 there). A NaN or infinite
+// component makes the capsule's outputs NaN.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct SquashLimits;
+template <>
+struct SquashLimits<float> {
+  static constexpr float kMinNormal = 1.17549435e-38f;
+  static constexpr float kMax = 3.40282347e+38f;
+};
+template <>
+struct SquashLimits<double> {
+  static constexpr double kMinNormal = 2.2250738585072014e-308;
+  static constexpr double kMax = 1.7976931348623157e+308;
+};
+
+template <typename T>
+struct SquashCoefficients {
+  T scale;     // phi(|s|): v = scale * s
+  T inv_norm;  // 1 / |s| (0 at s = 0): the unit vector is s * inv_norm
+  T radial;    // |s| phi'(|s|), the backward's coefficient along the unit vector
+};
+
+// Squash coefficients of the capsule s(0..dim-1).
+template <int kMaxDim, typename T, typename Component>
+C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component& s, int64_t dim) {
+  T sq_norm = T(0);
+  for_each_component<kMaxDim>(dim, [&](auto d) { sq_norm += T(s(d)) * T(s(d)); });
+  T norm, scale, g;
+  if (sq_norm >= SquashLimits<T>::kMinNormal && sq_norm <= SquashLimits<T>::kMax) {
+    // |s|^2 is a normal number: the direct formulas (the common case).
+    norm = std::sqrt(sq_norm);
+    scale = norm / (T(1) + sq_norm);
+    g = T(1) / (T(1) + sq_norm);
+  } else {
+    // |s|^2 overflowed or underflowed, or s is zero, or holds a NaN or an infinity.
+    T largest = T(0);
+    for_each_component<kMaxDim>(dim, [&](auto d) {
+      const T a = std::abs(T(s(d)));
+      largest = (a > largest || a != a) ? a : largest;  // a NaN stays
+    });
+    if (largest == T(0)) {
+      return {T(0), T(0), T(0)};
+    }
+    if (!(largest <= SquashLimits<T>::kMax)) {  // NaN or infinite component
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      return {nan, nan, nan};
+    }
+    T scaled_sq_norm = T(0);
+    for_each_component<kMaxDim>(dim, [&](auto d) {
+      const T x = T(s(d)) / largest;  // a division, not a reciprocal: exact for subnormals
+      scaled_sq_norm += x * x;
+    });
+    norm = largest * std::sqrt(scaled_sq_norm);
+    g = T(1) / (T(1) + norm * norm);  // 0 once norm^2 overflows, 1 once it underflows
+    scale = norm > T(1) ? T(1) / (norm + T(1) / norm) : norm * g;
   }
-  const scalar_t one_plus = scalar_t(1) + sq_norm;
-  return (scalar_t(1) - sq_norm) / (std::sqrt(sq_norm) * one_plus * one_plus);
+  return {scale, T(1) / norm, scale * (T(2) * g - T(1))};
 }
 
-// Softmax over one row of routing logits (Eq. 3: over the OUTPUT capsules of one input
-// capsule), max-subtracted so that large agreements cannot overflow exp().
-template <typename scalar_t>
-C10_HOST_DEVICE inline void softmax_row(const scalar_t* logits, scalar_t* coupling, int n) {
-  scalar_t row_max = logits[0];
-  for (int k = 1; k < n; ++k) {
-    row_max = logits[k] > row_max ? logits[k] : row_max;
+// v(d) = squash(s)(d), written through out(d, value).
+template <int kMaxDim, typename T, typename Component, typename Out>
+C10_HOST_DEVICE inline void squash_forward(
+    const SquashCoefficients<T>& k, const Component& s, int64_t dim, const Out& out) {
+  for_each_component<kMaxDim>(dim, [&](auto d) { out(d, k.scale * T(s(d))); });
+}
+
+// grad_s(d) from grad_v, written through out(d, value).
+template <int kMaxDim, typename T, typename Component, typename Gradient, typename Out>
+C10_HOST_DEVICE inline void squash_backward(
+    const SquashCoefficients<T>& k, const Component& s, const Gradient& grad_v, int64_t dim, const Out& out) {
+  T along = T(0);  // <unit vector, grad_v>
+  for_each_component<kMaxDim>(dim, [&](auto d) { along += (T(s(d)) * k.inv_norm) * T(grad_v(d)); });
+  const T radial = k.radial * along;
+  for_each_component<kMaxDim>(
+      dim, [&](auto d) { out(d, k.scale * T(grad_v(d)) + radial * (T(s(d)) * k.inv_norm)); });
+}
+
+// ---------------------------------------------------------------------------------------
+// The coupling step (Eq. 3): for one input capsule i, the couplings c_ij over the output
+// capsules j from the logits b_ij,
+//   c_ij = exp(b_ij) / sum_k exp(b_ik)              (softmax over OUTPUT capsules)
+//   c_ij = exp(b_ij) / (1 + sum_k exp(b_ik))        (leaky: an extra logit 0, dropped)
+// computed max-subtracted so that exp() cannot overflow:
+//   m = max(b_i0, .., b_i(J-1) [, 0 if leaky]),  e_j = exp(b_ij - m),
+//   c_ij = e_j * (1 / (sum_k e_k [+ exp(-m) if leaky])),  sums in the order k = 0..J-1.
+// Backends visit (i, j) in different orders (the CPU kernels vectorise over i, a CUDA thread
+// holds one j), so the step is given in its parts, and `exp` is the backend's
+// (csrc/cpu/vectorized_exp.h on the CPU, expf/exp on the GPU).
+// Backward (the same for both forms: the leaky one is a softmax whose extra coupling
+// receives no gradient):  dL/db_ij = c_ij (dL/dc_ij - sum_k c_ik dL/dc_ik).
+// ---------------------------------------------------------------------------------------
+
+// Where the running maximum of a row starts: the fixed logit 0 when leaky, else -inf.
+template <typename T>
+C10_HOST_DEVICE inline T coupling_max_start(const RoutingOptions& options) {
+  return options.leaky ? T(0) : -std::numeric_limits<T>::infinity();
+}
+
+// Where the row's sum of exponentials starts, given exp(-m) (the fixed logit's term).
+template <typename T>
+C10_HOST_DEVICE inline T coupling_sum_start(const RoutingOptions& options, T exp_of_minus_max) {
+  return options.leaky ? exp_of_minus_max : T(0);
+}
+
+// c_ij from e_j = exp(b_ij - m) and the reciprocal of the row's sum.
+template <typename T>
+C10_HOST_DEVICE inline T coupling_from(T shifted_exp, T inv_sum) {
+  return shifted_exp * inv_sum;
+}
+
+// The couplings of all-zero logits (the first iteration without a logit prior): exactly
+// 1 / J, or 1 / (J + 1) when leaky (exp(0) = 1, and a sum of ones is exact).
+template <typename T>
+C10_HOST_DEVICE inline T uniform_coupling(int64_t num_out, const RoutingOptions& options) {
+  return T(1) / T(num_out + (options.leaky ? 1 : 0));
+}
+
+// One whole row, for code that holds it: c[k * stride] from b[k * stride], k = 0..J-1.
+template <typename T, typename Exp>
+C10_HOST_DEVICE inline void coupling_row(
+    const T* logits, T* couplings, int64_t num_out, int64_t stride, const RoutingOptions& options,
+    const Exp& exp) {
+  T row_max = coupling_max_start<T>(options);
+  for (int64_t k = 0; k < num_out; ++k) {
+    const T b = logits[k * stride];
+    row_max = b > row_max ? b : row_max;
   }
-  scalar_t total = scalar_t(0);
-  for (int k = 0; k < n; ++k) {
-    coupling[k] = std::exp(logits[k] - row_max);
-    total += coupling[k];
+  T total = coupling_sum_start<T>(options, options.leaky ? exp(-row_max) : T(0));
+  for (int64_t k = 0; k < num_out; ++k) {
+    couplings[k * stride] = exp(logits[k * stride] - row_max);
+    total += couplings[k * stride];
   }
-  const scalar_t inv_total = scalar_t(1) / total;
-  for (int k = 0; k < n; ++k) {
-    coupling[k] *= inv_total;
+  const T inv_total = T(1) / total;
+  for (int64_t k = 0; k < num_out; ++k) {
+    couplings[k * stride] = coupling_from(couplings[k * stride], inv_total);
   }
 }
 
-// Backward of c = softmax(b) for one row:  grad_b[k] = c[k] (grad_c[k] - sum_m c[m] grad_c[m]).
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t softmax_row_dot(const scalar_t* coupling, const scalar_t* grad_c, int n) {
-  scalar_t dot = scalar_t(0);
-  for (int k = 0; k < n; ++k) {
-    dot += coupling[k] * grad_c[k];
-  }
-  return dot;
+// dL/db_ij from c_ij, dL/dc_ij and the row's sum_k c_ik dL/dc_ik (summed k = 0..J-1).
+template <typename T>
+C10_HOST_DEVICE inline T coupling_logit_grad(T coupling, T grad_coupling, T row_dot) {
+  return coupling * (grad_coupling - row_dot);
 }
 
 }  // namespace capsnet
