@@ -79,14 +79,18 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void for_each_component(int64_t dim, const Bod
 // Squash (Eq. 1) and its backward, exact for every finite input.
 //
 //   v = squash(s) = |s|^2 / (1 + |s|^2) * s / |s| = phi(n) s,   n = |s|,  phi(n) = n / (1 + n^2)
-//   grad_s = phi grad_v + radial <u, grad_v> u,   u = s / n,  radial = n phi'(n) = phi (2g - 1),
+//   grad_s = phi grad_v + radial <e, grad_v> e,   e = s / n,  radial = n phi'(n) = phi (2g - 1),
 //   g = 1 / (1 + n^2)
 // (n phi'(n) = n (1 - n^2) / (1 + n^2)^2 = phi (1 - n^2) g, and n^2 g = 1 - g.)
-// Written with the unit vector u and g in [0, 1], no intermediate overflows or underflows
-// where the result does not: |s|^2 overflows float32 from |s| ~ 1.8e19 and underflows below
-// ~1e-19, so n is then recomputed from s scaled by its largest component. squash(0) = 0 with
-// gradient 0 (phi(0) = 0, and the radial term vanishes: radial = 0 there). A NaN or infinite
-// component makes the capsule's outputs NaN.
+// Written with the unit vector e and g in [0, 1]. When |s|^2 is a normal number (the common
+// case) these are computed directly. Otherwise (|s|^2 overflows float32 from |s| ~ 1.8e19 and
+// underflows below ~1e-19; |s| itself may exceed the largest finite value) the capsule is
+// first scaled by an exact power of two, s' = s 2^-k with its largest component in [0.5, 1),
+// so that |s'| and 1/|s'| are ordinary numbers, and:
+//   |s| < 1 (k <= 0): v = (rho / |s'|) s' with rho = |v| = n^2 / (1 + n^2), and phi = n g;
+//   |s| large (k > 0): v = rho e, and the gradient is computed times 2^k (phi 2^k = rho / |s'|)
+//                      and scaled back once, so that a subnormal result is rounded once.
+// squash(0) = 0 with gradient 0; a NaN or infinite component makes the capsule's outputs NaN.
 // ---------------------------------------------------------------------------------------
 
 template <typename T>
@@ -102,11 +106,18 @@ struct SquashLimits<double> {
   static constexpr double kMax = 1.7976931348623157e+308;
 };
 
+// With s' = s 2^-exponent and the unit vector e = s' * inv_norm:
+//   v(d)      = scale * s'(d)
+//   grad_s(d) = 2^out_exponent (tangential * grad_v(d) + radial * <e, grad_v> * e(d)).
+// exponent = out_exponent = 0 unless |s|^2 is not a normal number.
 template <typename T>
 struct SquashCoefficients {
-  T scale;     // phi(|s|): v = scale * s
-  T inv_norm;  // 1 / |s| (0 at s = 0): the unit vector is s * inv_norm
-  T radial;    // |s| phi'(|s|), the backward's coefficient along the unit vector
+  T scale;
+  T inv_norm;
+  T tangential;
+  T radial;
+  int exponent;
+  int out_exponent;
 };
 
 // Squash coefficients of the capsule s(0..dim-1).
@@ -114,54 +125,73 @@ template <int kMaxDim, typename T, typename Component>
 C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component& s, int64_t dim) {
   T sq_norm = T(0);
   for_each_component<kMaxDim>(dim, [&](auto d) { sq_norm += T(s(d)) * T(s(d)); });
-  T norm, scale, g;
   if (sq_norm >= SquashLimits<T>::kMinNormal && sq_norm <= SquashLimits<T>::kMax) {
-    // |s|^2 is a normal number: the direct formulas (the common case).
-    norm = std::sqrt(sq_norm);
-    scale = norm / (T(1) + sq_norm);
-    g = T(1) / (T(1) + sq_norm);
-  } else {
-    // |s|^2 overflowed or underflowed, or s is zero, or holds a NaN or an infinity.
-    T largest = T(0);
-    for_each_component<kMaxDim>(dim, [&](auto d) {
-      const T a = std::abs(T(s(d)));
-      largest = (a > largest || a != a) ? a : largest;  // a NaN stays
-    });
-    if (largest == T(0)) {
-      return {T(0), T(0), T(0)};
-    }
-    if (!(largest <= SquashLimits<T>::kMax)) {  // NaN or infinite component
-      const T nan = std::numeric_limits<T>::quiet_NaN();
-      return {nan, nan, nan};
-    }
-    T scaled_sq_norm = T(0);
-    for_each_component<kMaxDim>(dim, [&](auto d) {
-      const T x = T(s(d)) / largest;  // a division, not a reciprocal: exact for subnormals
-      scaled_sq_norm += x * x;
-    });
-    norm = largest * std::sqrt(scaled_sq_norm);
-    g = T(1) / (T(1) + norm * norm);  // 0 once norm^2 overflows, 1 once it underflows
-    scale = norm > T(1) ? T(1) / (norm + T(1) / norm) : norm * g;
+    const T norm = std::sqrt(sq_norm);
+    const T phi = norm / (T(1) + sq_norm);
+    const T g = T(1) / (T(1) + sq_norm);
+    return {phi, T(1) / norm, phi, phi * (T(2) * g - T(1)), 0, 0};
   }
-  return {scale, T(1) / norm, scale * (T(2) * g - T(1))};
+  // |s|^2 overflowed or underflowed, or s is zero, or holds a NaN or an infinity.
+  T largest = T(0);
+  for_each_component<kMaxDim>(dim, [&](auto d) {
+    const T a = std::abs(T(s(d)));
+    largest = (a > largest || a != a) ? a : largest;  // a NaN stays
+  });
+  if (largest == T(0)) {
+    return {T(0), T(0), T(0), T(0), 0, 0};
+  }
+  if (!(largest <= SquashLimits<T>::kMax)) {  // NaN or infinite component
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    return {nan, nan, nan, nan, 0, 0};
+  }
+  int exponent = 0;
+  std::frexp(largest, &exponent);  // largest in [2^(exponent-1), 2^exponent)
+  T scaled_sq_norm = T(0);         // |s'|^2, in [0.25, dim)
+  for_each_component<kMaxDim>(dim, [&](auto d) {
+    const T x = std::ldexp(T(s(d)), -exponent);  // exact, but where it underflows (negligible)
+    scaled_sq_norm += x * x;
+  });
+  const T scaled_norm = std::sqrt(scaled_sq_norm);
+  const T inv_norm = T(1) / scaled_norm;
+  const T q = std::ldexp(scaled_sq_norm, 2 * exponent);  // |s|^2: 0 or subnormal, or inf
+  const T g = T(1) / (T(1) + q);
+  const T rho = q <= T(1) ? q * g : T(1) / (T(1) + T(1) / q);  // |v|
+  if (exponent <= 0) {
+    const T phi = std::ldexp(scaled_norm, exponent) * g;
+    return {rho * inv_norm, inv_norm, phi, phi * (T(2) * g - T(1)), exponent, 0};
+  }
+  const T phi_scaled = rho * inv_norm;  // phi 2^exponent
+  return {rho * inv_norm, inv_norm, phi_scaled, phi_scaled * (T(2) * g - T(1)), exponent, -exponent};
+}
+
+// s'(d) = s(d) 2^-exponent.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T squash_scaled_component(T component, int exponent) {
+  return exponent == 0 ? component : std::ldexp(component, -exponent);
 }
 
 // v(d) = squash(s)(d), written through out(d, value).
 template <int kMaxDim, typename T, typename Component, typename Out>
 C10_HOST_DEVICE inline void squash_forward(
     const SquashCoefficients<T>& k, const Component& s, int64_t dim, const Out& out) {
-  for_each_component<kMaxDim>(dim, [&](auto d) { out(d, k.scale * T(s(d))); });
+  for_each_component<kMaxDim>(
+      dim, [&](auto d) { out(d, k.scale * squash_scaled_component(T(s(d)), k.exponent)); });
 }
 
 // grad_s(d) from grad_v, written through out(d, value).
 template <int kMaxDim, typename T, typename Component, typename Gradient, typename Out>
 C10_HOST_DEVICE inline void squash_backward(
     const SquashCoefficients<T>& k, const Component& s, const Gradient& grad_v, int64_t dim, const Out& out) {
-  T along = T(0);  // <unit vector, grad_v>
-  for_each_component<kMaxDim>(dim, [&](auto d) { along += (T(s(d)) * k.inv_norm) * T(grad_v(d)); });
+  T along = T(0);  // <e, grad_v>
+  for_each_component<kMaxDim>(dim, [&](auto d) {
+    along += (squash_scaled_component(T(s(d)), k.exponent) * k.inv_norm) * T(grad_v(d));
+  });
   const T radial = k.radial * along;
-  for_each_component<kMaxDim>(
-      dim, [&](auto d) { out(d, k.scale * T(grad_v(d)) + radial * (T(s(d)) * k.inv_norm)); });
+  for_each_component<kMaxDim>(dim, [&](auto d) {
+    const T unit = squash_scaled_component(T(s(d)), k.exponent) * k.inv_norm;
+    const T grad = k.tangential * T(grad_v(d)) + radial * unit;
+    out(d, k.out_exponent == 0 ? grad : std::ldexp(grad, k.out_exponent));
+  });
 }
 
 // ---------------------------------------------------------------------------------------
