@@ -38,8 +38,10 @@ def squash(s: Tensor, dim: int = -1) -> Tensor:
       ``phi(n) grad_v + n phi'(n) <e, grad_v> e`` (``phi(n) = n / (1 + n^2)``) only the first
       term remains.
     """
-    # float64 for every dtype: exact for float16/bfloat16/float32 (see above).
-    x = s.to(torch.float64)
+    # float64 for every dtype: exact for float16/bfloat16/float32 (see above). Apple's MPS
+    # has no float64; there the scaled formula runs in float32 (values stay exact, gradients
+    # hold down to |s| ~ 1e-19).
+    x = s.to(torch.float32 if s.device.type == "mps" else torch.float64)
     # The largest component, as a constant: the formula is the same whatever it is, so no
     # gradient flows through it.
     largest = x.detach().abs().amax(dim=dim, keepdim=True)
