@@ -193,6 +193,14 @@ def test_direct_op_call_with_an_iteration_count_the_schema_cannot_hold(num_itera
         torch.ops.capsnet.routing_forward(u, W, bias, None, num_iterations, False, False, False)
 
 
+def test_direct_op_call_accepts_a_numpy_integer():
+    u, W, bias = _good()
+    expected = torch.ops.capsnet.routing_forward(u, W, bias, None, 2, False, False, False)
+    actual = torch.ops.capsnet.routing_forward(u, W, bias, None, np.int64(2), False, False, False)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b)
+
+
 def test_direct_backward_calls_are_checked():
     u, W, bias = _good()
     v, s_saved, _ = torch.ops.capsnet.routing_forward(u, W, bias, None, 3, False, False, False)
