@@ -115,7 +115,7 @@ def test_capsules_longer_than_float32_squares_give_unit_outputs(length, backend)
     v = dynamic_routing(u.requires_grad_(), W, None, 1, backend=backend)
     assert torch.isfinite(v).all(), v
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(3, 1), rtol=2e-7, atol=0)
-    expected_direction = (u / u.double().norm(dim=-1, keepdim=True).float()).detach()
+    expected_direction = (u.double() / u.double().norm(dim=-1, keepdim=True)).float().detach()
     torch.testing.assert_close(v, expected_direction, rtol=1e-6, atol=1e-7)
     (grad_u,) = torch.autograd.grad(v, u, torch.ones_like(v))
     assert torch.isfinite(grad_u).all(), grad_u
