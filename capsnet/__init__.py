@@ -7,7 +7,7 @@ The network of Sabour et al. (2017) built on them: :class:`CapsNet` with its lay
 """
 
 from capsnet import functional
-from capsnet._extension import has_kernel, has_ops
+from capsnet._extension import build_info, has_kernel, has_ops
 from capsnet.functional import squash
 from capsnet.layers import DigitCaps, PrimaryCaps, ReconstructionDecoder
 from capsnet.losses import capsnet_loss, margin_loss, reconstruction_loss
@@ -24,6 +24,7 @@ __all__ = [
     "DynamicRouting",
     "PrimaryCaps",
     "ReconstructionDecoder",
+    "build_info",
     "capsnet_loss",
     "default_weight_std",
     "dynamic_routing",
