@@ -1,27 +1,35 @@
 """capsnet: fused dynamic routing between capsules for PyTorch.
 
 The op: :func:`dynamic_routing` (fused C++/CUDA kernel with a pure-PyTorch reference,
-:func:`dynamic_routing_reference`, of the same signature). The network of Sabour et al.
-(2017) built on it: :class:`CapsNet` with its layers and losses.
+:func:`dynamic_routing_reference`, of the same signature) and the layer around it,
+:class:`DynamicRouting`. Stateless functions (squash, margin loss): :mod:`capsnet.functional`.
+The network of Sabour et al. (2017) built on them: :class:`CapsNet` with its layers and losses.
 """
 
-from capsnet._extension import has_kernel, has_ops
+from capsnet import functional
+from capsnet._extension import build_info, has_kernel, has_ops
+from capsnet.functional import squash
 from capsnet.layers import DigitCaps, PrimaryCaps, ReconstructionDecoder
 from capsnet.losses import capsnet_loss, margin_loss, reconstruction_loss
 from capsnet.model import CapsNet, CapsNetConfig, CapsNetOutput
 from capsnet.ops import dynamic_routing
-from capsnet.reference import dynamic_routing_reference, squash
+from capsnet.reference import dynamic_routing_reference
+from capsnet.routing_layer import DynamicRouting, default_weight_std
 
 __all__ = [
     "CapsNet",
     "CapsNetConfig",
     "CapsNetOutput",
     "DigitCaps",
+    "DynamicRouting",
     "PrimaryCaps",
     "ReconstructionDecoder",
+    "build_info",
     "capsnet_loss",
+    "default_weight_std",
     "dynamic_routing",
     "dynamic_routing_reference",
+    "functional",
     "has_kernel",
     "has_ops",
     "margin_loss",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from capsnet.ops import BACKENDS, dynamic_routing
-from capsnet.reference import squash
+from capsnet.functional import squash
+from capsnet.routing_layer import DynamicRouting
 
 DECODER_INPUTS = ("masked", "target")
 
@@ -82,11 +82,12 @@ class PrimaryCaps(nn.Module):
         return squash(capsules, dim=-1)  # Eq. 1, safe at zero
 
 
-class DigitCaps(nn.Module):
-    """Fully connected capsule layer with routing-by-agreement (Sec. 2, Procedure 1; Sec. 4).
+class DigitCaps(DynamicRouting):
+    """CapsNet's routing layer (Sec. 4): :class:`capsnet.DynamicRouting` from the primary
+    capsules to one capsule per class, with the initialisation CapsNet was trained with.
 
-    Holds ``W [N_in, N_out, D_out, D_in]`` (one matrix per input/output capsule pair, Eq. 2)
-    and routes with :func:`capsnet.dynamic_routing`.
+    Parameters ``weight [N_in, N_out, D_out, D_in]`` and optional ``bias [N_out, D_out]``,
+    as in earlier versions, so existing checkpoints load unchanged.
 
     Initialisation: ``W ~ Normal(0, weight_std)`` with ``weight_std = 0.01`` by default, the
     scale used by widely used re-implementations of the paper (the paper gives none). On
@@ -96,9 +97,8 @@ class DigitCaps(nn.Module):
     compared. The optional output-capsule bias (the official code has one) starts at zero,
     so switching it on does not change the initial network.
 
-    Routing always runs in the parameter dtype (float32 under autocast): the fused kernels
-    exist for float32/float64 only, and the routing softmax and squash are where reduced
-    precision would hurt.
+    Under ``torch.autocast`` the routing runs in float32 (the op's autocast policy,
+    ``capsnet/autocast.py``) and returns float32.
     """
 
     def __init__(
@@ -108,53 +108,20 @@ class DigitCaps(nn.Module):
         num_out: int,
         dim_out: int,
         num_iterations: int = 3,
-        backend: str = "fused",
+        backend: str = "auto",
         bias: bool = False,
         weight_std: float = 0.01,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("num_in", num_in),
-            ("dim_in", dim_in),
-            ("num_out", num_out),
-            ("dim_out", dim_out),
-            ("num_iterations", num_iterations),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not weight_std > 0:
-            raise ValueError(f"weight_std must be positive, got {weight_std!r}")
-        self.num_iterations = num_iterations
-        self.backend = backend
-        self.weight_std = weight_std
-        self.weight = nn.Parameter(torch.empty(num_in, num_out, dim_out, dim_in))
-        self.bias = nn.Parameter(torch.empty(num_out, dim_out)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.weight_std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__(
+            num_in, dim_in, num_out, dim_out, num_iterations, bias=bias, backend=backend, weight_std=weight_std
+        )
 
     def extra_repr(self) -> str:
         num_in, num_out, dim_out, dim_in = self.weight.shape
         return (
             f"{num_in}x{dim_in}D -> {num_out}x{dim_out}D, num_iterations={self.num_iterations}, "
-            f"backend={self.backend!r}, bias={self.bias is not None}"
+            f"backend={self.backend!r}, bias={self.bias is not None}, weight_std={self.weight_std:.4g}"
         )
-
-    def forward(self, u: Tensor) -> Tensor:
-        """``u [B, N_in, D_in]`` -> ``v [B, N_out, D_out]``."""
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            return dynamic_routing(
-                u.to(self.weight.dtype),
-                self.weight,
-                self.bias,
-                self.num_iterations,
-                backend=self.backend,
-            )
 
 
 class ReconstructionDecoder(nn.Module):

@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import Tensor
 
-from capsnet.autocast import dtype_seen_by_op
+from capsnet.autocast import autocast_active, dtype_seen_by_op
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest num_iterations accepted (csrc/routing_math.h, kMaxRoutingIterations, says the same).
@@ -47,7 +47,10 @@ def check_num_iterations(num_iterations: object) -> int:
 
 def _check_companion(name: str, t: Tensor, u: Tensor) -> None:
     if dtype_seen_by_op(t) != dtype_seen_by_op(u):  # autocast casts half inputs to float32
-        raise ValueError(f"{name} must have the dtype of u ({u.dtype}), got {t.dtype}")
+        under_autocast = (
+            " (under torch.autocast, float16 and bfloat16 count as float32)" if autocast_active(u.device.type) else ""
+        )
+        raise ValueError(f"{name} must have the dtype of u ({u.dtype}), got {t.dtype}{under_autocast}")
     if t.device != u.device:
         raise ValueError(f"{name} must be on the device of u ({u.device}), got {t.device}")
 

@@ -1,7 +1,9 @@
-"""The op as the dispatcher sees it: opcheck, torch.compile, double backward, backend choice."""
+"""The op as the dispatcher sees it: opcheck and torch.compile for every combination of options,
+double backward, backend choice."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -14,43 +16,83 @@ from capsnet import ops as capsnet_ops
 from conftest import DEVICES
 from routing_testing import RoutingCase, assert_close_report, make_inputs, run_routing
 
+# (leaky, detach_routing, with_prior, return_couplings): every combination.
+OPTIONS = list(itertools.product([False, True], repeat=4))
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_opcheck(with_bias, dtype, device):
-    case = RoutingCase(batch=2, num_in=5, num_out=3, dim_out=4, dim_in=3, iterations=3, with_bias=with_bias)
+
+def options_id(options):
+    names = ("leaky", "detach", "prior", "couplings")
+    return "-".join(name for name, on in zip(names, options) if on) or "default"
+
+
+def _prior(case, dtype, device, requires_grad=True):
+    gen = torch.Generator().manual_seed(7)
+    prior = torch.randn(case.num_in, case.num_out, generator=gen, dtype=torch.float64)
+    return prior.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def _opcheck_both_ops(case, dtype, device, leaky, detach_routing, with_prior, return_couplings):
     u, W, bias, grad_v = make_inputs(case, dtype=dtype, device=device)
-    torch.library.opcheck(torch.ops.capsnet.routing_forward.default, (u, W, bias, 3))
+    prior = _prior(case, dtype, device) if with_prior else None
+    args = (u, W, bias, prior, case.iterations, leaky, detach_routing, return_couplings)
+    torch.library.opcheck(torch.ops.capsnet.routing_forward.default, args)
     with torch.no_grad():
-        _, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+        _, s_saved, _ = torch.ops.capsnet.routing_forward(*args)
+    detached_prior = prior.detach() if prior is not None else None
     torch.library.opcheck(
         torch.ops.capsnet.routing_backward.default,
-        (grad_v, u.detach(), W.detach(), s_saved, couplings),
+        (grad_v, u.detach(), W.detach(), detached_prior, s_saved, leaky, detach_routing),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
+def test_opcheck_every_option_combination(options, device):
+    case = RoutingCase(batch=2, num_in=5, num_out=3, dim_out=4, dim_in=3, iterations=3, with_bias=True)
+    _opcheck_both_ops(case, torch.float64, device, *options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[-1]], ids=options_id)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_other_dtypes(with_bias, options, dtype, device):
+    case = RoutingCase(batch=2, num_in=5, num_out=3, dim_out=4, dim_in=3, iterations=2, with_bias=with_bias)
+    _opcheck_both_ops(case, dtype, device, *options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
+def test_torch_compile_fullgraph_every_option_combination(options, device):
+    leaky, detach_routing, with_prior, return_couplings = options
     case = RoutingCase(batch=3, num_in=6, num_out=4, dim_out=5, dim_in=3, iterations=3)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device=device)
+    prior = _prior(case, torch.float32, device)
 
-    def model(u, W, bias):
+    def model(u, W, bias, prior):
         # Something around the op, so that the compiled graph is more than the op alone.
-        v = dynamic_routing(torch.tanh(u), W, bias, 3, backend="fused")
-        return v * 2.0
+        out = dynamic_routing(
+            torch.tanh(u), W, bias, 3, leaky=leaky, detach_routing=detach_routing,
+            logit_prior=prior if with_prior else None, return_couplings=return_couplings, backend="fused",
+        )
+        v, couplings = out if return_couplings else (out, None)
+        return v * 2.0, couplings
 
+    wrt = (u, W, bias) + ((prior,) if with_prior and not detach_routing else ())
+    eager_v, eager_c = model(u, W, bias, prior)
+    eager_grads = torch.autograd.grad(eager_v, wrt, grad_v)
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    eager_v = model(u, W, bias)
-    eager_grads = torch.autograd.grad(eager_v, (u, W, bias), grad_v)
     # Caches off: a graph cached by an earlier build of the extension (with another op
     # schema) must not stand in for compiling this one.
     with torch._inductor.config.patch(force_disable_caches=True):
-        compiled_v = compiled(u, W, bias)
-    compiled_grads = torch.autograd.grad(compiled_v, (u, W, bias), grad_v)
+        compiled_v, compiled_c = compiled(u, W, bias, prior)
+    compiled_grads = torch.autograd.grad(compiled_v, wrt, grad_v)
     assert_close_report(compiled_v, eager_v, "v")
-    for name, actual, expected in zip(("grad_u", "grad_W", "grad_bias"), compiled_grads, eager_grads):
+    if return_couplings:
+        assert_close_report(compiled_c, eager_c, "couplings")
+    for name, actual, expected in zip(("grad_u", "grad_W", "grad_bias", "grad_prior"), compiled_grads, eager_grads):
         assert_close_report(actual, expected, name)
 
 
@@ -59,7 +101,16 @@ def test_double_backward_raises_clear_error():
     u, W, bias, grad_v = make_inputs(case)
     v = dynamic_routing(u, W, bias, 3, backend="fused")
     (grad_u,) = torch.autograd.grad(v, u, grad_v, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
+        grad_u.sum().backward()
+
+
+def test_double_backward_of_a_direct_op_call_raises_clear_error():
+    case = RoutingCase(batch=2, num_in=3, num_out=2, dim_out=3, dim_in=2)
+    u, W, bias, grad_v = make_inputs(case)
+    v, _, _ = torch.ops.capsnet.routing_forward(u, W, bias, None, 3, False, False, False)
+    (grad_u,) = torch.autograd.grad(v, u, grad_v, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
         grad_u.sum().backward()
 
 
@@ -72,35 +123,33 @@ def test_reference_supports_double_backward():
     assert torch.isfinite(grad_W).all()
 
 
-def test_auto_uses_fused_kernel_on_cpu():
-    assert capsnet.has_kernel("cpu", torch.float32) and capsnet.has_kernel("cpu", torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_auto_uses_fused_kernel_on_cpu_for_every_dtype(dtype):
+    assert capsnet.has_kernel("cpu", dtype)
     case = RoutingCase(batch=2, num_in=3, num_out=2, dim_out=3, dim_in=2)
-    u, W, bias, grad_v = make_inputs(case)
+    u, W, bias, grad_v = make_inputs(case, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         auto = run_routing(u, W, bias, grad_v, 3, backend="auto")
     fused = run_routing(u, W, bias, grad_v, 3, backend="fused")
     for name in fused:
+        assert auto[name].dtype == dtype
         assert torch.equal(auto[name], fused[name])
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
+    # A device type without a kernel, simulated by hiding the CPU kernel.
     monkeypatch.setattr(capsnet_ops, "_warned_fallbacks", set())
+    monkeypatch.setattr(_extension, "KERNEL_DEVICE_TYPES", frozenset())
     case = RoutingCase(batch=2, num_in=3, num_out=2, dim_out=3, dim_in=2)
-    u, W, bias, _ = make_inputs(case, dtype=torch.float16, requires_grad=False)
-    with pytest.warns(UserWarning, match="no fused routing kernel.*float16"):
+    u, W, bias, _ = make_inputs(case, dtype=torch.float32, requires_grad=False)
+    with pytest.warns(UserWarning, match="no fused routing kernel for device 'cpu'.*backend='reference'"):
         v = dynamic_routing(u, W, bias, 3, backend="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
         dynamic_routing(u, W, bias, 3, backend="auto")
-    expected = dynamic_routing(u.double(), W.double(), bias.double(), 3, backend="reference")
-    torch.testing.assert_close(v.double(), expected, atol=5e-3, rtol=1e-3)
-
-
-def test_fused_rejects_unsupported_dtype():
-    case = RoutingCase(batch=2, num_in=3, num_out=2, dim_out=3, dim_in=2)
-    u, W, bias, _ = make_inputs(case, dtype=torch.bfloat16, requires_grad=False)
-    with pytest.raises(RuntimeError, match="float32.*float64.*bfloat16"):
+    assert torch.equal(v, dynamic_routing(u, W, bias, 3, backend="reference"))
+    with pytest.raises(RuntimeError, match="backend='fused' is unavailable.*no kernel for device 'cpu'"):
         dynamic_routing(u, W, bias, 3, backend="fused")
 
 
@@ -111,6 +160,8 @@ def test_fused_without_extension_says_how_to_build(monkeypatch):
     u, W, bias, _ = make_inputs(case, requires_grad=False)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         dynamic_routing(u, W, bias, 3, backend="fused")
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        dynamic_routing(u.to("meta"), W.to("meta"), bias.to("meta"), 3, backend="fused")
 
 
 def test_unknown_backend_is_rejected():
@@ -118,3 +169,18 @@ def test_unknown_backend_is_rejected():
     u, W, bias, _ = make_inputs(case, requires_grad=False)
     with pytest.raises(ValueError, match="backend must be one of"):
         dynamic_routing(u, W, bias, 3, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_meta_device_uses_the_fake_kernels(backend):
+    # Shapes without computation, forward and backward, and no fallback warning.
+    case = RoutingCase(batch=4, num_in=5, num_out=3, dim_out=6, dim_in=2)
+    u, W, bias, grad_v = (t.to("meta") for t in make_inputs(case, dtype=torch.float32, requires_grad=False))
+    u.requires_grad_()
+    W.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, c = dynamic_routing(u, W, bias, 3, return_couplings=True, backend=backend)
+    assert v.device.type == "meta" and v.shape == (4, 3, 6) and c.shape == (4, 5, 3)
+    grad_u, grad_W = torch.autograd.grad(v, (u, W), grad_v)
+    assert grad_u.shape == u.shape and grad_W.shape == W.shape

@@ -1,0 +1,111 @@
+// The per-task working memory of the kernels, carved out of one buffer that the driver
+// allocates per thread (the kernels allocate nothing themselves).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/kernel_interface.h"
+#include "cpu/kernels/predictions.h"
+#include "cpu/kernels/vec.h"
+
+namespace capsnet {
+namespace cpu {
+namespace CAPSNET_CPU_VARIANT {
+
+// Hands out consecutive pieces of a buffer, each starting on a 64-byte boundary (the
+// buffer itself is 64-byte aligned). With a null base it only counts.
+template <typename T>
+class Carver {
+ public:
+  explicit Carver(T* base) : base_(base) {}
+  T* take(int64_t count) {
+    constexpr int64_t kAlign = 64 / static_cast<int64_t>(sizeof(T));
+    T* piece = base_ == nullptr ? nullptr : base_ + used_;
+    used_ += (count + kAlign - 1) / kAlign * kAlign;
+    return piece;
+  }
+  int64_t used() const { return used_; }
+
+ private:
+  T* base_;
+  int64_t used_ = 0;
+};
+
+// Forward and backward phase 1, per task of up to kSamplesPerTask samples.
+template <typename T>
+struct SampleWorkspace {
+  int64_t u_hat_per_sample;  // [blocks, N_out*D_out, L]
+  T* u_hat;                  // [kSamplesPerTask, u_hat_per_sample]
+  T* lane_sums;              // [N_out*D_out, kLanes]: sums over blocks, one per lane
+  T* couplings;              // [N_out, L] of one block
+  T* grad_couplings;         // [N_out, L] of one block
+  T* V;                      // [N_out*D_out] running sum of outputs
+  T* v;                      // [N_out*D_out]
+  T* outputs;                // [r, N_out*D_out]  v_t         (backward)
+  T* sums;                   // [r, N_out*D_out]  V_t         (backward)
+  T* grad_s;                 // [N_out*D_out]
+  T* grad_v;                 // [N_out*D_out]
+  int64_t size;
+
+  SampleWorkspace(T* base, const RoutingShape& shape) {
+    constexpr int64_t kBlock = capsule_block<T>();
+    const int64_t out_size = shape.out_size();
+    u_hat_per_sample = num_capsule_blocks(shape.num_in, kBlock) * out_size * kBlock;
+    Carver<T> carve(base);
+    u_hat = carve.take(kSamplesPerTask * u_hat_per_sample);
+    lane_sums = carve.take(out_size * kLanes<T>);
+    couplings = carve.take(shape.num_out * kBlock);
+    grad_couplings = carve.take(shape.num_out * kBlock);
+    V = carve.take(out_size);
+    v = carve.take(out_size);
+    outputs = carve.take(shape.iterations * out_size);
+    sums = carve.take(shape.iterations * out_size);
+    grad_s = carve.take(out_size);
+    grad_v = carve.take(out_size);
+    size = carve.used();
+  }
+};
+
+// Backward phase 2, per task (one block of input capsules).
+template <typename T>
+struct BlockWorkspace {
+  T* grad_W;      // [N_out*D_out, D_in, L]: the block's grad W summed over the chunk
+  T* grad_u_hat;  // [N_out*D_out, L] of one sample
+  T* grad_u;      // [D_in, L] of one sample
+  T* grad_prior;  // [N_out, L]
+  int64_t size;
+
+  BlockWorkspace(T* base, const RoutingShape& shape) {
+    constexpr int64_t kBlock = capsule_block<T>();
+    Carver<T> carve(base);
+    grad_W = carve.take(shape.out_size() * shape.dim_in * kBlock);
+    grad_u_hat = carve.take(shape.out_size() * kBlock);
+    grad_u = carve.take(shape.dim_in * kBlock);
+    grad_prior = carve.take(shape.num_out * kBlock);
+    size = carve.used();
+  }
+};
+
+// Loops instead of std::fill_n / std::copy_n: nothing from a library template is
+// instantiated in the kernel objects (see variant.h).
+template <typename T>
+C10_ALWAYS_INLINE void fill(T* x, int64_t n, T value) {
+  for (int64_t k = 0; k < n; ++k) {
+    x[k] = value;
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void copy(const T* from, int64_t n, T* to) {
+  for (int64_t k = 0; k < n; ++k) {
+    to[k] = from[k];
+  }
+}
+
+C10_ALWAYS_INLINE int64_t min_of(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+}  // namespace CAPSNET_CPU_VARIANT
+}  // namespace cpu
+}  // namespace capsnet
