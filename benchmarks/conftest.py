@@ -20,12 +20,14 @@ import torch
 from benchmarks.machine import describe, machine_context, torch_mm_gflops
 
 MM_RATE = pytest.StashKey[dict]()
+LOAD_AT_START = pytest.StashKey[list]()
 FLOOR_KEY = "fused_forward_floor_ratio"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: runs only where a CUDA GPU is available")
     config.stash[MM_RATE] = {}
+    config.stash[LOAD_AT_START] = machine_context("cpu")["load_average_1_5_15_min"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,7 +58,10 @@ def mm_gflops(request):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     context = machine_context("cpu")
-    del context["date"]  # the saved JSON has its own "datetime"; machine_info must not vary by run
+    # Kept out of machine_info, which must not vary between runs on one machine: the date (the
+    # saved JSON has its own "datetime") and the load, which goes to capsnet_run.
+    del context["date"]
+    context.pop("load_average_1_5_15_min")
     machine_info["capsnet"] = context
 
 
@@ -70,6 +75,7 @@ def _floor_ratios(benchmarks_json):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["capsnet_run"] = {
+        "load_average_1_5_15_min": config.stash[LOAD_AT_START],
         "torch_mm_gflops": {device: round(rate, 1) for device, rate in config.stash[MM_RATE].items()},
         FLOOR_KEY: _floor_ratios(output_json["benchmarks"]),
     }

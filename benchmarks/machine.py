@@ -122,6 +122,9 @@ def machine_context(device: str = "cpu", mm_gflops: float | None = None) -> dict
         "cpu_kernel_variant": cpu_kernel_variant(info),
         "build_info": info if info is not None else BUILD_INFO_UNAVAILABLE,
         "threads": torch.get_num_threads(),
+        # Other processes share the cores on many machines (CI, VMs): a load above the core
+        # count when the run starts says that its times are inflated and noisy.
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "capsnet": capsnet.__version__,
@@ -155,6 +158,9 @@ def describe(context: dict) -> list[str]:
         f"- capsnet {context['capsnet']}, torch {context['torch']} (CUDA {context['torch_cuda']}), "
         f"python {context['python']}; measured {context['date']}",
     ]
+    if context.get("load_average_1_5_15_min"):
+        load = ", ".join(f"{x:.2f}" for x in context["load_average_1_5_15_min"])
+        lines.append(f"- load average (1, 5, 15 min) at the start: {load}, on {context['cpu_cores']} cores")
     if "torch_mm_gflops" in context:
         lines.append(f"- torch.mm rate: {context['torch_mm_gflops']:.1f} GFLOP/s ({context['torch_mm']}, same run)")
     return lines
