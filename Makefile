@@ -1,11 +1,19 @@
 # capsnet: one-command set-up, build, test, benchmark and train.
 #
-#   make test     virtual environment + pinned dependencies + build + the whole test suite
-#   make bench    CPU benchmark table (fused vs reference vs torch.compile), see README
-#   make train    a short CapsNet training run on MNIST (minutes on a CPU), see README
+#   make test               virtual environment + pinned dependencies + build + the whole test suite
+#   make bench              CPU benchmark table (fused vs reference vs torch.compile) and the
+#                           large-shape memory measurement, written to benchmarks/results/; see README
+#   make bench-pytest       the same cases under pytest-benchmark (save and compare runs)
+#   make bench-check        every benchmark run once at small sizes: a check that they work (CI)
+#   make dist               sdist and wheel into dist/
+#   make package-check      sdist and wheel built, installed into empty folders, smoke-tested
+#   make portability-check  the installed wheel run under emulated older x86-64 CPUs (QEMU)
+#   make train              a short CapsNet training run on MNIST (minutes on a CPU), see README
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), REQUIREMENTS,
-# DATA_DIR (MNIST in torchvision's layout), TRAIN_ARGS (options for train_mnist.py).
+# DATA_DIR (MNIST in torchvision's layout), TRAIN_ARGS (options for train_mnist.py),
+# BENCH_ARGS (options for pytest in bench-pytest), PACKAGE_CHECK_DIR (package-check's folder),
+# BENCH_CHECK_DIR (where bench-check writes its throwaway results).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,7 +35,11 @@ DATA_DIR ?= ../shared/data
 TRAIN_ARGS ?= --limit-train 10000 --batch-size 32 --epochs 1
 TRAIN_OUT ?= runs/mnist-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: venv install test bench train clean
+PACKAGE_CHECK_DIR ?= .package-check
+BENCH_CHECK_DIR ?= .bench-check
+BENCH_ARGS ?=
+
+.PHONY: venv install test bench bench-pytest bench-check dist package-check portability-check train clean
 
 venv: $(VENV)/.requirements-installed
 
@@ -46,9 +58,30 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.bench_routing --device cpu
+	$(PY) -m benchmarks.large_shape_memory
+
+bench-pytest: install
+	$(PY) -m pytest benchmarks/ --benchmark-only $(BENCH_ARGS)
+
+# Uses the extension as built (run after make install or make test): no timing, B=1 only.
+bench-check: venv
+	$(PY) -m pytest benchmarks/ --benchmark-disable -k "B1-" -q -p no:cacheprovider
+	$(PY) -m benchmarks.large_shape_memory --batch 2 --small-batches 1 2 --results-dir $(BENCH_CHECK_DIR)
+
+# --no-isolation, like install: the wheel is compiled against the venv's torch. A stale
+# capsnet.egg-info would add the files its SOURCES.txt lists to the sdist: start without it.
+dist: venv
+	rm -rf dist capsnet.egg-info
+	$(PY) -m build --no-isolation --outdir dist .
+
+package-check: venv
+	bash .ci/package_check.sh $(PY) $(PACKAGE_CHECK_DIR)
+
+portability-check: venv
+	bash .ci/portability_check.sh $(PY) $(PACKAGE_CHECK_DIR)/from-wheel
 
 train: install
 	$(PY) train_mnist.py --data-dir $(DATA_DIR) --out-dir $(TRAIN_OUT) $(TRAIN_ARGS)
 
 clean:
-	rm -rf build capsnet/*.so *.egg-info
+	rm -rf build dist $(PACKAGE_CHECK_DIR) $(BENCH_CHECK_DIR) capsnet/*.so *.egg-info

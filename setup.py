@@ -13,18 +13,41 @@ Environment variables:
                                variant for the build machine's CPU (-march=native), no dispatch.
     CAPSNET_CPU_VARIANTS       a comma-separated subset of the variants to build (development).
 
-Build without isolation (``pip install --no-build-isolation -e .``): the extension must be
-compiled against the torch that will import it, and an isolated build would fetch a
-different (multi-GB) torch into a throwaway environment.
+Package metadata is in pyproject.toml. Build without isolation, in an environment that has
+torch (``pip install --no-build-isolation .`` or ``-e .``): the extension must be compiled
+against the torch that will import it, so torch is not a build requirement, and pip's default
+isolated build environment has no torch; this script then stops at once and says so.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+
+MIN_TORCH = (2, 11)
+TORCH_MISSING = """capsnet: cannot build: torch is not importable in this build environment.
+
+capsnet compiles a C++/CUDA extension against the torch that will import it, so torch is not
+a build requirement that pip could install into its isolated build environment (an isolated
+`pip install .` has no torch, even when your environment has one). Install torch first, then
+build without isolation:
+
+    pip install torch                       # or the CUDA/CPU build you want, see pytorch.org
+    pip install --no-build-isolation .      # or: pip install --no-build-isolation -e .
+"""
+
+
+def _require_torch() -> None:
+    """Stop with instructions, before anything else, when torch cannot be imported."""
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(TORCH_MISSING)
+
+
+_require_torch()
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
@@ -52,7 +75,7 @@ def _default_cuda_home() -> None:
 _default_cuda_home()
 
 import torch  # noqa: E402  (after CUDA_HOME is settled)
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,
@@ -241,15 +264,20 @@ def build_extension():
     return extension
 
 
+def _torch_requirement() -> str:
+    """The torch release series this build links against: the extension's C++ ABI is tied to it."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < MIN_TORCH:
+        raise SystemExit(
+            f"capsnet needs torch >= {'.'.join(map(str, MIN_TORCH))} to build, found torch {torch.__version__}"
+        )
+    return f"torch=={major}.{minor}.*"
+
+
+# Metadata (name, version, description, licence, extras) is in pyproject.toml; the
+# dependencies are set here because the torch pin depends on the torch found at build time.
 setup(
-    name="capsnet",
-    version="0.1.0",
-    description="Fused dynamic routing between capsules (CPU and CUDA) for PyTorch",
-    packages=find_packages(include=["capsnet", "capsnet.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    # train_mnist.py and capsnet.training import these lazily; the op and model do not need them.
-    extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
+    install_requires=[_torch_requirement(), "numpy"],
     ext_modules=[build_extension()],
     cmdclass={"build_ext": BuildExtensionWithCpuVariants.with_options(use_ninja=True)},
 )

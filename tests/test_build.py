@@ -1,9 +1,13 @@
-"""The build: the extension is loaded, and CUDA kernels are in it wherever they can be built."""
+"""The build: the extension is loaded from the package, CUDA kernels are in it wherever they
+can be built, and a build without torch stops at once with instructions."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +19,33 @@ from capsnet import _extension
 def test_extension_is_loaded_with_cpu_kernels():
     assert capsnet.has_ops(), _extension.missing_reason("cpu", torch.float32)
     assert _extension.KERNEL_DEVICE_TYPES >= {"cpu"}
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_extension_is_part_of_the_package():
+    """capsnet._C sits in the capsnet package folder, where wheels and installs put it."""
+    from capsnet import _C
+
+    assert pathlib.Path(_C.__file__).resolve().parent == pathlib.Path(capsnet.__file__).resolve().parent
+
+
+def test_build_without_torch_stops_with_instructions():
+    """What pip's isolated build environment sees (no torch): setup.py exits before doing
+    anything else, saying to install torch and build with --no-build-isolation."""
+    hide_torch_and_run_setup = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide_torch_and_run_setup], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0, f"setup.py went on without torch:\n{result.stdout}"
+    message = result.stderr
+    assert message.startswith("capsnet: cannot build: torch is not importable"), message[-2000:]
+    assert "pip install torch" in message and "pip install --no-build-isolation ." in message, message
+    assert result.stdout == "", f"setup.py did work before checking for torch:\n{result.stdout}"
 
 
 def _nvcc_available() -> str | None:
