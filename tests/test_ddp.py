@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from capsnet.data import epoch_order, load_mnist, random_shift, shard, shift_generator
+from capsnet.datasets import epoch_order, load_mnist, random_shift, shard, step_generator
 from capsnet.losses import capsnet_loss
 from capsnet.model import CapsNet, CapsNetConfig
 from mnist_testing import REPO, mnist_root
@@ -42,7 +42,7 @@ def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:
     would compute."""
     train_set = load_mnist(mnist_root(), train=True).head(NUM_TRAIN)
     torch.manual_seed(SEED)
-    model = CapsNet(CapsNetConfig(routing_backend=ROUTING))
+    model = CapsNet(CapsNetConfig(), routing_backend=ROUTING)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = epoch_order(NUM_TRAIN, SEED, 0)
     for step in range(NUM_TRAIN // WORLD_SIZE // BATCH_SIZE):
@@ -51,7 +51,7 @@ def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:
             indices = shard(order, rank, WORLD_SIZE)[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
             images, labels = train_set.batch(indices)
             images = random_shift(
-                images, 2, shift_generator(torch.device("cpu"), SEED, 0, step, rank)
+                images, 2, step_generator(torch.device("cpu"), SEED, 0, step, rank)
             )
             model.zero_grad()
             capsnet_loss(model(images, labels), images, labels).total.backward()
