@@ -7,6 +7,7 @@ this module reads and writes the files and turns every way a file can be unusabl
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -103,7 +104,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{_shorten(reason)}"
         ) from None
     except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a torch.save file (truncated?): "
+            f"{error.strerror or error}"
+        ) from None
     state, config = parse_checkpoint(raw, str(path))
     return Checkpoint(path, state, config)
 
