@@ -133,9 +133,15 @@ setup(
     description="Fused dynamic routing between capsules (CPU and CUDA) for PyTorch",
     packages=find_packages(include=["capsnet", "capsnet.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    # train_mnist.py and capsnet.training import these lazily; the op and model do not need them.
-    extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
+    # The core package (op, layers, model, losses) needs torch only.
+    install_requires=["torch>=2.11"],
+    extras_require={
+        # capsnet.datasets and capsnet.training (train_mnist.py): seed mixing, progress bars,
+        # plots; torchvision only to download MNIST.
+        "train": ["numpy", "tqdm", "matplotlib", "torchvision"],
+        # TensorBoard event files beside the CSV logs and plots (optional).
+        "tensorboard": ["tensorboard"],
+    },
     ext_modules=[build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

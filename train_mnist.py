@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"continue with: train_mnist.py --resume {stopped.checkpoint_path}", file=sys.stderr
             )
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C: the user did not want to wait for the save
+        print("\ntrain_mnist.py: interrupted without saving a checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (SetupError, DatasetError) as error:
         print(f"train_mnist.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE

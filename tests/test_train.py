@@ -231,7 +231,7 @@ def test_resume_of_a_finished_run_does_nothing_and_writes_nothing(straight_run, 
     for extra in ([], ["--epochs", "1"]):  # --epochs below the epochs done changes nothing
         assert train_mnist.main(["--resume", str(out_dir / "last.pt"), "--no-progress", *extra]) == 0
         printed = capsys.readouterr().out
-        assert "already trained 2 epochs" in printed and "nothing to do" in printed
+        assert "already trained 2 epoch(s)" in printed and "nothing to do" in printed
         assert "epoch 3" not in printed and "step 0" not in printed
     assert {name: (out_dir / name).stat().st_mtime_ns for name in files} == before
     assert (out_dir / "config.json").read_text() == config_before
@@ -351,3 +351,18 @@ def test_fused_and_reference_follow_the_same_training_trajectory_in_float64():
     # The trajectories compared above really moved: every parameter left its initial value.
     for name, value in models["reference"].state_dict().items():
         assert not torch.equal(initial[name], value), f"{name} did not change"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_training_follows_the_eager_trajectory(straight_run, tmp_path):
+    # --compile runs the objective as one compiled graph; the arithmetic is reordered, so
+    # the runs agree up to rounding, not bit for bit.
+    eager, _ = straight_run
+    compiled = train_mnist.run_training(tiny_args(tmp_path / "run", "--epochs", "2", "--compile"))
+    for mine, theirs in zip(without_timing(compiled.history), without_timing(eager.history), strict=True):
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    eager_state = eager.model.state_dict()
+    for name, value in compiled.model.state_dict().items():
+        torch.testing.assert_close(value, eager_state[name], rtol=1e-3, atol=1e-4, msg=name)

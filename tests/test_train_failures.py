@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -302,9 +303,13 @@ def test_a_new_run_refuses_a_directory_with_any_file_of_another_run(tmp_path, ca
 
 def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path):
     out_dir = tmp_path / "run"
-    out_dir.mkdir()
+    (out_dir / "tensorboard").mkdir(parents=True)
+    stale_events = out_dir / "tensorboard" / "events.out.tfevents.1.old"
+    stale_events.write_bytes(b"old")
     (out_dir / "config.json").write_text("{}")
     assert train_mnist.main(tiny_args(out_dir, "--epochs", "1", "--limit-train", "32")) == 0
+    assert not stale_events.exists()
+    assert json.loads((out_dir / "config.json").read_text())["limit_train"] == 32
 
 
 # --- 4. errors that must be one clear line --------------------------------------------------------

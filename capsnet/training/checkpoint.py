@@ -92,11 +92,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is not a file written by torch.save, or holds objects that "
-            f"safe loading refuses ({_shorten(reason)})"
-        ) from None
+        raise CheckpointError(_unpickling_problem(path, error)) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(
@@ -132,6 +128,20 @@ def model_from_checkpoint(
     if routing_backend is not None:
         model.routing_backend = routing_backend
     return model.eval()
+
+
+def _unpickling_problem(path: Path, error: pickle.UnpicklingError) -> str:
+    with open(path, "rb") as file:
+        start = file.read(4)
+    # torch.save writes a zip archive (PK..); older torch, a pickle (protocol byte 0x80).
+    if not (start.startswith(b"PK") or start.startswith(b"\x80")):
+        return f"checkpoint {path} is not a file written by torch.save (it starts with {start!r})"
+    lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "global" in line]
+    detail = f": {_shorten(lines[0])}" if lines else ""
+    return (
+        f"checkpoint {path} holds Python objects that safe loading (weights_only) refuses; "
+        f"not a capsnet checkpoint, or an unsafe pickle{detail}"
+    )
 
 
 def _shorten(text: str, limit: int = 200) -> str:

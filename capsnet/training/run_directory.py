@@ -66,6 +66,9 @@ RUN_FILES = (
     TENSORBOARD_DIR,
 )
 
+# What a run has written before its first checkpoint.
+_BEFORE_FIRST_CHECKPOINT = {CONFIG_FILE, TENSORBOARD_DIR}
+
 
 class RunDirectory:
     """The output directory of one run (see the module docstring for its files)."""
@@ -145,13 +148,18 @@ class RunDirectory:
     def start_new_run(self, overwrite: bool) -> None:
         """Make the (acquired) directory ready for a new run: refuse it if it holds another
         run's files, or delete them first when ``overwrite``. A run that was stopped before
-        its first checkpoint left only its config.json: nothing to lose, it is replaced."""
+        its first checkpoint left only its config.json and TensorBoard events: nothing to
+        resume, they are replaced."""
         self._remove_temporaries()
         existing = self.existing_run_files()
-        if existing == [self.path / CONFIG_FILE]:
-            logger.info("replacing %s of a run that saved no checkpoint", existing[0])
-            return
         if not existing:
+            return
+        if {path.name for path in existing} <= _BEFORE_FIRST_CHECKPOINT:
+            logger.info(
+                "replacing %s of a run that stopped before its first checkpoint",
+                ", ".join(path.name for path in existing),
+            )
+            _delete(existing)
             return
         if not overwrite:
             raise OutputDirInUseError(
@@ -159,11 +167,7 @@ class RunDirectory:
                 f"Continue it with --resume {self.last}, choose another --out-dir, or pass "
                 "--overwrite to delete its files and start a new run there."
             )
-        for path in existing:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        _delete(existing)
         logger.info(
             "--overwrite: deleted the earlier run's %s from %s",
             ", ".join(p.name for p in existing),
@@ -297,6 +301,14 @@ def _continues(newer: Checkpoint, older: Checkpoint) -> bool:
 
 def _without_timing(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "epoch_seconds"}
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -42,7 +42,12 @@ from capsnet.training.loop import EpochSettings, RunPosition, steps_per_epoch, t
 from capsnet.training.metrics import HISTORY_COLUMNS, write_history_csv, write_steps_csv
 from capsnet.training.models import check_routing_backend
 from capsnet.training.plots import save_reconstruction_plot, save_training_curves
-from capsnet.training.run_directory import STEPS_LOG, TENSORBOARD_DIR, RunDirectory
+from capsnet.training.run_directory import (
+    STEPS_LOG,
+    TENSORBOARD_DIR,
+    RunDirectory,
+    read_resume_checkpoint,
+)
 from capsnet.training.state import BestEpoch, TrainingState
 
 
@@ -95,7 +100,7 @@ def fit(
         check_routing_backend(config.routing, context.device)
         checkpoint = resume
         if resume is not None and not isinstance(resume, Checkpoint):
-            checkpoint = read_checkpoint(resume)
+            checkpoint = read_resume_checkpoint(resume)
         checkpoint, best_on_disk = _take_over_directory(run_dir, checkpoint, overwrite, context)
         state = TrainingState(config, context.device, context.rank, context.world_size)
         if checkpoint is not None:
@@ -104,7 +109,7 @@ def fit(
                 state.best = best_on_disk
         if state.position.epoch >= config.epochs:
             logger.info(
-                "%s: already trained %d epochs (--epochs %d): nothing to do",
+                "%s: already trained %d epoch(s) (--epochs %d): nothing to do",
                 checkpoint.path if checkpoint else config.out_dir,
                 state.position.epoch,
                 config.epochs,
