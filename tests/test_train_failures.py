@@ -276,20 +276,25 @@ def test_temporary_files_of_killed_writes_are_removed_on_resume(tmp_path, capsys
 
 
 def test_overwrite_deletes_the_earlier_runs_files_before_the_new_run_starts(
-    tmp_path, capsys, one_epoch
+    tmp_path, caplog, one_epoch
 ):
     out_dir = copy_run(one_epoch, tmp_path / "run")
+    old_files = {path for path in out_dir.rglob("*") if path.is_file() and path.name != ".lock"}
     stop = StopRequest()
 
     def stop_at_once(position):  # interrupt the new run in its first epoch
         stop.request("test")
 
     config = tiny_config(out_dir, epochs=2, seed=1)
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted), caplog.at_level("INFO", "capsnet.training"):
         fit(config, overwrite=True, stop=stop, on_step=stop_at_once)
-    names = sorted(path.name for path in out_dir.iterdir() if path.name != ".lock")
-    assert names == ["config.json", "last.pt"]  # nothing of the earlier run remains
+    names = {path.name for path in out_dir.iterdir() if path.name != ".lock"}
+    # The new run's config and checkpoint (and its TensorBoard events, when installed) only.
+    assert names - {"tensorboard"} == {"config.json", "last.pt"}
+    survivors = {p for p in old_files if p.exists() and p.name not in ("config.json", "last.pt")}
+    assert not survivors, survivors
     assert read_checkpoint(out_dir / "last.pt").config.seed == 1
+    assert any("--overwrite: deleted the earlier run's" in r.getMessage() for r in caplog.records)
 
 
 def test_a_new_run_refuses_a_directory_with_any_file_of_another_run(tmp_path, capsys, one_epoch):
