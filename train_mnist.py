@@ -31,8 +31,8 @@ from pathlib import Path
 
 from capsnet.datasets import DatasetError
 from capsnet.training.checkpoint import read_checkpoint
-from capsnet.training.cli import build_parser, config_from_args
-from capsnet.training.errors import RunFailure, SetupError, TrainingInterrupted
+from capsnet.training.cli import build_parser, config_from_args, option_error
+from capsnet.training.errors import ConfigError, RunFailure, SetupError, TrainingInterrupted
 from capsnet.training.evaluation import evaluate_saved_run
 from capsnet.training.logs import configure_logging
 from capsnet.training.run_directory import read_resume_checkpoint
@@ -69,7 +69,10 @@ def run_training(argv: list[str] | None = None) -> FitResult:
 def evaluate(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.eval)
     config = config_from_args(args, checkpoint.config)
-    metrics = evaluate_saved_run(checkpoint, config)
+    try:
+        metrics = evaluate_saved_run(checkpoint, config)
+    except ConfigError as error:
+        raise option_error(error) from None
     print(
         f"{args.eval}: test accuracy {100 * metrics['accuracy']:.2f}% "
         f"(error {100 * (1 - metrics['accuracy']):.2f}%), "

@@ -562,6 +562,8 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_problem(
         (["--limit-test", "0"], "--limit-test: must be an int >= 1, got 0"),
         (["--eval-batch-size", "0"], "--eval-batch-size: must be an int >= 1, got 0"),
         (["--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["--image-size", "36"], "--image-size: cannot change when evaluating"),
+        (["--no-reconstruction"], "--reconstruction: cannot change when evaluating"),
     ],
 )
 def test_bad_evaluation_options_name_the_option(capsys, one_epoch, extra, message):

@@ -64,6 +64,13 @@ def evaluate(
 def evaluate_saved_run(checkpoint: Checkpoint, config: TrainConfig) -> dict[str, float]:
     """The test metrics of ``checkpoint``'s network, with ``config`` (the checkpoint's
     settings with any evaluation options changed) deciding data, device and batch size."""
+    for name in config.trajectory_differences(checkpoint.config):
+        if name.startswith("model.") or name in ("dataset", "architecture"):
+            raise ConfigError(
+                name,
+                f"cannot change when evaluating {checkpoint.path}: the network and its data "
+                f"are the checkpoint's ({checkpoint.config.lookup(name)!r})",
+            )
     context = setup_distributed(config.device)
     try:
         if context.is_distributed:
