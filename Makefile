@@ -29,10 +29,14 @@ ifeq ($(origin CUDA_HOME), undefined)
 endif
 export MAX_JOBS ?= 2
 
-DATA_DIR ?= ../shared/data
-# A quick run: 10,000 training images, one epoch. The paper's full run is
+# MNIST in torchvision's layout (DATA_DIR/MNIST/raw): $CAPSNET_DATA_DIR if set, else the
+# project's shared copy beside the clone.
+DATA_DIR ?= $(or $(CAPSNET_DATA_DIR),../shared/data)
+# A quick run: 10,000 training images, one epoch (a few minutes on 2 CPU cores). The
+# paper's full run is
 #   make train TRAIN_ARGS="--epochs 50"    (a GPU is advisable: ~6.5 min per epoch on 2 CPU cores)
 TRAIN_ARGS ?= --limit-train 10000 --batch-size 32 --epochs 1
+# A new directory per run: a run never mixes its files with another's.
 TRAIN_OUT ?= runs/mnist-$(shell date +%Y%m%d-%H%M%S)
 
 PACKAGE_CHECK_DIR ?= .package-check

@@ -277,7 +277,7 @@ def _torch_requirement() -> str:
 # Metadata (name, version, description, licence, extras) is in pyproject.toml; the
 # dependencies are set here because the torch pin depends on the torch found at build time.
 setup(
-    install_requires=[_torch_requirement(), "numpy"],
+    install_requires=[_torch_requirement()],  # the core package needs torch only
     ext_modules=[build_extension()],
     cmdclass={"build_ext": BuildExtensionWithCpuVariants.with_options(use_ninja=True)},
 )

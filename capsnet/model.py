@@ -16,6 +16,7 @@ decoder input and no capsule bias the network has 8,215,568 parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,9 +35,31 @@ from capsnet.ops import BACKENDS
 MASK_CHOICES = ("auto", "true", "predicted")
 
 
+class ConfigFieldError(ValueError):
+    """A configuration field has a value it cannot take.
+
+    Attributes:
+        field: the field's name (``"input_shape"``; nested fields as ``"model.input_shape"``),
+            so that a front end can name its own option for it.
+        reason: what is wrong, in words, without the field name.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+    def nested_in(self, prefix: str) -> ConfigFieldError:
+        """The same error for this config used as field ``prefix`` of another one."""
+        return ConfigFieldError(f"{prefix}.{self.field}", self.reason)
+
+
 @dataclass(frozen=True)
 class CapsNetConfig:
     """Everything that defines a CapsNet's architecture; defaults are the paper's MNIST network.
+
+    How the network is executed (routing backend, device, dtype) is not part of it: the same
+    weights run with any of them. Pass the routing backend to :class:`CapsNet`.
 
     Attributes:
         input_shape: ``(channels, height, width)`` of the images, e.g. ``(1, 36, 36)`` for
@@ -47,8 +70,6 @@ class CapsNetConfig:
             32 types of 8-D capsules, 9x9, stride 2).
         digit_dim: dimension of each digit capsule (Sec. 4: 16).
         routing_iterations: routing iterations (Sec. 4 and Table 1: 3).
-        routing_backend: ``"fused"``, ``"reference"`` or ``"auto"``; see
-            :func:`capsnet.dynamic_routing`.
         capsule_bias: learn a bias on each digit capsule's total input (the official code has
             one; the paper does not mention it).
         weight_init_std: standard deviation of the normal init of the routing weights ``W``.
@@ -56,6 +77,9 @@ class CapsNetConfig:
         decoder_input: ``"masked"`` (the paper: all capsules, all but one zeroed) or
             ``"target"`` (only the selected capsule's components).
         decoder_hidden: sizes of the decoder's hidden layers (Fig. 2: 512, 1024).
+
+    Raises:
+        ConfigFieldError: naming the field, for any value the network cannot be built with.
     """
 
     input_shape: tuple[int, int, int] = (1, 28, 28)
@@ -68,7 +92,6 @@ class CapsNetConfig:
     primary_stride: int = 2
     digit_dim: int = 16
     routing_iterations: int = 3
-    routing_backend: str = "fused"
     capsule_bias: bool = False
     weight_init_std: float = 0.01
     reconstruction: bool = True
@@ -77,14 +100,17 @@ class CapsNetConfig:
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON or checkpoints; keep the frozen config hashable.
-        object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "decoder_hidden", tuple(self.decoder_hidden))
+        for name in ("input_shape", "decoder_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)):
+                raise ConfigFieldError(name, f"must be a tuple of ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         if len(self.input_shape) != 3 or not all(_is_positive_int(s) for s in self.input_shape):
-            raise ValueError(
-                "input_shape must be three positive ints (channels, height, width), "
-                f"got {self.input_shape}"
+            raise ConfigFieldError(
+                "input_shape",
+                f"must be three positive ints (channels, height, width), got {self.input_shape}",
             )
-        for field in (
+        for name in (
             "num_classes",
             "conv1_channels",
             "conv1_kernel",
@@ -95,30 +121,33 @@ class CapsNetConfig:
             "digit_dim",
             "routing_iterations",
         ):
-            value = getattr(self, field)
+            value = getattr(self, name)
             if not _is_positive_int(value):
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
+                raise ConfigFieldError(name, f"must be a positive int, got {value!r}")
         if not all(_is_positive_int(s) for s in self.decoder_hidden):
-            raise ValueError(f"decoder_hidden must be positive ints, got {self.decoder_hidden}")
-        if self.routing_backend not in BACKENDS:
-            raise ValueError(
-                f"routing_backend must be one of {BACKENDS}, got {self.routing_backend!r}"
+            raise ConfigFieldError(
+                "decoder_hidden", f"must be positive ints, got {self.decoder_hidden}"
             )
+        for name in ("capsule_bias", "reconstruction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigFieldError(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.decoder_input not in DECODER_INPUTS:
-            raise ValueError(
-                f"decoder_input must be one of {DECODER_INPUTS}, got {self.decoder_input!r}"
+            raise ConfigFieldError(
+                "decoder_input", f"must be one of {DECODER_INPUTS}, got {self.decoder_input!r}"
             )
-        if not (isinstance(self.weight_init_std, (int, float)) and self.weight_init_std > 0):
-            raise ValueError(
-                f"weight_init_std must be a positive number, got {self.weight_init_std!r}"
+        std = self.weight_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+            raise ConfigFieldError(
+                "weight_init_std", f"must be a positive finite number, got {std!r}"
             )
         rows, cols = self.primary_grid
         if rows < 1 or cols < 1:
-            raise ValueError(
-                f"input_shape {self.input_shape} is too small: Conv1 "
+            raise ConfigFieldError(
+                "input_shape",
+                f"{self.input_shape} is too small: Conv1 "
                 f"({self.conv1_kernel}x{self.conv1_kernel}) and PrimaryCaps "
                 f"({self.primary_kernel}x{self.primary_kernel}, stride {self.primary_stride}) "
-                f"leave a {rows}x{cols} capsule grid"
+                f"leave a {rows}x{cols} capsule grid",
             )
 
     @property
@@ -148,11 +177,17 @@ class CapsNetConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CapsNetConfig:
         """Inverse of :meth:`to_dict`; unknown keys (from another version?) are an error."""
+        if not isinstance(values, dict):
+            raise ConfigFieldError(
+                "CapsNetConfig", f"must be a dict of fields, got {type(values).__name__}"
+            )
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"unknown CapsNetConfig fields {unknown}; known fields are {sorted(known)}"
+            raise ConfigFieldError(
+                str(unknown[0]),
+                f"is not a CapsNetConfig field (unknown fields {unknown}; known fields are "
+                f"{sorted(known)})",
             )
         return cls(**values)
 
@@ -188,13 +223,22 @@ class CapsNet(nn.Module):
 
     Example::
 
-        model = CapsNet(CapsNetConfig(routing_backend="reference"))
+        model = CapsNet(CapsNetConfig(), routing_backend="fused")
         out = model(images, labels)          # training: decoder sees the true class
         loss = capsnet_loss(out, images, labels)
+
+    Args:
+        config: the architecture (the paper's MNIST network by default).
+        routing_backend: how DigitCaps routes: ``"auto"``, ``"fused"`` or ``"reference"``
+            (see :func:`capsnet.dynamic_routing`). An execution choice, not part of the
+            architecture: it can be changed on a built model (:attr:`routing_backend`).
     """
 
-    def __init__(self, config: CapsNetConfig | None = None) -> None:
+    def __init__(
+        self, config: CapsNetConfig | None = None, *, routing_backend: str = "auto"
+    ) -> None:
         super().__init__()
+        _check_backend(routing_backend)
         self.config = config = config if config is not None else CapsNetConfig()
         channels = config.input_shape[0]
         self.conv1 = nn.Conv2d(channels, config.conv1_channels, config.conv1_kernel, stride=1)
@@ -211,7 +255,7 @@ class CapsNet(nn.Module):
             num_out=config.num_classes,
             dim_out=config.digit_dim,
             num_iterations=config.routing_iterations,
-            backend=config.routing_backend,
+            backend=routing_backend,
             bias=config.capsule_bias,
             weight_std=config.weight_init_std,
         )
@@ -234,10 +278,8 @@ class CapsNet(nn.Module):
     @routing_backend.setter
     def routing_backend(self, backend: str) -> None:
         """Switch the routing backend of a built model (the weights do not depend on it)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"routing_backend must be one of {BACKENDS}, got {backend!r}")
+        _check_backend(backend)
         self.digit_caps.backend = backend
-        self.config = dataclasses.replace(self.config, routing_backend=backend)
 
     def forward(
         self, images: Tensor, labels: Tensor | None = None, *, mask: str = "auto"
@@ -307,14 +349,20 @@ class CapsNet(nn.Module):
             raise TypeError(
                 f"labels must be int64 (torch.long) class indices, got dtype {labels.dtype}"
             )
-        # Range check on the CPU only: on a GPU it would wait for the device at every step.
+        # The range check reads the labels' values: on a GPU that waits for the device at
+        # every step, and under torch.compile it would split the graph. The training program
+        # checks the labels once, when it loads the data set.
+        if labels.device.type != "cpu" or torch.compiler.is_compiling() or not labels.numel():
+            return
         num_classes = self.config.num_classes
-        if labels.device.type == "cpu" and labels.numel():
-            low, high = int(labels.min()), int(labels.max())
-        else:
-            low, high = 0, 0
+        low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             raise ValueError(
                 f"labels must be class indices in [0, {num_classes}), got values from "
                 f"{low} to {high}"
             )
+
+
+def _check_backend(backend: object) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"routing_backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,5 +1,6 @@
-"""MNIST loading, the missing-data message, batch order and sharding, and the paper's
-random shift (Sec. 5: up to 2 pixels in each direction, zero padding)."""
+"""Data sets: MNIST loading and its checks on damaged files, the missing-data message, the
+data-set registry, batch order and sharding, and the paper's random shift (Sec. 5: up to 2
+pixels in each direction, zero padding)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet import data
-from capsnet.data import DatasetNotFoundError, ImageSet
-from mnist_testing import mnist_root
+from capsnet import datasets as data
+from capsnet.datasets import DatasetFormatError, DatasetNotFoundError, ImageSet
+from capsnet.datasets.idx import idx_bytes
+from mnist_testing import mnist_root, write_small_mnist
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -62,6 +64,95 @@ def test_head_and_padding():
 def test_image_set_rejects_float_images():
     with pytest.raises(ValueError, match="uint8"):
         ImageSet(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+
+
+# --- damaged MNIST files: one clear error naming the file ---------------------------------------
+
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+
+
+def _damage(raw: Path, name: str, content: bytes) -> Path:
+    (raw / name).write_bytes(content)
+    return raw / name
+
+
+def test_small_valid_files_load(tmp_path):
+    write_small_mnist(tmp_path, num_train=40, num_test=20)
+    train_set = data.load_mnist(tmp_path, train=True)
+    assert len(train_set) == 40 and train_set.images.shape == (40, 1, 28, 28)
+    assert train_set.labels.tolist() == [i % 10 for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "case, name, make, message",
+    [
+        ("empty", TRAIN_IMAGES, lambda good: b"", r"is empty \(0 bytes\)"),
+        ("header cut", TRAIN_IMAGES, lambda good: good[:10], r"truncated: 10 bytes"),
+        ("data cut", TRAIN_IMAGES, lambda good: good[:-100], r"truncated: its header announces"),
+        ("extra bytes", TRAIN_IMAGES, lambda good: good + b"\0" * 7, r"7 bytes after"),
+        ("bad magic", TRAIN_IMAGES, lambda good: b"\x1f\x8b" + good[2:], r"magic number 0x1f8b"),
+        ("labels as images", TRAIN_IMAGES, lambda good: idx_bytes(torch.zeros(40, dtype=torch.uint8)),
+         r"magic number 0x00000801, expected 0x00000803"),
+        ("wrong size", TRAIN_IMAGES, lambda good: idx_bytes(torch.zeros(40, 20, 20, dtype=torch.uint8)),
+         r"holds 20x20 images, expected MNIST's 28x28"),
+        ("count mismatch", TRAIN_LABELS, lambda good: idx_bytes(torch.zeros(39, dtype=torch.uint8)),
+         r"holds 40 images but .*train-labels-idx1-ubyte holds 39 labels"),
+        ("label out of range", TRAIN_LABELS,
+         lambda good: idx_bytes(torch.tensor([3] * 17 + [12] + [0] * 22, dtype=torch.uint8)),
+         r"has label 12 at index 17; MNIST labels are 0 to 9"),
+    ],
+)  # fmt: skip
+def test_damaged_file_is_named_with_what_was_expected(tmp_path, case, name, make, message):
+    raw = write_small_mnist(tmp_path)
+    damaged = _damage(raw, name, make((raw / name).read_bytes()))
+    with pytest.raises(DatasetFormatError, match=message) as info:
+        data.load_mnist(tmp_path, train=True)
+    assert str(damaged) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_test_split_is_checked_too(tmp_path):
+    raw = write_small_mnist(tmp_path)
+    _damage(raw, "t10k-labels-idx1-ubyte", b"")
+    with pytest.raises(DatasetFormatError, match="t10k-labels-idx1-ubyte is empty"):
+        data.load_mnist(tmp_path, train=False)
+
+
+# --- the registry: how a data set plugs in --------------------------------------------------------
+
+
+def test_mnist_is_registered_with_its_shape_and_classes():
+    spec = data.get_dataset("mnist")
+    assert "mnist" in data.dataset_names()
+    assert spec.num_classes == 10 and spec.image_shape == (1, 28, 28)
+    assert spec.image_shape_problem((1, 36, 36)) is None
+    assert "at least 28x28" in spec.image_shape_problem((1, 20, 20))
+    assert "1 channel" in spec.image_shape_problem((3, 28, 28))
+    with pytest.raises(ValueError, match="unknown data set 'multi'; known data sets: mnist"):
+        data.get_dataset("multi")
+
+
+def test_registered_loader_limits_pads_and_augments_only_training_batches(tmp_path):
+    write_small_mnist(tmp_path, num_train=40, num_test=20)
+    spec = data.get_dataset("mnist")
+    options = data.DataOptions(root=tmp_path, image_shape=(1, 32, 32), max_shift=2, limit=30)
+    train_set = spec.load(options, "train", torch.device("cpu"))
+    test_set = spec.load(options, "test", torch.device("cpu"))
+    assert len(train_set) == 30 and len(test_set) == 20
+    indices = torch.arange(8)
+    plain, labels = train_set.batch(indices)
+    assert plain.shape == (8, 1, 32, 32) and labels.tolist() == list(range(8))
+    assert plain[:, :, :2].sum() == 0 and plain[:, :, -2:].sum() == 0  # padded by 2
+    shifted, _ = train_set.batch(indices, data.step_generator(torch.device("cpu"), 0, 0, 0))
+    assert not torch.equal(shifted, plain)
+    test_plain, _ = test_set.batch(indices)
+    test_again, _ = test_set.batch(indices, data.step_generator(torch.device("cpu"), 0, 0, 0))
+    assert torch.equal(test_plain, test_again)  # the test split is never shifted
+
+
+def test_registering_a_name_twice_is_an_error():
+    spec = data.get_dataset("mnist")
+    with pytest.raises(ValueError, match="already registered"):
+        data.register_dataset(spec)
 
 
 # --- order, shards, seeds -------------------------------------------------------------------------
@@ -145,11 +236,11 @@ def test_random_shift_is_reproducible_and_pads_with_zeros():
         data.random_shift(images, -1)
 
 
-def test_shift_generator_depends_on_every_coordinate():
+def test_step_generator_depends_on_every_coordinate():
     device = torch.device("cpu")
 
     def draw(*coordinates):
-        return torch.randint(0, 1000, (8,), generator=data.shift_generator(device, *coordinates))
+        return torch.randint(0, 1000, (8,), generator=data.step_generator(device, *coordinates))
 
     base = draw(0, 1, 2, 0)
     assert torch.equal(base, draw(0, 1, 2, 0))

@@ -1,6 +1,8 @@
-"""``torchrun --nproc_per_node=2 train_mnist.py`` on the CPU with gloo: both ranks end with
-identical weights, and those weights are what averaging the two ranks' shard gradients
-gives (so each rank really trained on its own shard and DDP synchronised them)."""
+"""Distributed training. ``torchrun --nproc_per_node=2 train_mnist.py`` on the CPU with
+gloo: both ranks end with identical weights, and those weights are what averaging the two
+ranks' shard gradients gives (so each rank really trained on its own shard and DDP
+synchronised them). The step vote: all ranks stop at one step without a collective and a
+host wait at every step."""
 
 from __future__ import annotations
 
@@ -10,8 +12,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from capsnet.data import epoch_order, load_mnist, random_shift, shard, shift_generator
+from capsnet.datasets import ImageSet, ShiftedImages
+from capsnet.training.distributed import DistributedContext, StepVote
+from capsnet.training.interrupt import StopRequest
+from capsnet.training.loop import EpochSettings, RunPosition, train_epoch
+from capsnet.training.metrics import MetricSums, StepLog
+from capsnet.training.objective import StepLoss
+
+from capsnet.datasets import epoch_order, load_mnist, random_shift, shard, step_generator
 from capsnet.losses import capsnet_loss
 from capsnet.model import CapsNet, CapsNetConfig
 from mnist_testing import REPO, mnist_root
@@ -30,6 +41,7 @@ import torch
 spec = importlib.util.spec_from_file_location("train_mnist", sys.argv[1])
 train_mnist = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_mnist)
+train_mnist.configure_logging(rank=int(os.environ["RANK"]))
 result = train_mnist.run_training(sys.argv[3:])
 torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 """
@@ -42,7 +54,7 @@ def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:
     would compute."""
     train_set = load_mnist(mnist_root(), train=True).head(NUM_TRAIN)
     torch.manual_seed(SEED)
-    model = CapsNet(CapsNetConfig(routing_backend=ROUTING))
+    model = CapsNet(CapsNetConfig(), routing_backend=ROUTING)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = epoch_order(NUM_TRAIN, SEED, 0)
     for step in range(NUM_TRAIN // WORLD_SIZE // BATCH_SIZE):
@@ -51,7 +63,7 @@ def emulate_ddp(shards_per_step: int) -> dict[str, torch.Tensor]:
             indices = shard(order, rank, WORLD_SIZE)[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
             images, labels = train_set.batch(indices)
             images = random_shift(
-                images, 2, shift_generator(torch.device("cpu"), SEED, 0, step, rank)
+                images, 2, step_generator(torch.device("cpu"), SEED, 0, step, rank)
             )
             model.zero_grad()
             capsnet_loss(model(images, labels), images, labels).total.backward()
@@ -67,6 +79,7 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_gloo_processes_train_identical_replicas_on_their_own_shards(tmp_path):
     worker = tmp_path / "ddp_worker.py"
@@ -122,3 +135,81 @@ def test_two_gloo_processes_train_identical_replicas_on_their_own_shards(tmp_pat
     to_synchronised, to_alone = distance(rank0, synchronised), distance(rank0, alone)
     assert to_synchronised < 1e-4, to_synchronised
     assert to_alone > 100 * to_synchronised + 1e-5, (to_alone, to_synchronised)
+
+
+# --- the step vote --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group():
+    """A real gloo process group of one process: the collectives run, on one rank."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_epoch(context, steps: int, log_every: int, stop_at: int | None = None, nan_at: int | None = None):
+    """``steps`` steps of a tiny linear model; returns the vote, the position and the
+    number of all-reduces issued."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 10)
+    images = ImageSet(torch.randint(0, 255, (steps * 2 * 4, 1, 2, 2), dtype=torch.uint8),
+                      torch.arange(steps * 2 * 4) % 10)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stop = StopRequest()
+    position = RunPosition()
+
+    def step_loss(images, labels):
+        loss = nn.functional.cross_entropy(model(images.flatten(1)), labels)
+        if nan_at is not None and position.global_step + 1 == nan_at:
+            loss = loss * float("nan")
+        return StepLoss(loss, loss.detach().reshape(1), (labels == labels).sum())
+
+    def on_step(position):
+        if stop_at is not None and position.global_step == stop_at:
+            stop.request("test")
+
+    vote = StepVote.for_context(context, every=log_every)
+    vote = train_epoch(
+        step_loss=step_loss, parameters_owner=model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), train_set=ShiftedImages(images, 0),
+        settings=EpochSettings(seed=0, batch_size=4, epochs=1, amp=False, progress=False,
+                               log_every=log_every),
+        context=context, position=position, sums=MetricSums(("loss",), context.device),
+        step_log=StepLog(("loss",), context.device), vote=vote, stop=stop, on_step=on_step,
+    )  # fmt: skip
+    return vote, position
+
+
+def test_the_vote_is_one_collective_per_log_every_steps(one_process_group, monkeypatch):
+    # A 2-process run's vote logic on a 1-process group: the collectives really run.
+    context = DistributedContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    calls = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(
+        dist, "all_reduce", lambda *a, **k: calls.append(k.get("async_op")) or real_all_reduce(*a, **k)
+    )
+    vote, position = run_epoch(context, steps=12, log_every=4)
+    assert (vote.stop, vote.diverged, position.batch_in_epoch) == (False, False, 12)
+    assert calls == [True, True, True]  # steps 4, 8, 12; asynchronous, read a step later
+
+    calls.clear()
+    vote, position = run_epoch(context, steps=12, log_every=4, stop_at=5)
+    # Asked after step 5: voted on at step 8, read after step 9; every rank stops there.
+    assert vote.stop and position.batch_in_epoch == 9
+    assert calls == [True, True]
+
+    calls.clear()
+    vote, position = run_epoch(context, steps=12, log_every=4, nan_at=2)
+    assert vote.diverged and position.batch_in_epoch == 5
+
+
+def test_one_cpu_process_checks_every_step_without_collectives(monkeypatch):
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("no collective alone"))
+    vote, position = run_epoch(context, steps=12, log_every=4, stop_at=5)
+    assert vote.stop and position.batch_in_epoch == 5  # right after the step it was asked in
+    vote, position = run_epoch(context, steps=12, log_every=4, nan_at=3)
+    assert vote.diverged and position.batch_in_epoch == 3

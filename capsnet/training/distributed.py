@@ -9,15 +9,15 @@ no-op for a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-class DeviceError(ValueError):
-    """The requested device does not exist here or is not supported (the message says which)."""
+from capsnet.training.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,115 @@ def all_reduce_sum_(tensor: torch.Tensor, context: DistributedContext) -> torch.
     return tensor
 
 
+def barrier(context: DistributedContext) -> None:
+    if context.is_distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first(context: DistributedContext, enabled: bool = True) -> Iterator[None]:
+    """Rank 0 runs the body first (e.g. a download), the other ranks after it finished."""
+    if enabled and not context.is_main:
+        barrier(context)
+    try:
+        yield
+    finally:
+        if enabled and context.is_main:
+            barrier(context)
+
+
+@dataclass(frozen=True)
+class Vote:
+    """What all ranks agreed on at a step: stop (asked for on some rank), or the run
+    diverged (a non-finite loss on some rank)."""
+
+    stop: bool = False
+    diverged: bool = False
+
+    def __or__(self, other: Vote) -> Vote:
+        return Vote(self.stop or other.stop, self.diverged or other.diverged)
+
+
+class StepVote:
+    """Lets every rank agree, without waiting on the device at each step, to stop at the
+    same step: when a stop was asked for (Ctrl-C, SIGTERM) or a loss became non-finite on
+    any rank.
+
+    The non-finite flag is accumulated on the device (no host sync). Every ``every`` steps
+    both flags are combined over ranks (one small all-reduce, asynchronous) and, when
+    ``lagged``, read one step later: by then the next step's work is queued, so the device
+    never idles while the host waits. All ranks read the same reduced value after the same
+    step, so they stop together (DistributedDataParallel would hang otherwise).
+
+    On a CPU with one process reading costs nothing: use ``every=1, lagged=False`` there,
+    and a stop happens right after the step it was asked in.
+    """
+
+    def __init__(self, context: DistributedContext, every: int, lagged: bool) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.context = context
+        self.every = every
+        self.lagged = lagged
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=context.device)
+        self._pending: tuple[torch.Tensor, object] | None = None
+
+    @classmethod
+    def for_context(cls, context: DistributedContext, every: int) -> StepVote:
+        if context.device.type == "cpu" and not context.is_distributed:
+            return cls(context, every=1, lagged=False)
+        return cls(context, every=every, lagged=True)
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Note whether this step's loss is finite (on the device, no wait)."""
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+
+    def after_step(self, steps_done: int, stop_requested: bool) -> Vote:
+        """Call after every step with the steps done so far in the epoch; returns the vote
+        that became known at this step (nothing to do, most of the time)."""
+        vote = Vote()
+        if self._pending is not None:
+            vote = self._read(self._pending)
+            self._pending = None
+        if steps_done % self.every == 0:
+            issued = self._issue(stop_requested)
+            if self.lagged:
+                self._pending = issued
+            else:
+                vote = vote | self._read(issued)
+        return vote
+
+    def settle(self, stop_requested: bool) -> Vote:
+        """A vote now, waiting for it (end of an epoch, before a checkpoint)."""
+        vote = Vote()
+        if self._pending is not None:
+            vote = self._read(self._pending)
+            self._pending = None
+        return vote | self._read(self._issue(stop_requested))
+
+    def _issue(self, stop_requested: bool) -> tuple[torch.Tensor, object]:
+        # torch.full launches a fill: no host-to-device copy, which would wait for the queue.
+        stop = torch.full((1,), float(stop_requested), device=self.context.device)
+        flags = torch.cat([stop, self._nonfinite.to(stop.dtype).reshape(1)])
+        work = None
+        if self.context.is_distributed:
+            work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        return flags, work
+
+    @staticmethod
+    def _read(issued: tuple[torch.Tensor, object]) -> Vote:
+        flags, work = issued
+        if work is not None:
+            work.wait()
+        stop, diverged = flags.tolist()
+        return Vote(stop=stop > 0, diverged=diverged > 0)
+
+
 def any_rank(flag: bool, context: DistributedContext) -> bool:
-    """True on every rank if ``flag`` is True on any rank (so all ranks stop at one step)."""
+    """True on every rank if ``flag`` is True on any rank (a collective that waits: use it
+    outside the step loop)."""
     if not context.is_distributed:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
+    value = torch.full((1,), 1.0 if flag else 0.0, device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

@@ -1,4 +1,4 @@
-"""The hot loops: one training epoch (resumable at any step) and one pass over the test set."""
+"""The hot loop: one training epoch, resumable at any step, with no per-step host sync."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from capsnet.data import ImageSet, epoch_order, num_batches, random_shift, shard, shift_generator
-from capsnet.losses import capsnet_loss
-from capsnet.training.config import TrainConfig
-from capsnet.training.distributed import DistributedContext, any_rank
+from capsnet.datasets import ExampleSet, epoch_order, num_batches, shard, step_generator
+from capsnet.training.distributed import DistributedContext, StepVote, Vote
 from capsnet.training.interrupt import StopRequest
-from capsnet.training.metrics import MetricSums
+from capsnet.training.metrics import MetricSums, StepLog
 from capsnet.training.precision import autocast
 
 
@@ -33,11 +31,23 @@ class RunPosition:
     global_step: int = 0
 
 
-def steps_per_epoch(num_train: int, config: TrainConfig, context: DistributedContext) -> int:
-    return num_batches(num_train // context.world_size, config.batch_size)
+@dataclass
+class EpochSettings:
+    """What one epoch of training needs to know besides the model and the data."""
+
+    seed: int
+    batch_size: int
+    epochs: int
+    amp: bool
+    progress: bool
+    log_every: int
 
 
-def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+def steps_per_epoch(num_train: int, batch_size: int, context: DistributedContext) -> int:
+    return num_batches(num_train // context.world_size, batch_size)
+
+
+def progress_bar(total: int, initial: int, description: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -49,106 +59,79 @@ def _progress_bar(total: int, initial: int, description: str, enabled: bool):
 
 def train_epoch(
     *,
-    model: nn.Module,
+    step_loss: Callable,
+    parameters_owner: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    train_set: ImageSet,
-    config: TrainConfig,
+    train_set: ExampleSet,
+    settings: EpochSettings,
     context: DistributedContext,
     position: RunPosition,
     sums: MetricSums,
+    step_log: StepLog,
+    vote: StepVote,
     stop: StopRequest,
     on_step: Callable[[RunPosition], None] | None = None,
-) -> bool:
-    """Train from ``position`` to the end of its epoch; False if stopped early.
+) -> Vote:
+    """Train from ``position`` to the end of its epoch, or until the ranks vote to stop.
 
-    The epoch's order and every step's shifts are functions of (seed, epoch, step, rank)
-    only, so starting at ``position.batch_in_epoch > 0`` continues exactly where an
-    interrupted run stopped. ``position`` and ``sums`` are updated in place after every
-    step. ``on_step`` runs after each step (tests use it to request a stop).
+    Args:
+        step_loss: ``step_loss(images, labels)`` -> :class:`~capsnet.training.objective.StepLoss`
+            (the objective bound to the training model, possibly compiled).
+        parameters_owner: the module whose ``train()`` mode is set (the DDP wrapper or model).
+
+    The epoch's order and every step's augmentation are functions of (seed, epoch, step,
+    rank) only, so starting at ``position.batch_in_epoch > 0`` continues exactly where an
+    interrupted run stopped. ``position``, ``sums`` and ``step_log`` are updated in place
+    after every step. ``on_step`` runs after each step (tests use it to request a stop).
+
+    Returns:
+        The vote that ended the epoch early (``stop`` or ``diverged``), or an empty vote
+        when the epoch finished.
     """
     order = shard(
-        epoch_order(len(train_set), config.seed, position.epoch), context.rank, context.world_size
+        epoch_order(len(train_set), settings.seed, position.epoch), context.rank, context.world_size
     )
-    total = num_batches(len(order), config.batch_size)
-    bar = _progress_bar(
+    total = num_batches(len(order), settings.batch_size)
+    bar = progress_bar(
         total,
         position.batch_in_epoch,
-        f"epoch {position.epoch + 1}/{config.epochs}",
-        config.progress and context.is_main,
+        f"epoch {position.epoch + 1}/{settings.epochs}",
+        settings.progress and context.is_main,
     )
-    model.train()
+    parameters_owner.train()
     try:
         while position.batch_in_epoch < total:
-            # Every rank must agree to stop at the same step, or DDP's all-reduce would hang.
-            if any_rank(stop.requested, context):
-                return False
             step = position.batch_in_epoch
-            images, labels = train_set.batch(
-                order[step * config.batch_size : (step + 1) * config.batch_size]
+            indices = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            generator = step_generator(
+                context.device, settings.seed, position.epoch, step, context.rank
             )
-            generator = shift_generator(
-                context.device, config.seed, position.epoch, step, context.rank
-            )
-            images = random_shift(images, config.max_shift, generator)  # Sec. 5 augmentation
-            with autocast(context.device, config.amp):
-                output = model(images, labels)  # training mode: decoder masked with the labels
-                terms = capsnet_loss(output, images, labels, config.reconstruction_weight)
+            images, labels = train_set.batch(indices, generator)
+            with autocast(context.device, settings.amp):
+                result = step_loss(images, labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms.total).backward()
+            scaler.scale(result.total).backward()
             scaler.step(optimizer)
             scaler.update()
-            sums.update(terms, output.predictions, labels)
+            vote.observe(result.total)
             position.batch_in_epoch += 1
             position.global_step += 1
+            sums.update(result.terms, result.correct, labels.shape[0])
+            step_log.record(position.global_step, result.terms, result.correct, labels.shape[0])
             if bar is not None:
                 bar.update(1)
-                if (
-                    position.batch_in_epoch % config.log_every == 0
-                    or position.batch_in_epoch == total
-                ):
+                if position.batch_in_epoch % settings.log_every == 0:
                     running = sums.averages()  # waits for the device: only every log_every steps
                     bar.set_postfix(
                         loss=f"{running['loss']:.4f}", acc=f"{100 * running['accuracy']:.2f}%"
                     )
             if on_step is not None:
                 on_step(position)
+            decision = vote.after_step(position.batch_in_epoch, stop.requested)
+            if decision.diverged or (decision.stop and position.batch_in_epoch < total):
+                return decision
     finally:
         if bar is not None:
             bar.close()
-    return True
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    test_set: ImageSet,
-    config: TrainConfig,
-    context: DistributedContext,
-) -> dict[str, float]:
-    """Loss terms and accuracy on ``test_set`` (unshifted), averaged over all of it.
-
-    Each rank takes every ``world_size``-th image, so together the ranks cover every test
-    image exactly once. Pass the bare model, not the DDP wrapper: evaluation needs no
-    gradient synchronisation. The decoder is masked as ``config.eval_mask`` says.
-    """
-    model.eval()
-    indices = torch.arange(context.rank, len(test_set), context.world_size)
-    sums = MetricSums(context.device)
-    bar = _progress_bar(
-        num_batches(len(indices), config.eval_batch_size),
-        0,
-        "test",
-        config.progress and context.is_main,
-    )
-    for start in range(0, len(indices), config.eval_batch_size):
-        images, labels = test_set.batch(indices[start : start + config.eval_batch_size])
-        with autocast(context.device, config.amp):
-            output = model(images, labels, mask=config.eval_mask)
-            terms = capsnet_loss(output, images, labels, config.reconstruction_weight)
-        sums.update(terms, output.predictions, labels)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return sums.reduced(context).averages()
+    return Vote()

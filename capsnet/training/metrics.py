@@ -1,7 +1,10 @@
-"""Loss and accuracy bookkeeping: running sums on the device, and the per-epoch CSV log.
+"""Loss and accuracy bookkeeping without waiting for the device, and the CSV logs.
 
-Sums stay on the training device between progress-bar refreshes, so the hot loop does not
-wait for the device after every step.
+:class:`MetricSums` keeps an epoch's sample-weighted sums on the device (one float64
+tensor: no precision lost over an epoch, one all-reduce over ranks). :class:`StepLog` keeps
+every training step's batch loss terms and accuracy, on the device until the epoch ends
+(or a checkpoint is written), then on the host: the per-step curves and TensorBoard
+scalars come from it.
 """
 
 from __future__ import annotations
@@ -10,18 +13,15 @@ import csv
 import io
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from capsnet.losses import CapsNetLossTerms
 from capsnet.training.atomic_io import atomic_write
 from capsnet.training.distributed import DistributedContext, all_reduce_sum_
 
-# Order of the sums in MetricSums' tensor.
-_SUM_NAMES = ("loss", "margin_loss", "reconstruction_loss", "correct", "count")
-
-# Columns of metrics.csv: one row per finished epoch.
+# Columns of metrics.csv: one row per finished epoch (for CapsNet's loss terms).
 HISTORY_COLUMNS = (
     "epoch",
     "global_step",
@@ -40,65 +40,105 @@ HISTORY_COLUMNS = (
 
 
 class MetricSums:
-    """Sample-weighted sums of the loss terms and of correct predictions.
+    """Sample-weighted sums of named loss terms, of correct predictions and of examples.
 
-    Kept as one float64 tensor on the device: float64 so that sums over an epoch lose no
-    precision, one tensor so that reducing over ranks is a single all-reduce.
+    Args:
+        term_names: the loss terms, e.g. ``("loss", "margin_loss", "reconstruction_loss")``.
+        device: where the sums live (the training device).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(_SUM_NAMES), dtype=torch.float64, device=device)
+    def __init__(self, term_names: Sequence[str], device: torch.device) -> None:
+        self.term_names = tuple(term_names)
+        self.names = (*self.term_names, "correct", "count")
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
 
-    def update(
-        self, terms: CapsNetLossTerms, predictions: torch.Tensor, labels: torch.Tensor
-    ) -> None:
-        count = labels.shape[0]
-        batch = torch.stack(
-            [
-                terms.total.detach().double() * count,
-                terms.margin.detach().double() * count,
-                terms.reconstruction.detach().double() * count,
-                (predictions == labels).sum().double(),
-            ]
-        )
-        self.sums[:4] += batch
-        self.sums[4] += count
+    def update(self, terms: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        """Add one batch: ``terms`` are the batch means ``[len(term_names)]``, ``correct``
+        the number of correct predictions (a 0-d tensor), ``count`` the batch size."""
+        self.sums[: len(self.term_names)] += terms.detach().double() * count
+        self.sums[-2] += correct.detach().double()
+        self.sums[-1] += count
 
     def reduced(self, context: DistributedContext) -> MetricSums:
-        """A copy summed over all ranks."""
-        total = MetricSums(self.sums.device)
-        total.sums.copy_(self.sums)
+        """A copy summed over all ranks (a collective: call it on every rank)."""
+        total = self.copy()
         all_reduce_sum_(total.sums, context)
         return total
 
+    def copy(self) -> MetricSums:
+        copied = MetricSums(self.term_names, self.sums.device)
+        copied.sums.copy_(self.sums)
+        return copied
+
     def averages(self) -> dict[str, float]:
-        """Per-sample means (waits for the device): loss terms and accuracy in [0, 1]."""
-        values = dict(zip(_SUM_NAMES, self.sums.tolist(), strict=True))
+        """Per-example means (waits for the device): the loss terms and accuracy in [0, 1]."""
+        values = dict(zip(self.names, self.sums.tolist(), strict=True))
         count = values["count"]
-        if count == 0:
-            return {
-                "loss": math.nan,
-                "margin_loss": math.nan,
-                "reconstruction_loss": math.nan,
-                "accuracy": math.nan,
-            }
-        return {
-            "loss": values["loss"] / count,
-            "margin_loss": values["margin_loss"] / count,
-            "reconstruction_loss": values["reconstruction_loss"] / count,
-            "accuracy": values["correct"] / count,
-        }
+        averages = {name: values[name] / count if count else math.nan for name in self.term_names}
+        averages["accuracy"] = values["correct"] / count if count else math.nan
+        return averages
 
     def state_dict(self) -> dict[str, float]:
-        return dict(zip(_SUM_NAMES, self.sums.tolist(), strict=True))
+        return dict(zip(self.names, self.sums.tolist(), strict=True))
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.sums.copy_(
-            torch.tensor([float(state[name]) for name in _SUM_NAMES], dtype=torch.float64)
+            torch.tensor([float(state[name]) for name in self.names], dtype=torch.float64)
         )
 
 
-def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
+class StepLog:
+    """Every training step's batch metrics: ``global_step``, the loss terms, accuracy.
+
+    ``record`` writes into a device buffer (no host sync); ``flush`` moves the rows recorded
+    since the last flush to the host, which the run does once per epoch and before saving.
+    """
+
+    def __init__(self, term_names: Sequence[str], device: torch.device) -> None:
+        self.columns = ("global_step", *term_names, "accuracy")
+        self.device = device
+        self.rows = torch.empty(0, len(self.columns), dtype=torch.float64)
+        self._pending_steps: list[int] = []
+        self._pending: list[torch.Tensor] = []  # device rows: terms, accuracy
+
+    def record(
+        self, global_step: int, terms: torch.Tensor, correct: torch.Tensor, count: int
+    ) -> None:
+        accuracy = (correct.detach().double() / count).reshape(1)
+        self._pending.append(torch.cat([terms.detach().double(), accuracy]))
+        self._pending_steps.append(global_step)
+
+    def flush(self) -> torch.Tensor:
+        """Move pending rows to the host (waits for the device); returns all rows."""
+        if self._pending:
+            values = torch.stack(self._pending).cpu()
+            steps = torch.tensor(self._pending_steps, dtype=torch.float64).unsqueeze(1)
+            self.rows = torch.cat([self.rows, torch.cat([steps, values], dim=1)])
+            self._pending.clear()
+            self._pending_steps.clear()
+        return self.rows
+
+    def last_rows(self, since_step: int) -> torch.Tensor:
+        """Rows with ``global_step > since_step`` (after a flush)."""
+        return self.rows[self.rows[:, 0] > since_step]
+
+    def state_dict(self) -> torch.Tensor:
+        return self.flush().clone()
+
+    def load_state_dict(self, rows: torch.Tensor) -> None:
+        if rows.dim() != 2 or rows.shape[1] != len(self.columns):
+            raise ValueError(
+                f"step_log must be [N, {len(self.columns)}] (columns {self.columns}), "
+                f"got {tuple(rows.shape)}"
+            )
+        self._pending.clear()
+        self._pending_steps.clear()
+        self.rows = rows.to(torch.float64).cpu().clone()
+
+
+def write_history_csv(
+    path: str | os.PathLike, history: list[dict[str, Any]], columns: Sequence[str]
+) -> None:
     """Write every epoch's record to ``path`` (atomically, whole file).
 
     Rewriting the whole log from the checkpointed history, instead of appending, keeps the
@@ -106,12 +146,22 @@ def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) ->
     checkpoint and was lost with the process does not appear twice.
     """
     buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n"
-    )
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for record in history:
-        writer.writerow({key: _format_value(record.get(key)) for key in HISTORY_COLUMNS})
+        writer.writerow({key: _format_value(record.get(key)) for key in columns})
+    with atomic_write(path, "w") as file:
+        file.write(buffer.getvalue())
+
+
+def write_steps_csv(path: str | os.PathLike, step_log: StepLog, steps_per_epoch: int) -> None:
+    """Every training step's batch metrics, with the fractional epoch (atomically)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("global_step", "epoch", *step_log.columns[1:]))
+    for row in step_log.flush().tolist():
+        step = int(row[0])
+        writer.writerow((step, repr(step / steps_per_epoch), *map(repr, row[1:])))
     with atomic_write(path, "w") as file:
         file.write(buffer.getvalue())
 

@@ -1,4 +1,4 @@
-"""The two PNGs written after every epoch: reconstructions, and loss/accuracy curves.
+"""The two PNGs written after every epoch: reconstructions, and the training curves.
 
 Uses matplotlib's object-oriented API with the Agg canvas directly (no pyplot), so it
 neither needs a display nor changes the backend of a notebook that imports capsnet.
@@ -6,7 +6,6 @@ neither needs a display nor changes the backend of a notebook that imports capsn
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -78,52 +77,101 @@ def save_reconstruction_plot(
     _save(figure, path)
 
 
-def save_training_curves(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
-    """Loss terms (log scale) and accuracy per epoch, train and test."""
+TRAIN_COLOR = "tab:blue"
+TEST_COLOR = "tab:orange"
+
+
+def _moving_average(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    if window <= 1 or values.numel() == 0:
+        return values
+    cumulative = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    index = torch.arange(1, values.numel() + 1)
+    start = (index - window).clamp(min=0)
+    return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+def training_curves_figure(
+    history: list[dict[str, Any]],
+    step_rows: torch.Tensor,
+    step_columns: tuple[str, ...],
+    steps_per_epoch: int,
+):
+    """Loss, accuracy and loss terms against epochs: every training step (its batch, thin)
+    and their running mean over a tenth of an epoch in blue; the test set after each epoch
+    in orange, with markers, so that even one epoch gives a readable picture.
+
+    Args:
+        history: the per-epoch records (``train_*``, ``test_*`` keys).
+        step_rows: ``[steps, len(step_columns)]``, column 0 the global step (may be empty:
+            the per-epoch training averages are drawn instead).
+        step_columns: names of the columns (``global_step``, loss terms, ``accuracy``).
+        steps_per_epoch: to place steps on the epoch axis.
+    """
     from matplotlib.ticker import MaxNLocator
 
-    if not history:
-        raise ValueError("history is empty: nothing to plot")
-    epochs = [record["epoch"] for record in history]
-    figure = _new_figure(11, 4)
-    loss_axis, accuracy_axis = figure.subplots(1, 2)
-    for split, style in (("train", "-"), ("test", "--")):
-        for term, color in (
-            ("loss", "black"),
-            ("margin_loss", "tab:blue"),
-            ("reconstruction_loss", "tab:orange"),
-        ):
-            values = [record[f"{split}_{term}"] for record in history]
-            if all(v > 0 for v in values if not math.isnan(v)):
-                loss_axis.plot(
-                    epochs,
-                    values,
-                    style,
-                    color=color,
-                    marker=".",
-                    label=f"{split} {term.replace('_', ' ')}",
-                )
-        accuracy_axis.plot(
-            epochs,
-            [100 * record[f"{split}_accuracy"] for record in history],
-            style,
-            marker=".",
-            label=f"{split} accuracy",
-        )
+    if not history and step_rows.numel() == 0:
+        raise ValueError("nothing to plot: no finished epoch and no training step")
+    figure = _new_figure(15, 4.2)
+    loss_axis, accuracy_axis, terms_axis = figure.subplots(1, 3)
+    window = max(1, steps_per_epoch // 10)
+    test_epochs = [record["epoch"] for record in history]
+    column = {name: index for index, name in enumerate(step_columns)}
+    if step_rows.numel():
+        x = (step_rows[:, 0] / steps_per_epoch).numpy()
+
+        def train_series(name):
+            return step_rows[:, column[name]]
+    else:
+        x = test_epochs
+
+        def train_series(name):
+            return torch.tensor([record[f"train_{name}"] for record in history])
+
+    def draw(axis, name, scale=1.0, style="-", label=""):
+        values = train_series(name) * scale
+        if step_rows.numel():
+            axis.plot(x, values.numpy(), style, color=TRAIN_COLOR, alpha=0.25, linewidth=0.6)
+            values = _moving_average(values, window)
+        axis.plot(x, values.numpy(), style, color=TRAIN_COLOR, linewidth=1.6,
+                  label=f"train {label}".strip())  # fmt: skip
+        tests = [record[f"test_{name}"] * scale for record in history]
+        axis.plot(test_epochs, tests, style, color=TEST_COLOR, marker="o", markersize=6,
+                  linewidth=1.6, label=f"test {label}".strip())  # fmt: skip
+
+    draw(loss_axis, "loss")
+    loss_axis.set_ylabel("loss per image (margin + weighted reconstruction)")
     loss_axis.set_yscale("log")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("loss per image")
-    loss_axis.legend(fontsize=7)
-    loss_axis.grid(True, alpha=0.3)
-    for axis in (loss_axis, accuracy_axis):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    accuracy_axis.set_xlabel("epoch")
+    draw(accuracy_axis, "accuracy", scale=100.0)
     accuracy_axis.set_ylabel("accuracy (%)")
-    accuracy_axis.legend(fontsize=7)
-    accuracy_axis.grid(True, alpha=0.3)
-    best = max(history, key=lambda record: record["test_accuracy"])
-    accuracy_axis.set_title(
-        f"best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']})", fontsize=9
-    )
+    for name, style in (("margin_loss", "-"), ("reconstruction_loss", "--")):
+        if name in column:
+            draw(terms_axis, name, style=style, label=name.replace("_", " "))
+    terms_axis.set_yscale("log")
+    terms_axis.set_ylabel("loss terms per image")
+    if history:
+        best = max(history, key=lambda record: record["test_accuracy"])
+        accuracy_axis.set_title(
+            f"best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']})",
+            fontsize=9,
+        )
+    for axis in (loss_axis, accuracy_axis, terms_axis):
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    smoothing = f"every step (thin) and the mean over {window} steps" if window > 1 else "every step"
+    figure.suptitle(f"training: {smoothing}; test: after each epoch", fontsize=9)
     figure.tight_layout()
-    _save(figure, path)
+    return figure
+
+
+def save_training_curves(
+    path: str | os.PathLike,
+    history: list[dict[str, Any]],
+    step_rows: torch.Tensor,
+    step_columns: tuple[str, ...],
+    steps_per_epoch: int,
+) -> None:
+    """Write :func:`training_curves_figure` to ``path`` (PNG, atomically)."""
+    _save(training_curves_figure(history, step_rows, step_columns, steps_per_epoch), path)

@@ -2,8 +2,7 @@
 
 bfloat16 has float32's exponent range, so it needs no loss scaling; it is used on CPUs and
 on GPUs that support it (Ampere and newer). Older GPUs get float16 with a GradScaler.
-Routing is excluded from autocast in :class:`capsnet.layers.DigitCaps` and always runs in
-float32.
+The routing op always runs in float32 under autocast (see :mod:`capsnet.autocast`).
 """
 
 from __future__ import annotations

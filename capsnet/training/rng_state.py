@@ -1,7 +1,7 @@
 """Saving and restoring PyTorch's global random number generators.
 
 The training loop itself draws nothing from the global generators: batch order and shifts
-come from generators seeded per epoch and per step (``capsnet.data.derive_seed``), which
+come from generators seeded per epoch and per step (``capsnet.datasets.derive_seed``), which
 is what makes resuming exact at any step. The global states are still saved in every
 checkpoint and restored on resume, so that code added later that does use them (dropout,
 ``torch.rand`` in a new augmentation) resumes exactly too.
