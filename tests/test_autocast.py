@@ -115,7 +115,7 @@ def test_torch_compile_under_autocast(device):
 
 def test_capsnet_under_cpu_autocast_routes_in_float32():
     torch.manual_seed(0)
-    model = CapsNet(CapsNetConfig(routing_backend="auto"))
+    model = CapsNet(CapsNetConfig(), routing_backend="auto")
     images = torch.rand(2, 1, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, torch.tensor([0, 1]))
@@ -129,7 +129,7 @@ def test_capsnet_on_the_meta_device(backend):
     # Building and running a model on the meta device (shapes only, e.g. to size it before
     # materialising it) used to fail in DigitCaps, which entered torch.autocast('meta').
     with torch.device("meta"):
-        model = CapsNet(CapsNetConfig(routing_backend=backend))
+        model = CapsNet(CapsNetConfig(), routing_backend=backend)
         images = torch.rand(3, 1, 28, 28)
         labels = torch.tensor([0, 1, 2])
     out = model(images, labels)
