@@ -148,7 +148,7 @@ def test_metadata_extras(sdist):
     _, pkg_info, _ = sdist
     assert {"train", "tensorboard"} <= set(pkg_info.get_all("Provides-Extra"))
     train = {r.split(";")[0].strip() for r in pkg_info.get_all("Requires-Dist") if 'extra == "train"' in r}
-    assert train == {"torchvision", "tqdm", "matplotlib"}, train
+    assert train == {"numpy", "torchvision", "tqdm", "matplotlib"}, train
 
 
 def test_benchmarks_stay_out_of_make_test():
