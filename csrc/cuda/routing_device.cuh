@@ -1,0 +1,276 @@
+// Device utilities of the CUDA routing kernels: loads with conversion to the op-math type,
+// the prediction u_hat and the routing logit with a pinned order of operations, the capsule
+// exchange through shared memory and the coupling step on it, and where a thread works.
+//
+// Compiled by nvcc (routing_kernel.cu) and by g++ with the CPU emulation of CUDA in
+// csrc/simt. Keep the code inside what the emulator supports (csrc/simt/README.md): no
+// inline PTX and no implicit warp-synchronous code; threads exchange data only through
+// shared or global memory separated by __syncthreads().
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "routing_layout.h"
+#include "routing_math.h"
+
+namespace capsnet::cuda {
+
+#if defined(__CUDACC__)
+// The block's dynamic shared memory, sized at launch. The emulator (csrc/simt/simt.h)
+// defines the same function for the CPU.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+  return reinterpret_cast<T*>(dynamic_shared_bytes);
+}
+#endif
+
+// The emulator checks that every 16-byte vector load is 16-byte aligned (x86 does not care,
+// a GPU faults); on the GPU this costs nothing.
+#ifndef CAPSNET_ASSERT_VECTOR_ALIGNED
+#define CAPSNET_ASSERT_VECTOR_ALIGNED(pointer) ((void)0)
+#endif
+
+template <typename T>
+__device__ __forceinline__ T smaller(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <int kCount, typename T>
+__device__ __forceinline__ void fill(T (&values)[kCount], T value) {
+#pragma unroll
+  for (int k = 0; k < kCount; ++k) {
+    values[k] = value;
+  }
+}
+
+// a * b + c rounded once, on every platform: the couplings must come out bitwise the same
+// in the forward and in the backward's recomputation, so the compiler may not decide
+// per kernel whether to contract a product and a sum.
+template <typename T>
+__device__ __forceinline__ T fused_multiply_add(T a, T b, T c) {
+  return std::fma(a, b, c);
+}
+
+// ---------------------------------------------------------------------------------------
+// Loads. Storage may be float16/bfloat16/float32/float64; arithmetic is in acc_t.
+// ---------------------------------------------------------------------------------------
+
+// 16 bytes of elements, loaded by one vector instruction.
+template <typename scalar_t>
+struct alignas(16) Vector16 {
+  static constexpr int kWidth = int(16 / sizeof(scalar_t));
+  scalar_t values[kWidth];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Vector16<scalar_t> load_vector16(const scalar_t* __restrict__ pointer) {
+  CAPSNET_ASSERT_VECTOR_ALIGNED(pointer);
+  return *reinterpret_cast<const Vector16<scalar_t>*>(pointer);
+}
+
+// A row of u or of W (D_in elements) into registers, zero beyond `count`.
+template <typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64_t count, acc_t (&out)[Tile::kMaxDimIn]) {
+  if constexpr (Tile::kExactDimIn) {
+    // count == kMaxDimIn, and rows are 16-byte aligned: routing_host.h aligns u and W, and
+    // rows are kMaxDimIn * sizeof(scalar_t) bytes apart, a multiple of 16 for every dtype.
+    (void)count;
+    constexpr int kWidth = Vector16<scalar_t>::kWidth;
+    static_assert(Tile::kMaxDimIn % kWidth == 0, "rows must be whole 16-byte vectors");
+#pragma unroll
+    for (int k = 0; k < Tile::kMaxDimIn / kWidth; ++k) {
+      const Vector16<scalar_t> chunk = load_vector16(row + k * kWidth);
+#pragma unroll
+      for (int e = 0; e < kWidth; ++e) {
+        out[k * kWidth + e] = static_cast<acc_t>(chunk.values[e]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < Tile::kMaxDimIn; ++e) {
+      out[e] = e < count ? static_cast<acc_t>(row[e]) : acc_t(0);
+    }
+  }
+}
+
+// A D_out-vector of the op-math workspaces into registers, zero beyond `count`.
+template <int kMax, typename acc_t>
+__device__ __forceinline__ void load_vector(const acc_t* __restrict__ src, int64_t count, acc_t (&dst)[kMax]) {
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    dst[k] = k < count ? src[k] : acc_t(0);
+  }
+}
+
+template <int kMax, typename T>
+__device__ __forceinline__ void store_vector(const T (&src)[kMax], int64_t count, T* __restrict__ dst) {
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < count) {
+      dst[k] = src[k];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The prediction and the logit (Eq. 2, Eq. 3's b_ij), in one fixed order of operations.
+// ---------------------------------------------------------------------------------------
+
+// u_hat[j|i] = W[i, j] u[i], each component summed over e = 0..E-1 with fused multiply-adds.
+template <typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void predict(
+    const scalar_t* __restrict__ W_ij, const acc_t (&u_i)[Tile::kMaxDimIn], const RoutingShape& n,
+    acc_t (&u_hat)[Tile::kMaxDimOut]) {
+#pragma unroll
+  for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+    acc_t value = 0;
+    if (d < n.dim_out) {
+      acc_t w[Tile::kMaxDimIn];
+      load_row<Tile>(W_ij + d * n.dim_in, n.dim_in, w);
+#pragma unroll
+      for (int e = 0; e < Tile::kMaxDimIn; ++e) {
+        if (Tile::kExactDimIn || e < n.dim_in) {
+          value = fused_multiply_add(w[e], u_i[e], value);
+        }
+      }
+    }
+    u_hat[d] = value;
+  }
+}
+
+// <a, b> over the first `count` components, in order, with fused multiply-adds.
+template <int kMax, typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t (&a)[kMax], const acc_t (&b)[kMax], int64_t count) {
+  acc_t total = 0;
+#pragma unroll
+  for (int d = 0; d < kMax; ++d) {
+    if (d < count) {
+      total = fused_multiply_add(a[d], b[d], total);
+    }
+  }
+  return total;
+}
+
+// The routing logit of iteration k: b_k[i, j] = <u_hat[j|i], V_k[j]> + prior[i, j]
+// (b_{k+1} = b_k + <u_hat, v_k> summed up: V_k = v_0 + ... + v_{k-1}).
+template <int kMax, typename acc_t>
+__device__ __forceinline__ acc_t routing_logit(const acc_t (&u_hat)[kMax], const acc_t (&agreement)[kMax], int64_t count, acc_t prior) {
+  return dot(u_hat, agreement, count) + prior;
+}
+
+// V += squash(s) for one capsule (Eq. 1): the running sum of the outputs that the logits
+// need. The forward's squash kernel and the backward's state kernel both call this, so
+// that both see the same V_k bit for bit.
+template <int kMax, typename acc_t, typename Component>
+__device__ __forceinline__ void add_squashed(const Component& s, int64_t dim, acc_t (&V)[kMax]) {
+  const SquashCoefficients<acc_t> k = squash_coefficients<kMax, acc_t>(s, dim);
+  squash_forward<kMax>(k, s, dim, [&](auto d, acc_t value) { V[d] = V[d] + value; });
+}
+
+// ---------------------------------------------------------------------------------------
+// The capsule exchange, and the coupling step on it.
+// ---------------------------------------------------------------------------------------
+
+// The J threads (lane, 0..J-1) of a routing block that hold the same sample publish one
+// value each in shared memory, so that each can reduce over the output capsules j (the
+// coupling step of Eq. 3 and its backward). Two buffers, used in turn: a thread writes a
+// buffer again only after the barrier of the exchange in between, which every thread
+// reaches after it has read that buffer; so one barrier per exchange suffices.
+template <typename acc_t>
+struct CapsuleExchange {
+  acc_t* buffers;  // [2][J][lanes]
+  int lanes;       // blockDim.x
+  int num_out;     // J
+  int next = 0;
+
+  // Publishes `value` as that of (lane, j) and returns this lane's column: entry k * lanes
+  // is capsule k's value. Every thread of the block must call it together (a barrier).
+  __device__ const acc_t* gather(int lane, int j, acc_t value) {
+    acc_t* buffer = buffers + next * num_out * lanes;
+    next ^= 1;
+    buffer[j * lanes + lane] = value;
+    __syncthreads();
+    return buffer + lane;
+  }
+
+  // sum_k column[k], k = 0..J-1 in order, starting from `start`.
+  __device__ acc_t sum(const acc_t* column, acc_t start) const {
+    acc_t total = start;
+    for (int k = 0; k < num_out; ++k) {
+      total += column[k * lanes];
+    }
+    return total;
+  }
+};
+
+// c_ij for the calling thread (lane, j) from its logit b_ij: the coupling step of
+// routing_math.h (row maximum, shifted exponential, reciprocal of the row's sum in the
+// order k = 0..J-1), with the row met through the exchange.
+template <typename acc_t>
+__device__ __forceinline__ acc_t exchange_coupling(
+    CapsuleExchange<acc_t>& exchange, int lane, int j, acc_t logit, const RoutingOptions& options) {
+  const acc_t* logits = exchange.gather(lane, j, logit);
+  acc_t row_max = coupling_max_start<acc_t>(options);
+  for (int k = 0; k < exchange.num_out; ++k) {
+    const acc_t other = logits[k * exchange.lanes];
+    row_max = other > row_max ? other : row_max;
+  }
+  const acc_t shifted_exp = std::exp(logit - row_max);
+  const acc_t* exps = exchange.gather(lane, j, shifted_exp);
+  const acc_t total =
+      exchange.sum(exps, coupling_sum_start<acc_t>(options, options.leaky ? std::exp(-row_max) : acc_t(0)));
+  return coupling_from(shifted_exp, acc_t(1) / total);
+}
+
+// ---------------------------------------------------------------------------------------
+// Where a routing-kernel thread works: sample b = blockIdx.x * lanes + lane, output capsule
+// j = threadIdx.y, input capsules [i_begin, i_end) = chunk blockIdx.y. Lanes past the batch
+// stay in the block (they must reach every barrier) but read and write nothing.
+// ---------------------------------------------------------------------------------------
+struct RoutingThread {
+  int lane;
+  int j;
+  int64_t b;
+  bool active;
+  int64_t chunk;
+  int64_t i_begin;
+  int64_t i_end;
+
+  __device__ static RoutingThread locate(const RoutingGeometry& g) {
+    RoutingThread t;
+    t.lane = threadIdx.x;
+    t.j = threadIdx.y;
+    t.b = int64_t(blockIdx.x) * g.part.samples_per_block + t.lane;
+    t.active = t.b < g.shape.batch;
+    t.chunk = blockIdx.y;
+    t.i_begin = t.chunk * g.part.inputs_per_chunk;
+    t.i_end = smaller(t.i_begin + g.part.inputs_per_chunk, g.shape.num_in);
+    return t;
+  }
+};
+
+// The row u[b, i, :] of this thread's sample in acc_t, or zeros for a lane past the batch.
+template <typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_input(
+    const scalar_t* __restrict__ u, const RoutingGeometry& g, const RoutingThread& t, int64_t i,
+    acc_t (&u_i)[Tile::kMaxDimIn]) {
+  if (t.active) {
+    load_row<Tile>(u + g.input_row(t.b, i), g.shape.dim_in, u_i);
+  } else {
+    fill(u_i, acc_t(0));
+  }
+}
+
+// The couplings of iteration 0: the prior's (one row per input capsule, the same for every
+// sample), or uniform without a prior.
+template <typename acc_t>
+__device__ __forceinline__ acc_t initial_coupling(
+    const acc_t* __restrict__ prior_couplings, const RoutingGeometry& g, int64_t i, int64_t j,
+    const RoutingOptions& options) {
+  return prior_couplings != nullptr ? prior_couplings[g.pair(i, j)]
+                                    : uniform_coupling<acc_t>(g.shape.num_out, options);
+}
+
+}  // namespace capsnet::cuda

@@ -1,0 +1,160 @@
+// The forward kernels of the fused dynamic routing, and the couplings of a logit prior
+// (used by the forward and the backward). docs/CUDA.md explains the design.
+//
+// Per sample, with iterations k = 0..r-1 (Sabour, Frosst & Hinton 2017):
+//   u_hat[j|i] = W[i, j] u[i]                                            (Eq. 2)
+//   c_k[i, :]  = coupling step of b_k[i, :],  b_0 = prior (or 0)          (Eq. 3)
+//   s_k[j]     = sum_i c_k[i, j] u_hat[j|i] (+ bias[j])                   (Eq. 2)
+//   v_k[j]     = squash(s_k[j])                                           (Eq. 1)
+//   b_{k+1}[i, j] = b_k[i, j] + <u_hat[j|i], v_k[j]>
+// so b_k[i, j] = prior[i, j] + <u_hat[j|i], V_k[j]> with V_k = v_0 + ... + v_{k-1}: the logits
+// need no storage, only the running sum V_k ([B, J, D]). u_hat is never stored. The forward
+// saves s_k (s_saved) and nothing else; the backward recomputes the couplings.
+#pragma once
+
+#include "routing_device.cuh"
+
+namespace capsnet::cuda {
+
+template <typename scalar_t>
+struct ForwardParams {
+  using acc_t = opmath_t<scalar_t>;
+  RoutingGeometry geometry;
+  RoutingOptions options;
+  const scalar_t* u;             // [B, I, E]
+  const scalar_t* W;             // [I, J, D, E]
+  const scalar_t* bias;          // [J, D] or nullptr
+  const acc_t* prior_couplings;  // [I, J]: c_0 from the logit prior, or nullptr (no prior)
+  const scalar_t* logit_prior;   // [I, J] or nullptr
+  scalar_t* v;                   // [B, J, D]               output
+  acc_t* s_saved;                // [B, r, J, D]            output: s_k before squash
+  scalar_t* couplings;           // [B, I, J]               output (last iteration), or nullptr
+  acc_t* partials;               // [B, num_chunks, J, D]   workspace: partial sums of s_k
+  acc_t* agreement;              // [B, J, D]               workspace: V_k
+  int iteration;                 // k
+};
+
+template <typename scalar_t>
+struct PriorParams {
+  using acc_t = opmath_t<scalar_t>;
+  RoutingGeometry geometry;
+  RoutingOptions options;
+  const scalar_t* logit_prior;  // [I, J]
+  acc_t* prior_couplings;       // [I, J] output
+};
+
+// c_0[i, :] = coupling step of prior[i, :] (Eq. 3 at iteration 0): one row per thread, the
+// seam's coupling_row. The same for every sample, so computed once per call.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kColumnKernelMaxThreads) prior_coupling_kernel(const PriorParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  const RoutingGeometry& g = p.geometry;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= g.shape.num_in) {
+    return;
+  }
+  acc_t* row = p.prior_couplings + g.pair(i, 0);
+  for (int64_t k = 0; k < g.shape.num_out; ++k) {
+    row[k] = static_cast<acc_t>(p.logit_prior[g.pair(i, k)]);
+  }
+  coupling_row(row, row, g.shape.num_out, 1, p.options, [](acc_t x) { return std::exp(x); });
+}
+
+// partials[b, chunk, j, :] = sum_{i in chunk} c_k[i, j] u_hat[j|i]       (Eq. 2, part of the sum),
+// and at the last iteration, when asked, couplings[b, i, j] = c_k[i, j].
+// Grid (sample tiles, chunks), block (lanes, J).
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(Tile::kMaxThreads) forward_partial_sums_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  const RoutingGeometry& g = p.geometry;
+  const RoutingShape& n = g.shape;
+  const RoutingThread t = RoutingThread::locate(g);
+  CapsuleExchange<acc_t> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+  const bool first = p.iteration == 0;
+  scalar_t* const couplings = p.iteration + 1 == n.iterations ? p.couplings : nullptr;
+
+  acc_t agreement[Tile::kMaxDimOut];
+  fill(agreement, acc_t(0));
+  if (!first && t.active) {
+    load_vector(p.agreement + g.output_vector(t.b, t.j), n.dim_out, agreement);
+  }
+
+  acc_t s_partial[Tile::kMaxDimOut];
+  fill(s_partial, acc_t(0));
+  for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
+    acc_t u_i[Tile::kMaxDimIn];
+    load_input<Tile>(p.u, g, t, i, u_i);
+    acc_t u_hat[Tile::kMaxDimOut];
+    predict<Tile>(p.W + g.weight_matrix(i, t.j), u_i, n, u_hat);
+    acc_t c;
+    if (first) {
+      c = initial_coupling(p.prior_couplings, g, i, t.j, p.options);
+    } else {
+      // Uniform over the grid, so the barriers inside are too.
+      const acc_t prior = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[g.pair(i, t.j)]) : acc_t(0);
+      c = exchange_coupling(exchange, t.lane, t.j, routing_logit(u_hat, agreement, n.dim_out, prior), p.options);
+    }
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      s_partial[d] = fused_multiply_add(c, u_hat[d], s_partial[d]);
+    }
+    if (couplings != nullptr && t.active) {
+      couplings[g.coupling(t.b, i, t.j)] = static_cast<scalar_t>(c);
+    }
+  }
+  if (t.active) {
+    store_vector(s_partial, n.dim_out, p.partials + g.partial_vector(t.b, t.chunk, t.j));
+  }
+}
+
+// s_k[b, j] = (sum of the chunks' partial sums, in chunk order) + bias  -> s_saved[b, k];
+// then V_{k+1} = V_k + squash(s_k) for the next iteration, or v = squash(s_k) (Eq. 1) at the
+// last. Grid (B, ceil(J / blockDim.x)): one thread per output capsule.
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  const RoutingGeometry& g = p.geometry;
+  const RoutingShape& n = g.shape;
+  const int64_t b = blockIdx.x;
+  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= n.num_out) {
+    return;
+  }
+  acc_t s[Tile::kMaxDimOut];
+  fill(s, acc_t(0));
+  for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
+    const acc_t* partial = p.partials + g.partial_vector(b, chunk, j);
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      if (d < n.dim_out) {
+        s[d] += partial[d];
+      }
+    }
+  }
+  if (p.bias != nullptr) {
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      if (d < n.dim_out) {
+        s[d] += static_cast<acc_t>(p.bias[j * n.dim_out + d]);
+      }
+    }
+  }
+  store_vector(s, n.dim_out, p.s_saved + g.iteration_vector(b, p.iteration, j));
+  const auto component = [&](auto d) { return s[d]; };
+  if (p.iteration + 1 < n.iterations) {
+    acc_t V[Tile::kMaxDimOut];
+    fill(V, acc_t(0));
+    acc_t* agreement = p.agreement + g.output_vector(b, j);
+    if (p.iteration > 0) {
+      load_vector(agreement, n.dim_out, V);
+    }
+    add_squashed(component, n.dim_out, V);
+    store_vector(V, n.dim_out, agreement);
+  } else {
+    const SquashCoefficients<acc_t> k = squash_coefficients<Tile::kMaxDimOut, acc_t>(component, n.dim_out);
+    scalar_t* v = p.v + g.output_vector(b, j);
+    squash_forward<Tile::kMaxDimOut>(k, component, n.dim_out, [&](auto d, acc_t value) { v[d] = static_cast<scalar_t>(value); });
+  }
+}
+
+}  // namespace capsnet::cuda
