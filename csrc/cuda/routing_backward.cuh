@@ -19,6 +19,13 @@
 
 namespace capsnet::cuda {
 
+// What a sweep pass computes (backward_partial_sums_kernel).
+enum class SweepPass {
+  kLogitGrads,     // m >= 1: c_m, G_m and the partial sums of dL/dv_{m-1}
+  kPriorGrads,     // m = 0 with a logit prior: G_0 (c_0 is the prior's, no exchange)
+  kCouplingsOnly,  // detach_routing, m = r-1: c_{r-1}
+};
+
 template <typename scalar_t>
 struct BackwardParams {
   using acc_t = opmath_t<scalar_t>;
@@ -64,7 +71,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
     fill(V, acc_t(0));
     for (int t = 0; t + 1 < n.iterations; ++t) {  // model-loop: iterations - 1
       acc_t s[kDim];
-      load_vector(p.s_saved + g.iteration_vector(b, t, j), n.dim_out, s);
+      load_vector<Tile::kExactDimOut>(p.s_saved + g.iteration_vector(b, t, j), n.dim_out, s);
       const auto component = [&](auto d) { return s[d]; };
       if (!p.options.detach_routing) {
         const SquashCoefficients<acc_t> coefficients = squash_coefficients<kDim, acc_t>(component, n.dim_out);
@@ -97,7 +104,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
     }
   }
   acc_t s[kDim];
-  load_vector(p.s_saved + g.iteration_vector(b, k, j), n.dim_out, s);
+  load_vector<Tile::kExactDimOut>(p.s_saved + g.iteration_vector(b, k, j), n.dim_out, s);
   const auto component = [&](auto d) { return s[d]; };
   const SquashCoefficients<acc_t> coefficients = squash_coefficients<kDim, acc_t>(component, n.dim_out);
   acc_t* grad_s = p.terms + g.term_vector(b, p.terms_of.grad_s_term(k), j);
@@ -112,8 +119,8 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
 //                 (part of dL/dv_{m-1});
 //   full, m = 0 (a logit prior only): stores G_0, whose batch sum is grad_prior;
 //   detach_routing (m = r-1): stores c_{r-1}.
-// Grid and block as forward_partial_sums_kernel.
-template <typename scalar_t, typename Tile>
+// Grid and block as forward_partial_sums_kernel; one instantiation per kind of pass.
+template <typename scalar_t, typename Tile, SweepPass kPass>
 __global__ void __launch_bounds__(Tile::kMaxThreads) backward_partial_sums_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const RoutingGeometry& g = p.geometry;
@@ -121,87 +128,114 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) backward_partial_sums_kerne
   const RoutingThread t = RoutingThread::locate(g);
   const int m = p.iteration;
   const BackwardTerms& terms = p.terms_of;
-  const bool detach = p.options.detach_routing;
+  constexpr bool kDetach = kPass == SweepPass::kCouplingsOnly;
   CapsuleExchange<acc_t> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+
+  constexpr bool kExact = Tile::kExactDimOut;
+  const int dim_out = int(n.dim_out), dim_in = int(n.dim_in);
 
   acc_t agreement[Tile::kMaxDimOut];  // V_m
   acc_t grad_s[Tile::kMaxDimOut];     // gs_m
   fill(agreement, acc_t(0));
   fill(grad_s, acc_t(0));
   if (t.active) {
-    if (m > 0) {
-      load_vector(p.agreement + g.iteration_vector(t.b, m, t.j), n.dim_out, agreement);
+    if (kPass != SweepPass::kPriorGrads) {
+      load_vector<kExact>(p.agreement + g.iteration_vector(t.b, m, t.j), dim_out, agreement);
     }
-    if (!detach) {
-      load_vector(p.terms + g.term_vector(t.b, terms.grad_s_term(m), t.j), n.dim_out, grad_s);
+    if (!kDetach) {
+      load_vector<kExact>(p.terms + g.term_vector(t.b, terms.grad_s_term(m), t.j), dim_out, grad_s);
     }
   }
-  const bool has_later_logits = !detach && m + 1 < n.iterations;  // else G_{m+1} = 0
-  const bool sums_grad_v = !detach && m > 0;
+  const bool has_later_logits = !kDetach && m + 1 < n.iterations;  // else G_{m+1} = 0
+  constexpr bool kSumsGradV = kPass == SweepPass::kLogitGrads;
+
+  // Pointers walked along the chunk, as in forward_partial_sums_kernel. Lanes past the
+  // batch read the last sample's rows and store nothing.
+  const int64_t b = t.active ? t.b : n.batch - 1;
+  const scalar_t* u_row = p.u + g.input_row(b, t.i_begin);
+  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
+  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
+  const scalar_t* prior = p.logit_prior != nullptr ? p.logit_prior + g.pair(t.i_begin, t.j) : nullptr;
+  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
+  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
+  const int64_t coefficient_step = n.num_out * n.batch;  // one input capsule further
+  // Only the slots this pass writes exist (BackwardTerms): no pointer into a missing one.
+  acc_t* coupling_out = (kSumsGradV || kDetach)
+      ? p.coefficients + g.coefficient(terms.coupling_slot(m), t.i_begin, t.j, b) : nullptr;
+  acc_t* logit_grad_out = !kDetach ? p.coefficients + g.coefficient(terms.logit_grad_slot(m), t.i_begin, t.j, b) : nullptr;
+  const acc_t* later_logit_grad =
+      has_later_logits ? p.coefficients + g.coefficient(terms.logit_grad_slot(m + 1), t.i_begin, t.j, b) : nullptr;
 
   acc_t grad_v_partial[Tile::kMaxDimOut];
   fill(grad_v_partial, acc_t(0));
   for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t u_i[Tile::kMaxDimIn];
-    load_input<Tile>(p.u, g, t, i, u_i);
+    load_row<Tile>(u_row, dim_in, u_i);
     acc_t u_hat[Tile::kMaxDimOut];
-    predict<Tile>(p.W + g.weight_matrix(i, t.j), u_i, n, u_hat);
+    predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
+    u_row += n.dim_in;
+    W_ij += W_step;
     acc_t c;
-    if (m == 0) {
-      c = initial_coupling(p.prior_couplings, g, i, t.j, p.options);
+    if constexpr (kPass == SweepPass::kPriorGrads) {
+      c = initial != nullptr ? *initial : uniform;
+      initial = initial != nullptr ? initial + n.num_out : nullptr;
     } else {
-      const acc_t prior = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[g.pair(i, t.j)]) : acc_t(0);
-      c = exchange_coupling(exchange, t.lane, t.j, routing_logit(u_hat, agreement, n.dim_out, prior), p.options);
+      const acc_t prior_ij = prior != nullptr ? static_cast<acc_t>(*prior) : acc_t(0);
+      prior = prior != nullptr ? prior + n.num_out : nullptr;
+      c = exchange_coupling(exchange, t.lane, t.j, routing_logit<kExact>(u_hat, agreement, dim_out, prior_ij), p.options);
     }
-    if (detach) {
+    if constexpr (kDetach) {
       if (t.active) {
-        p.coefficients[g.coefficient(terms.coupling_slot(m), i, t.j, t.b)] = c;
+        *coupling_out = c;
       }
-      continue;  // uniform: detach is the same for the whole grid
+      coupling_out += coefficient_step;
+      continue;
     }
-    const acc_t grad_c = dot(grad_s, u_hat, n.dim_out);
+    const acc_t grad_c = dot<kExact>(grad_s, u_hat, dim_out);
     const acc_t row_dot = exchange.sum(exchange.gather(t.lane, t.j, c * grad_c), acc_t(0));
     acc_t logit_grad = coupling_logit_grad(c, grad_c, row_dot);
-    if (t.active) {
-      if (has_later_logits) {
-        logit_grad += p.coefficients[g.coefficient(terms.logit_grad_slot(m + 1), i, t.j, t.b)];
-      }
-      if (m > 0) {
-        p.coefficients[g.coefficient(terms.coupling_slot(m), i, t.j, t.b)] = c;
-      }
-      p.coefficients[g.coefficient(terms.logit_grad_slot(m), i, t.j, t.b)] = logit_grad;
+    if (has_later_logits) {
+      logit_grad += *later_logit_grad;  // a lane past the batch reads sample B-1's: harmless
+      later_logit_grad += coefficient_step;
     }
-    if (sums_grad_v) {
+    if (t.active) {
+      if constexpr (kSumsGradV) {
+        *coupling_out = c;
+      }
+      *logit_grad_out = logit_grad;
+    }
+    if constexpr (kSumsGradV) {
+      coupling_out += coefficient_step;
+    }
+    logit_grad_out += coefficient_step;
+    if constexpr (kSumsGradV) {
 #pragma unroll
       for (int d = 0; d < Tile::kMaxDimOut; ++d) {
         grad_v_partial[d] = fused_multiply_add(logit_grad, u_hat[d], grad_v_partial[d]);
       }
     }
   }
-  if (sums_grad_v && t.active) {
+  if (kSumsGradV && t.active) {
     store_vector(grad_v_partial, n.dim_out, p.partials + g.partial_vector(t.b, t.chunk, t.j));
   }
 }
 
-// x[d] = dL/du_hat[b, i, j, d] for d in [row, row + kRows): the sum of the product terms.
-template <int kRows, typename scalar_t>
+// x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
+// term by term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at
+// (b, term 0, j, row); `initial` is c_0[i, j].
+template <bool kExact, int kRows, typename acc_t>
 __device__ __forceinline__ void grad_prediction(
-    const BackwardParams<scalar_t>& p, int64_t b, int64_t i, int64_t j, int64_t row,
-    opmath_t<scalar_t> (&x)[kRows]) {
-  using acc_t = opmath_t<scalar_t>;
-  const RoutingGeometry& g = p.geometry;
-  const int64_t rows = smaller(int64_t(kRows), g.shape.dim_out - row);
+    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int64_t slot_stride, acc_t initial,
+    const acc_t* __restrict__ vectors, int64_t term_stride, int rows, acc_t (&x)[kRows]) {
   fill(x, acc_t(0));
-  for (int term = 0; term < g.part.terms; ++term) {  // model-loop: terms
-    const acc_t coefficient = p.terms_of.stored_coefficient(term)
-        ? p.coefficients[g.coefficient(p.terms_of.slot_of_term(term), i, j, b)]
-        : initial_coupling(p.prior_couplings, g, i, j, p.options);
-    const acc_t* vector = p.terms + g.term_vector(b, term, j) + row;
+  for (int term = 0; term < count; ++term) {  // model-loop: terms
+    const acc_t coefficient =
+        terms.stored_coefficient(term) ? coefficients[terms.slot_of_term(term) * slot_stride] : initial;
+    acc_t vector[kRows];
+    load_vector<kExact>(vectors + term * term_stride, rows, vector);
 #pragma unroll
     for (int d = 0; d < kRows; ++d) {
-      if (d < rows) {
-        x[d] = fused_multiply_add(coefficient, vector[d], x[d]);
-      }
+      x[d] = fused_multiply_add(coefficient, vector[d], x[d]);
     }
   }
 }
@@ -216,8 +250,10 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   using acc_t = opmath_t<scalar_t>;
   constexpr int kRows = Tile::kGradWeightRows;
   constexpr int kDimIn = Tile::kMaxDimIn;
+  constexpr bool kExact = Tile::kExactDimOut;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
+  const BackwardTerms& terms = p.terms_of;
   const int64_t i = int64_t(blockIdx.x) * kWarpSize + threadIdx.x;
   const int64_t j = blockIdx.y;
   const int64_t row = (int64_t(blockIdx.z) * blockDim.y + threadIdx.y) * kRows;
@@ -225,6 +261,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   const int group = threadIdx.z;
   const int groups = blockDim.z;
   const bool sums_prior = p.grad_prior != nullptr && row == 0;
+  const int rows = int(smaller(int64_t(kRows), n.dim_out - row));
 
   acc_t grad_w[kRows][kDimIn];
 #pragma unroll
@@ -232,12 +269,21 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
     fill(grad_w[d], acc_t(0));
   }
   acc_t grad_prior = 0;
-  if (active) {
-    for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: samples_per_group
+  if (active && group < n.batch) {
+    // Pointers walked over this group's samples.
+    const int64_t slot_stride = n.num_in * n.num_out * n.batch;
+    const acc_t* coefficients = p.coefficients != nullptr ? p.coefficients + g.coefficient(0, i, j, group) : nullptr;
+    const acc_t* vectors = p.terms + g.term_vector(group, 0, j) + row;
+    const scalar_t* u_row = p.u + g.input_row(group, i);
+    const int64_t vectors_step = groups * g.part.terms * g.columns();
+    const int64_t u_step = groups * n.num_in * n.dim_in;
+    const acc_t initial = initial_coupling(p.prior_couplings, g, i, j, p.options);
+    const int64_t prior_slot = terms.logit_grad_slot(0) * slot_stride;
+    for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: ceil(batch / sample_groups)
       acc_t x[kRows];
-      grad_prediction<kRows>(p, b, i, j, row, x);
+      grad_prediction<kExact>(terms, g.part.terms, coefficients, slot_stride, initial, vectors, g.columns(), rows, x);
       acc_t u_i[kDimIn];
-      load_row<Tile>(p.u + g.input_row(b, i), n.dim_in, u_i);
+      load_row<Tile>(u_row, n.dim_in, u_i);
 #pragma unroll
       for (int d = 0; d < kRows; ++d) {
 #pragma unroll
@@ -246,8 +292,11 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
         }
       }
       if (sums_prior) {
-        grad_prior += p.coefficients[g.coefficient(p.terms_of.logit_grad_slot(0), i, j, b)];
+        grad_prior += coefficients[prior_slot];
       }
+      coefficients = coefficients != nullptr ? coefficients + groups : nullptr;
+      vectors += vectors_step;
+      u_row += u_step;
     }
   }
 
@@ -256,7 +305,6 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   acc_t* shared = dynamic_shared_memory<acc_t>();
   const int xy = threadIdx.y * blockDim.x + threadIdx.x;
   const int xy_threads = blockDim.x * blockDim.y;
-  const int64_t rows = smaller(int64_t(kRows), n.dim_out - row);
 #pragma unroll
   for (int d = 0; d <= kRows; ++d) {  // the last round carries grad_prior
     if (groups > 1) {
@@ -271,7 +319,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
       }
       __syncthreads();
       if (group == 0) {
-        for (int other = 1; other < groups; ++other) {
+        for (int other = 1; other < groups; ++other) {  // model-loop: sample_groups - 1
           const acc_t* theirs = shared + (int64_t(other) * xy_threads + xy) * kDimIn;
           if (d < kRows) {
 #pragma unroll
@@ -310,55 +358,68 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
 template <typename scalar_t, typename Tile>
 __global__ void __launch_bounds__(Tile::kMaxThreads) grad_input_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
+  constexpr bool kExact = Tile::kExactDimOut;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const RoutingThread t = RoutingThread::locate(g);
   const int lanes = g.part.samples_per_block;
   const int slice = g.part.grad_input_slice;
+  const int dim_out = int(n.dim_out), dim_in = int(n.dim_in), num_out = int(n.num_out);
   acc_t* per_capsule = dynamic_shared_memory<acc_t>();
+
+  // Pointers walked along the chunk; lanes past the batch read sample B-1 and store nothing.
+  const int64_t b = t.active ? t.b : n.batch - 1;
+  const int64_t slot_stride = n.num_in * n.num_out * n.batch;
+  const int64_t coefficient_step = n.num_out * n.batch;
+  const acc_t* coefficients = p.coefficients != nullptr ? p.coefficients + g.coefficient(0, t.i_begin, t.j, b) : nullptr;
+  const acc_t* vectors = p.terms + g.term_vector(b, 0, t.j);
+  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
+  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
+  const int row_stride = Tile::kExactDimIn ? Tile::kMaxDimIn : dim_in;
+  scalar_t* grad_u = p.grad_u + g.input_row(b, t.i_begin);
 
   for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t x[Tile::kMaxDimOut];
-    if (t.active) {
-      grad_prediction<Tile::kMaxDimOut>(p, t.b, i, t.j, 0, x);
-    } else {
-      fill(x, acc_t(0));
-    }
+    grad_prediction<kExact>(
+        p.terms_of, g.part.terms, coefficients, slot_stride, initial_coupling(p.prior_couplings, g, i, t.j, p.options),
+        vectors, g.columns(), dim_out, x);
     // This capsule's term of dL/du[b, i]: W[i, j]^T dL/du_hat[j|i].
     acc_t term[Tile::kMaxDimIn];
     fill(term, acc_t(0));
-    const scalar_t* W_ij = p.W + g.weight_matrix(i, t.j);
 #pragma unroll
     for (int d = 0; d < Tile::kMaxDimOut; ++d) {
-      if (d < n.dim_out) {
+      if (kExact || d < dim_out) {
         acc_t w[Tile::kMaxDimIn];
-        load_row<Tile>(W_ij + d * n.dim_in, n.dim_in, w);
+        load_row<Tile>(W_ij + d * row_stride, dim_in, w);
 #pragma unroll
         for (int e = 0; e < Tile::kMaxDimIn; ++e) {
           term[e] = fused_multiply_add(w[e], x[d], term[e]);
         }
       }
     }
-    for (int first = 0; first < n.dim_in; first += slice) {  // model-loop: input_slices
-      const int width = int(smaller(int64_t(slice), n.dim_in - first));
+    coefficients = coefficients != nullptr ? coefficients + coefficient_step : nullptr;
+    W_ij += W_step;
+    for (int first = 0; first < dim_in; first += slice) {  // model-loop: input_slices
+      const int width = smaller(slice, dim_in - first);
 #pragma unroll
       for (int e = 0; e < Tile::kMaxDimIn; ++e) {
         if (e >= first && e < first + width) {
-          per_capsule[((e - first) * n.num_out + t.j) * lanes + t.lane] = term[e];
+          per_capsule[((e - first) * num_out + t.j) * lanes + t.lane] = term[e];
         }
       }
       __syncthreads();
-      for (int e = t.j; e < width; e += int(n.num_out)) {
+      for (int e = t.j; e < width; e += num_out) {  // model-loop: min(grad_input_slice, num_out) / num_out
         acc_t total = 0;
-        for (int k = 0; k < n.num_out; ++k) {  // model-loop: num_out
-          total += per_capsule[(e * n.num_out + k) * lanes + t.lane];
+        for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
+          total += per_capsule[(e * num_out + k) * lanes + t.lane];
         }
         if (t.active) {
-          p.grad_u[g.input_row(t.b, i) + first + e] = static_cast<scalar_t>(total);
+          grad_u[first + e] = static_cast<scalar_t>(total);
         }
       }
       __syncthreads();  // reads done before the next round overwrites per_capsule
     }
+    grad_u += n.dim_in;
   }
 }
 
@@ -376,7 +437,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) grad_bias_kernel(cons
   const int64_t d = active ? column % n.dim_out : 0;
   acc_t total = 0;
   if (active) {
-    for (int64_t b = threadIdx.y; b < n.batch; b += blockDim.y) {  // model-loop: samples_per_group
+    for (int64_t b = threadIdx.y; b < n.batch; b += blockDim.y) {  // model-loop: ceil(batch / 8)
       for (int k = 0; k < p.terms_of.grad_s_count(); ++k) {  // model-loop: grad_s_terms
         total += p.terms[g.term_vector(b, k, j) + d];
       }
@@ -386,7 +447,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) grad_bias_kernel(cons
   shared[threadIdx.y * blockDim.x + threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && active) {
-    for (int group = 1; group < int(blockDim.y); ++group) {
+    for (int group = 1; group < int(blockDim.y); ++group) {  // model-loop: 7
       total += shared[group * blockDim.x + threadIdx.x];
     }
     p.grad_bias[column] = static_cast<scalar_t>(total);

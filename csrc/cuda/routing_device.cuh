@@ -95,12 +95,26 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64
   }
 }
 
-// A D_out-vector of the op-math workspaces into registers, zero beyond `count`.
-template <int kMax, typename acc_t>
+// `count` values of an op-math workspace into registers, zero beyond. kExact: count == kMax
+// and the source is 16-byte aligned (the workspaces' vectors are D_out = 16 elements apart),
+// so whole 16-byte vectors are loaded.
+template <bool kExact, int kMax, typename acc_t>
 __device__ __forceinline__ void load_vector(const acc_t* __restrict__ src, int64_t count, acc_t (&dst)[kMax]) {
+  if constexpr (kExact && (kMax * sizeof(acc_t)) % 16 == 0) {
+    constexpr int kWidth = Vector16<acc_t>::kWidth;
 #pragma unroll
-  for (int k = 0; k < kMax; ++k) {
-    dst[k] = k < count ? src[k] : acc_t(0);
+    for (int k = 0; k < kMax / kWidth; ++k) {
+      const Vector16<acc_t> chunk = load_vector16(src + k * kWidth);
+#pragma unroll
+      for (int e = 0; e < kWidth; ++e) {
+        dst[k * kWidth + e] = chunk.values[e];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      dst[k] = (kExact || k < count) ? src[k] : acc_t(0);
+    }
   }
 }
 
@@ -121,17 +135,18 @@ __device__ __forceinline__ void store_vector(const T (&src)[kMax], int64_t count
 // u_hat[j|i] = W[i, j] u[i], each component summed over e = 0..E-1 with fused multiply-adds.
 template <typename Tile, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void predict(
-    const scalar_t* __restrict__ W_ij, const acc_t (&u_i)[Tile::kMaxDimIn], const RoutingShape& n,
+    const scalar_t* __restrict__ W_ij, const acc_t (&u_i)[Tile::kMaxDimIn], int dim_out, int dim_in,
     acc_t (&u_hat)[Tile::kMaxDimOut]) {
+  const int row_stride = Tile::kExactDimIn ? Tile::kMaxDimIn : dim_in;
 #pragma unroll
   for (int d = 0; d < Tile::kMaxDimOut; ++d) {
     acc_t value = 0;
-    if (d < n.dim_out) {
+    if (Tile::kExactDimOut || d < dim_out) {
       acc_t w[Tile::kMaxDimIn];
-      load_row<Tile>(W_ij + d * n.dim_in, n.dim_in, w);
+      load_row<Tile>(W_ij + d * row_stride, dim_in, w);
 #pragma unroll
       for (int e = 0; e < Tile::kMaxDimIn; ++e) {
-        if (Tile::kExactDimIn || e < n.dim_in) {
+        if (Tile::kExactDimIn || e < dim_in) {
           value = fused_multiply_add(w[e], u_i[e], value);
         }
       }
@@ -140,13 +155,14 @@ __device__ __forceinline__ void predict(
   }
 }
 
-// <a, b> over the first `count` components, in order, with fused multiply-adds.
-template <int kMax, typename acc_t>
-__device__ __forceinline__ acc_t dot(const acc_t (&a)[kMax], const acc_t (&b)[kMax], int64_t count) {
+// <a, b> over the first `count` components (all kMax when exact), in order, with fused
+// multiply-adds.
+template <bool kExact, int kMax, typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t (&a)[kMax], const acc_t (&b)[kMax], int count) {
   acc_t total = 0;
 #pragma unroll
   for (int d = 0; d < kMax; ++d) {
-    if (d < count) {
+    if (kExact || d < count) {
       total = fused_multiply_add(a[d], b[d], total);
     }
   }
@@ -155,9 +171,9 @@ __device__ __forceinline__ acc_t dot(const acc_t (&a)[kMax], const acc_t (&b)[kM
 
 // The routing logit of iteration k: b_k[i, j] = <u_hat[j|i], V_k[j]> + prior[i, j]
 // (b_{k+1} = b_k + <u_hat, v_k> summed up: V_k = v_0 + ... + v_{k-1}).
-template <int kMax, typename acc_t>
-__device__ __forceinline__ acc_t routing_logit(const acc_t (&u_hat)[kMax], const acc_t (&agreement)[kMax], int64_t count, acc_t prior) {
-  return dot(u_hat, agreement, count) + prior;
+template <bool kExact, int kMax, typename acc_t>
+__device__ __forceinline__ acc_t routing_logit(const acc_t (&u_hat)[kMax], const acc_t (&agreement)[kMax], int count, acc_t prior) {
+  return dot<kExact>(u_hat, agreement, count) + prior;
 }
 
 // V += squash(s) for one capsule (Eq. 1): the running sum of the outputs that the logits
@@ -198,7 +214,7 @@ struct CapsuleExchange {
   // sum_k column[k], k = 0..J-1 in order, starting from `start`.
   __device__ acc_t sum(const acc_t* column, acc_t start) const {
     acc_t total = start;
-    for (int k = 0; k < num_out; ++k) {
+    for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
       total += column[k * lanes];
     }
     return total;
@@ -213,7 +229,7 @@ __device__ __forceinline__ acc_t exchange_coupling(
     CapsuleExchange<acc_t>& exchange, int lane, int j, acc_t logit, const RoutingOptions& options) {
   const acc_t* logits = exchange.gather(lane, j, logit);
   acc_t row_max = coupling_max_start<acc_t>(options);
-  for (int k = 0; k < exchange.num_out; ++k) {
+  for (int k = 0; k < exchange.num_out; ++k) {  // model-loop: num_out
     const acc_t other = logits[k * exchange.lanes];
     row_max = other > row_max ? other : row_max;
   }
@@ -250,18 +266,6 @@ struct RoutingThread {
     return t;
   }
 };
-
-// The row u[b, i, :] of this thread's sample in acc_t, or zeros for a lane past the batch.
-template <typename Tile, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_input(
-    const scalar_t* __restrict__ u, const RoutingGeometry& g, const RoutingThread& t, int64_t i,
-    acc_t (&u_i)[Tile::kMaxDimIn]) {
-  if (t.active) {
-    load_row<Tile>(u + g.input_row(t.b, i), g.shape.dim_in, u_i);
-  } else {
-    fill(u_i, acc_t(0));
-  }
-}
 
 // The couplings of iteration 0: the prior's (one row per input capsule, the same for every
 // sample), or uniform without a prior.

@@ -62,45 +62,63 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) prior_coupling_kernel
 
 // partials[b, chunk, j, :] = sum_{i in chunk} c_k[i, j] u_hat[j|i]       (Eq. 2, part of the sum),
 // and at the last iteration, when asked, couplings[b, i, j] = c_k[i, j].
-// Grid (sample tiles, chunks), block (lanes, J).
-template <typename scalar_t, typename Tile>
+// Grid (sample tiles, chunks), block (lanes, J). kFirst: iteration 0, whose couplings are the
+// initial ones (no logits, no exchange), compiled separately so that neither pays for the other.
+template <typename scalar_t, typename Tile, bool kFirst>
 __global__ void __launch_bounds__(Tile::kMaxThreads) forward_partial_sums_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const RoutingThread t = RoutingThread::locate(g);
   CapsuleExchange<acc_t> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
-  const bool first = p.iteration == 0;
   scalar_t* const couplings = p.iteration + 1 == n.iterations ? p.couplings : nullptr;
+
+  constexpr bool kExact = Tile::kExactDimOut;
+  const int dim_out = int(n.dim_out), dim_in = int(n.dim_in);
 
   acc_t agreement[Tile::kMaxDimOut];
   fill(agreement, acc_t(0));
-  if (!first && t.active) {
-    load_vector(p.agreement + g.output_vector(t.b, t.j), n.dim_out, agreement);
+  if (!kFirst && t.active) {
+    load_vector<kExact>(p.agreement + g.output_vector(t.b, t.j), dim_out, agreement);
   }
+
+  // Walk the chunk with pointers: one add per input instead of recomputed 64-bit indices.
+  // A lane past the batch reads the last sample's rows (valid memory) and stores nothing.
+  const int64_t b = t.active ? t.b : n.batch - 1;
+  const scalar_t* u_row = p.u + g.input_row(b, t.i_begin);
+  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
+  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
+  const scalar_t* prior = p.logit_prior != nullptr ? p.logit_prior + g.pair(t.i_begin, t.j) : nullptr;
+  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
+  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
+  scalar_t* coupling_out = couplings != nullptr && t.active ? couplings + g.coupling(t.b, t.i_begin, t.j) : nullptr;
 
   acc_t s_partial[Tile::kMaxDimOut];
   fill(s_partial, acc_t(0));
   for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t u_i[Tile::kMaxDimIn];
-    load_input<Tile>(p.u, g, t, i, u_i);
+    load_row<Tile>(u_row, dim_in, u_i);
     acc_t u_hat[Tile::kMaxDimOut];
-    predict<Tile>(p.W + g.weight_matrix(i, t.j), u_i, n, u_hat);
+    predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
     acc_t c;
-    if (first) {
-      c = initial_coupling(p.prior_couplings, g, i, t.j, p.options);
+    if constexpr (kFirst) {
+      c = initial != nullptr ? *initial : uniform;
     } else {
-      // Uniform over the grid, so the barriers inside are too.
-      const acc_t prior = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[g.pair(i, t.j)]) : acc_t(0);
-      c = exchange_coupling(exchange, t.lane, t.j, routing_logit(u_hat, agreement, n.dim_out, prior), p.options);
+      const acc_t prior_ij = prior != nullptr ? static_cast<acc_t>(*prior) : acc_t(0);
+      c = exchange_coupling(exchange, t.lane, t.j, routing_logit<kExact>(u_hat, agreement, dim_out, prior_ij), p.options);
     }
 #pragma unroll
     for (int d = 0; d < Tile::kMaxDimOut; ++d) {
       s_partial[d] = fused_multiply_add(c, u_hat[d], s_partial[d]);
     }
-    if (couplings != nullptr && t.active) {
-      couplings[g.coupling(t.b, i, t.j)] = static_cast<scalar_t>(c);
+    if (coupling_out != nullptr) {
+      *coupling_out = static_cast<scalar_t>(c);
+      coupling_out += n.num_out;
     }
+    u_row += n.dim_in;
+    W_ij += W_step;
+    prior = prior != nullptr ? prior + n.num_out : nullptr;
+    initial = initial != nullptr ? initial + n.num_out : nullptr;
   }
   if (t.active) {
     store_vector(s_partial, n.dim_out, p.partials + g.partial_vector(t.b, t.chunk, t.j));
@@ -146,7 +164,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel
     fill(V, acc_t(0));
     acc_t* agreement = p.agreement + g.output_vector(b, j);
     if (p.iteration > 0) {
-      load_vector(agreement, n.dim_out, V);
+      load_vector<Tile::kExactDimOut>(agreement, n.dim_out, V);
     }
     add_squashed(component, n.dim_out, V);
     store_vector(V, n.dim_out, agreement);

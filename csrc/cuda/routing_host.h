@@ -151,7 +151,13 @@ void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardPara
     using Tile = decltype(tile);
     for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
       p.iteration = k;
-      launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile>), plan.forward_partial_sums, p);
+      if (k == 0) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, true>),
+            plan.forward_partial_sums, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, false>),
+            plan.forward_partial_sums, p);
+      }
       launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, forward_squash_kernel<scalar_t, Tile>), plan.squash, p);
     }
   });
@@ -164,24 +170,26 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
     using Tile = decltype(tile);
     const int last = int(plan.geometry.shape.iterations) - 1;
     const auto squash = CAPSNET_KERNEL(kColumnKernelMaxThreads, backward_squash_kernel<scalar_t, Tile>);
-    const auto sweep = CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile>);
     p.iteration = last;  // gs_{r-1} from grad_v, and the per-sample state
     launch(squash, plan.squash, p);
     if (p.options.detach_routing) {
       if (last > 0) {
         p.iteration = last;  // c_{r-1}
-        launch(sweep, plan.backward_partial_sums, p);
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly>),
+            plan.backward_partial_sums, p);
       }
     } else {
       for (int m = last; m >= 1; --m) {
         p.iteration = m;  // c_m, G_m and the partial sums of dL/dv_{m-1}
-        launch(sweep, plan.backward_partial_sums, p);
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kLogitGrads>),
+            plan.backward_partial_sums, p);
         p.iteration = m - 1;  // gs_{m-1}
         launch(squash, plan.squash, p);
       }
       if (p.grad_prior != nullptr) {
         p.iteration = 0;  // G_0
-        launch(sweep, plan.backward_partial_sums, p);
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kPriorGrads>),
+            plan.backward_partial_sums, p);
       }
     }
     launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);

@@ -133,7 +133,7 @@ inline RoutingPlan plan_routing(
   const int64_t dim_out = shape.dim_out, dim_in = shape.dim_in, iterations = shape.iterations;
 
   // Tile class: the fast one whenever the shape fits it.
-  const bool fits_capsnet_tile = dim_in == CapsNetTile::kMaxDimIn && dim_out <= CapsNetTile::kMaxDimOut &&
+  const bool fits_capsnet_tile = dim_in == CapsNetTile::kMaxDimIn && dim_out == CapsNetTile::kMaxDimOut &&
       num_out <= plan_detail::max_routing_threads(TileKind::kCapsNet, limits);
   plan.tile = fits_capsnet_tile ? TileKind::kCapsNet : TileKind::kGeneric;
   const int64_t max_dim_in = fits_capsnet_tile ? CapsNetTile::kMaxDimIn : GenericTile::kMaxDimIn;

@@ -26,12 +26,14 @@ namespace capsnet::cuda {
 // are instantiated once per class.
 // ---------------------------------------------------------------------------------------
 
-// The CapsNet shape: D_in == 8 and D_out <= 16. Rows of u and W (8 elements) are read as
-// whole 16-byte vectors; a grad_weight thread owns 8 rows of dW[i, j] (64 accumulators).
+// The CapsNet shape: D_in == 8 and D_out == 16, both exact, so that no loop needs a bound
+// check. Rows of u and W (8 elements) are read as whole 16-byte vectors; a grad_weight thread
+// owns 8 rows of dW[i, j] (64 accumulators).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
-  static constexpr bool kExactDimIn = true;  // D_in must equal kMaxDimIn
+  static constexpr bool kExactDimIn = true;   // D_in must equal kMaxDimIn
+  static constexpr bool kExactDimOut = true;  // D_out must equal kMaxDimOut
   static constexpr int kMaxThreads = 512;    // __launch_bounds__ of the routing kernels
   static constexpr int kGradWeightRows = 8;  // rows d of dW[i, j] per grad_weight thread
 };
@@ -41,6 +43,7 @@ struct GenericTile {
   static constexpr int kMaxDimOut = 32;
   static constexpr int kMaxDimIn = 32;
   static constexpr bool kExactDimIn = false;
+  static constexpr bool kExactDimOut = false;
   static constexpr int kMaxThreads = 1024;
   static constexpr int kGradWeightRows = 1;
 };

@@ -142,6 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
       py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false);
   m.def("launch_log", [] { return simt::launch_log(); }, "kernel names launched since clear_launch_log()");
+  m.def("full_launch_log", [] { return simt::full_launch_log(); },
+      "the same launches, with template arguments as written in the launcher");
   m.def("clear_launch_log", &simt::clear_launch_log);
   register_simt_selftests(m);
 }

@@ -296,6 +296,7 @@ class BlockRunner {
 thread_local BlockRunner* BlockRunner::active = nullptr;
 
 thread_local std::vector<std::string> launched;
+thread_local std::vector<std::string> launched_full;
 
 std::string base_name(const std::string& name) {
   return name.substr(0, name.find_first_of("<( "));
@@ -364,6 +365,7 @@ void launch(
     const std::function<void()>& body, int64_t launch_bound) {
   check_configuration(name, grid, block, shared_bytes, options, launch_bound);
   launched.push_back(base_name(name));
+  launched_full.push_back(name);
   const ThreadState saved = current;
   current.block_dim = block;
   current.grid_dim = grid;
@@ -385,8 +387,13 @@ const std::vector<std::string>& launch_log() {
   return launched;
 }
 
+const std::vector<std::string>& full_launch_log() {
+  return launched_full;
+}
+
 void clear_launch_log() {
   launched.clear();
+  launched_full.clear();
 }
 
 }  // namespace simt

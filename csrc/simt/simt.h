@@ -84,6 +84,8 @@ void check_vector_alignment(const void* pointer, const std::source_location& whe
 
 // Kernel names launched since the last clear_launch_log(), in launch order.
 const std::vector<std::string>& launch_log();
+// The same launches with the names as given to launch() (template arguments included).
+const std::vector<std::string>& full_launch_log();
 void clear_launch_log();
 
 }  // namespace simt
