@@ -5,7 +5,9 @@ built with CUDA (``torch.version.cuda``) and nvcc is found; no GPU is needed to 
 Environment variables:
 
     CAPSNET_FORCE_CUDA=1|0     build the CUDA kernels regardless of detection (1) or never (0)
-    TORCH_CUDA_ARCH_LIST       GPU architectures; default "8.0;9.0+PTX" (A100, H100, PTX for newer)
+    TORCH_CUDA_ARCH_LIST       GPU architectures; default "7.0;7.5;8.0;9.0+PTX" (V100, T4, A100 and
+                               the sm_86/sm_89 cards that run sm_80 code, H100, PTX for newer),
+                               less the archs the nvcc found cannot build (nvcc 13 starts at 7.5)
     CAPSNET_CPU_ARCH           -march for the C++ kernels; default "native" (the kernels rely on
                                the compiler vectorising their inner loops). Set it to e.g.
                                "x86-64-v3" when building a binary for other machines, or to ""
@@ -20,10 +22,14 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_CUDA_ARCH_LIST = "7.0;7.5;8.0;9.0+PTX"
+# Written at build time; capsnet/_extension.py reads it to check a GPU against the built archs.
+CUDA_BUILD_RECORD = os.path.join(ROOT, "capsnet", "_cuda_build.py")
 STANDARD_CUDA_HOME = "/usr/local/cuda"
 
 
@@ -85,6 +91,47 @@ def _cuda_decision() -> tuple[bool, str]:
     return True, f"torch.version.cuda={torch.version.cuda}, nvcc at {nvcc}"
 
 
+def _nvcc_archs(nvcc: str) -> set[str] | None:
+    """The virtual archs nvcc can build ("7.5", "8.0", ...), or None if it cannot tell."""
+    try:
+        listing = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)", listing)}
+    return archs or None
+
+
+def _default_arch_list(nvcc: str | None) -> str:
+    """DEFAULT_CUDA_ARCH_LIST less what this nvcc cannot build, saying which and why; a '+PTX'
+    moves to the newest arch kept."""
+    wanted = DEFAULT_CUDA_ARCH_LIST.split(";")
+    supported = _nvcc_archs(nvcc) if nvcc else None
+    if supported is None:
+        return DEFAULT_CUDA_ARCH_LIST
+    kept = [entry for entry in wanted if entry.split("+")[0] in supported]
+    dropped = [entry.split("+")[0] for entry in wanted if entry.split("+")[0] not in supported]
+    if dropped:
+        oldest = min(supported, key=lambda a: tuple(int(p) for p in a.split(".")))
+        print(
+            f"capsnet: not building for compute capability {', '.join(dropped)}: {nvcc} supports "
+            f"compute_{oldest.replace('.', '')} and newer only (a CUDA 12 toolkit still builds sm_70)",
+            flush=True,
+        )
+    if kept and not any(entry.endswith("+PTX") for entry in kept) and any(e.endswith("+PTX") for e in wanted):
+        kept[-1] += "+PTX"
+    if not kept:
+        raise SystemExit(f"capsnet: {nvcc} supports none of {DEFAULT_CUDA_ARCH_LIST}; set TORCH_CUDA_ARCH_LIST")
+    return ";".join(kept)
+
+
+def _record_cuda_archs(arch_list: str | None) -> None:
+    """capsnet/_cuda_build.py: what the CUDA kernels were built for (None: no CUDA kernels)."""
+    entries = None if arch_list is None else [e for e in re.split(r"[;\s]+", arch_list) if e]
+    with open(CUDA_BUILD_RECORD, "w") as f:
+        f.write('"""Written by setup.py: the TORCH_CUDA_ARCH_LIST capsnet._C was built with."""\n\n')
+        f.write(f"CUDA_ARCH_LIST = {tuple(entries)!r}\n" if entries is not None else "CUDA_ARCH_LIST = None\n")
+
+
 def _relative(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -106,11 +153,12 @@ def build_extension():
     extension_class = CppExtension
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_find_nvcc())
         sources += _relative(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("CAPSNET_WITH_CUDA", None))
         extension_class = CUDAExtension
+    _record_cuda_archs(os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None)
     print(
         f"capsnet: building capsnet._C with CUDA {'ON' if with_cuda else 'OFF'} ({why})"
         + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")

@@ -171,6 +171,27 @@ def _warn_fallback_once(device_type: str, dtype: torch.dtype) -> None:
     )
 
 
+_warned_devices: set[int | None] = set()
+
+
+def _gpu_is_covered(backend: str, device: torch.device) -> bool:
+    """Whether the CUDA kernels were compiled for the GPU of `device` (or its PTX is). If not:
+    "fused" raises, "auto" warns once per GPU and returns False (use the reference)."""
+    problem = _extension.cuda_device_problem(device)
+    if problem is None:
+        return True
+    if backend == "fused":
+        raise RuntimeError(f"capsnet: backend='fused' is unavailable: {problem}")
+    if device.index not in _warned_devices:
+        _warned_devices.add(device.index)
+        warnings.warn(
+            f"capsnet: no fused routing kernel for this GPU: {problem}. Using the pure-PyTorch reference, "
+            "which is much slower; pass backend='reference' to silence this warning.",
+            stacklevel=3,
+        )
+    return False
+
+
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -233,6 +254,8 @@ def dynamic_routing(
         _extension.require_kernel(device_type, kernel_dtype)
     elif not _extension.has_kernel(device_type, kernel_dtype):
         _warn_fallback_once(device_type, kernel_dtype)
+        return dynamic_routing_reference(u, W, bias, num_iterations, **options)
+    if device_type == "cuda" and not _gpu_is_covered(backend, u.device):
         return dynamic_routing_reference(u, W, bias, num_iterations, **options)
     v, _s_saved, couplings = torch.ops.capsnet.routing_forward(
         u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings
