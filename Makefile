@@ -3,6 +3,9 @@
 #   make test     virtual environment + pinned dependencies + build + the whole test suite
 #   make bench    CPU benchmark table (fused vs reference vs torch.compile), see README
 #   make train    a short CapsNet training run on MNIST (minutes on a CPU), see README
+#   make test-cuda-asan   the emulated CUDA tests under AddressSanitizer + UBSan (a few minutes)
+#   make cuda-model       the static performance model of the CUDA kernels, and its resource check
+#   make gpu-check        on a machine with a GPU: build, CUDA tests, benchmarks, training (README)
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), REQUIREMENTS,
 # DATA_DIR (MNIST in torchvision's layout), TRAIN_ARGS (options for train_mnist.py).
@@ -27,7 +30,7 @@ DATA_DIR ?= ../shared/data
 TRAIN_ARGS ?= --limit-train 10000 --batch-size 32 --epochs 1
 TRAIN_OUT ?= runs/mnist-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: venv install test bench train clean
+.PHONY: venv install test bench train clean test-cuda-asan cuda-model gpu-check
 
 venv: $(VENV)/.requirements-installed
 
@@ -49,6 +52,19 @@ bench: install
 
 train: install
 	$(PY) train_mnist.py --data-dir $(DATA_DIR) --out-dir $(TRAIN_OUT) $(TRAIN_ARGS)
+
+# The emulator is built by the tests themselves (benchmarks/emulator.py): no extension build needed.
+test-cuda-asan: venv
+	PY=$(PY) scripts/test_cuda_asan.sh
+
+# Needs nvcc (CUDA_HOME) and nvdisasm (the CUDA toolkit's, or the one triton ships with torch).
+cuda-model: venv
+	$(PY) -m benchmarks.cuda_model --check
+	$(PY) -m benchmarks.cuda_model
+
+# No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
+gpu-check:
+	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) scripts/gpu_check.sh
 
 clean:
 	rm -rf build capsnet/*.so *.egg-info

@@ -124,15 +124,16 @@ def instantiation_source(instantiations: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_kernels(instantiations: list[str], arch: str, workdir: str) -> tuple[dict, str]:
-    """Compiles; returns ({mangled name: Resources}, SASS text with line info)."""
+def compile_kernels(source_text: str, arch: str, workdir: str, include_dir: pathlib.Path = CSRC) -> tuple[dict, str]:
+    """Compiles `source_text` (explicit instantiations); returns ({mangled name: Resources},
+    SASS text with line info)."""
     source = os.path.join(workdir, "kernels.cu")
     cubin = os.path.join(workdir, "kernels.cubin")
     with open(source, "w") as f:
-        f.write(instantiation_source(instantiations))
+        f.write(source_text)
     command = [
         find_tool("nvcc"), "-cubin", f"-arch={arch}", "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
-        "-Xptxas", "-v", f"-I{CSRC}", f"-I{torch_include()}", "-o", cubin, source,
+        "-Xptxas", "-v", f"-I{include_dir}", f"-I{torch_include()}", "-o", cubin, source,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -232,9 +233,10 @@ class Loop:
     trips: float = 1.0
 
 
-def source_markers() -> dict[tuple[str, int], str]:
+def source_markers(root: pathlib.Path = CSRC) -> dict[tuple[str, int], str]:
+    """{(file name, line): trip-count expression} from the '// model-loop:' comments."""
     markers = {}
-    for path in list((CSRC / "cuda").glob("*.cuh")) + [CSRC / "routing_math.h"]:
+    for path in list((root / "cuda").glob("*.cuh")) + [root / "routing_math.h"]:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             m = re.search(r"//\s*model-loop:\s*(.+?)\s*$", line)
             if m:
@@ -251,9 +253,10 @@ def body_signature(instructions: list[Instruction], start: int, end: int) -> dic
     return counts
 
 
-def loop_weights(name: str, instructions: list[Instruction], labels: dict[str, int], env: dict) -> list[float]:
+def loop_weights(
+    name: str, instructions: list[Instruction], labels: dict[str, int], env: dict, markers: dict
+) -> list[float]:
     """Per instruction: how many times one warp issues it."""
-    markers = source_markers()
     loops: list[Loop] = []
     for index, ins in enumerate(instructions):
         m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", ins.text)
@@ -368,6 +371,31 @@ def blocks_per_sm(gpu: Gpu, registers: int, threads: int, shared: int) -> int:
     return max(0, min(by_regs, by_warps, by_shared, gpu.max_blocks_per_sm))
 
 
+@dataclass
+class LaunchCost:
+    blocks: int
+    warps: int  # per block
+    resident: int  # blocks per SM
+    per_warp: float  # warp-instructions one warp issues
+    microseconds: float
+
+
+def cost_of_launch(gpu: Gpu, res: Resources, classes: dict, config: dict) -> LaunchCost:
+    """The issue-limited time of one launch (the module docstring gives the arithmetic)."""
+    blocks = math.prod(config["grid"])
+    threads = math.prod(config["block"])
+    warps = math.ceil(threads / 32)
+    resident = blocks_per_sm(gpu, res.registers, threads, config["shared_bytes"] + res.static_shared)
+    if resident == 0:
+        raise SystemExit(f"cuda_model: a launch with {threads} threads and {res.registers} registers cannot run")
+    busiest = math.ceil(blocks / gpu.multiprocessors)
+    concurrent = min(resident, busiest)
+    efficiency = min(1.0, concurrent * warps / 4 / 2)  # 2 warps per scheduler hide dependent issue
+    per_warp = sum(classes.values())
+    cycles = busiest * warps * (per_warp + classes.get("fp64", 0.0)) / (4 * efficiency)
+    return LaunchCost(blocks, warps, resident, per_warp, cycles / (gpu.clock_ghz * 1e3) + gpu.launch_gap_us)
+
+
 def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, dict]:
     gpu = GPUS[args.arch]
     scalar, acc_bytes = DTYPES[args.dtype]
@@ -377,7 +405,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
     tile = plan["tile"]
     instantiations = sorted({instantiation_of(launch, scalar, tile) for launch in forward + backward})
     with tempfile.TemporaryDirectory() as workdir:
-        resources, sass = compile_kernels(instantiations, args.arch, workdir)
+        resources, sass = compile_kernels(instantiation_source(instantiations), args.arch, workdir)
     functions = parse_sass(sass)
     shape = dict(CAPSNET_SHAPE, batch=args.batch, iterations=args.iterations)
     env = dict(
@@ -389,8 +417,9 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
         grad_s_terms=1 if args.detach_routing else args.iterations,
     )
     per_function = {}
+    markers = source_markers()
     for mangled, (instructions, labels) in functions.items():
-        weights = loop_weights(mangled, instructions, labels, env)
+        weights = loop_weights(mangled, instructions, labels, env, markers)
         classes: dict[str, float] = {}
         for ins, weight in zip(instructions, weights):
             cls = instruction_class(ins)
@@ -403,20 +432,10 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
             name = launch.split("<")[0]
             mangled = mangled_match(resources, instantiation_of(launch, scalar, tile))
             config = plan["launches"][name]
-            blocks = math.prod(config["grid"])
-            threads = math.prod(config["block"])
-            warps = math.ceil(threads / 32)
             res = resources[mangled]
-            resident = blocks_per_sm(gpu, res.registers, threads, config["shared_bytes"] + res.static_shared)
-            if resident == 0:
-                raise SystemExit(f"cuda_model: {launch} cannot run: no block fits on an SM")
-            busiest = math.ceil(blocks / gpu.multiprocessors)
-            concurrent = min(resident, busiest)
-            warps_per_scheduler = concurrent * warps / 4
-            efficiency = min(1.0, warps_per_scheduler / 2)
             classes = per_function[mangled]
-            per_warp = sum(classes.values())
-            cycles = busiest * warps * (per_warp + classes.get("fp64", 0.0)) / (4 * efficiency)
+            launch_cost = cost_of_launch(gpu, res, classes, config)
+            blocks, resident, per_warp, warps = launch_cost.blocks, launch_cost.resident, launch_cost.per_warp, launch_cost.warps
             key = name + ("<first>" if "true" in launch else "") + (
                 "<" + launch.split("SweepPass::")[1].rstrip(">") + ">" if "SweepPass::" in launch else ""
             )
@@ -428,7 +447,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
             row.warp_instructions += blocks * warps * per_warp
             for cls, count in classes.items():
                 row.classes[cls] = row.classes.get(cls, 0.0) + blocks * warps * count
-            row.microseconds += cycles / (gpu.clock_ghz * 1e3) + gpu.launch_gap_us
+            row.microseconds += launch_cost.microseconds
         return list(rows.values())
 
     return run(forward), run(backward), plan, resources

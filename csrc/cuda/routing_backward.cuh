@@ -52,20 +52,36 @@ struct BackwardParams {
 // gs_k[b, j] = squash backward at s_k of dL/dv_k (grad_v at k = r-1, else the sum of the
 // chunks' partial sums in chunk order), into its term vector. The first launch (k = r-1)
 // also recomputes the per-sample state: V_m (m = 1..r-1) as the forward did, and v_m for
-// the terms. Grid (B, ceil(J / blockDim.x)): one thread per output capsule.
+// the terms. Grid and block as forward_squash_kernel (CapsuleColumns).
 template <typename scalar_t, typename Tile>
 __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int kDim = Tile::kMaxDimOut;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
-  const int64_t b = blockIdx.x;
-  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  const CapsuleColumns c = CapsuleColumns::locate(n);
   const int k = p.iteration;
-  if (j >= n.num_out) {
+  const bool last = k + 1 == n.iterations;
+  acc_t* columns = dynamic_shared_memory<acc_t>();  // [capsules][D]: dL/dv_k
+  if (c.has_column) {
+    acc_t total = 0;
+    if (last) {
+      total = static_cast<acc_t>(p.grad_v[g.output_vector(c.b, c.j) + c.d]);
+    } else {
+      const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
+      const int64_t chunk_stride = g.columns();
+      for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
+        total += *partial;
+        partial += chunk_stride;
+      }
+    }
+    columns[threadIdx.x] = total;
+  }
+  __syncthreads();
+  if (!c.has_capsule) {
     return;
   }
-  const bool last = k + 1 == n.iterations;
+  const int64_t b = c.b, j = c.capsule;
   if (last) {
     acc_t V[kDim];
     fill(V, acc_t(0));
@@ -83,26 +99,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
     }
   }
   acc_t grad[kDim];
-  fill(grad, acc_t(0));
-  if (last) {
-    const scalar_t* grad_v = p.grad_v + g.output_vector(b, j);
-#pragma unroll
-    for (int d = 0; d < kDim; ++d) {
-      if (d < n.dim_out) {
-        grad[d] = static_cast<acc_t>(grad_v[d]);
-      }
-    }
-  } else {
-    for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
-      const acc_t* partial = p.partials + g.partial_vector(b, chunk, j);
-#pragma unroll
-      for (int d = 0; d < kDim; ++d) {
-        if (d < n.dim_out) {
-          grad[d] += partial[d];
-        }
-      }
-    }
-  }
+  load_vector<false>(columns + (j - c.first_capsule) * n.dim_out, n.dim_out, grad);
   acc_t s[kDim];
   load_vector<Tile::kExactDimOut>(p.s_saved + g.iteration_vector(b, k, j), n.dim_out, s);
   const auto component = [&](auto d) { return s[d]; };
@@ -121,7 +118,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
 //   detach_routing (m = r-1): stores c_{r-1}.
 // Grid and block as forward_partial_sums_kernel; one instantiation per kind of pass.
 template <typename scalar_t, typename Tile, SweepPass kPass>
-__global__ void __launch_bounds__(Tile::kMaxThreads) backward_partial_sums_kernel(const BackwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_partial_sums_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
@@ -129,85 +126,95 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) backward_partial_sums_kerne
   const int m = p.iteration;
   const BackwardTerms& terms = p.terms_of;
   constexpr bool kDetach = kPass == SweepPass::kCouplingsOnly;
-  CapsuleExchange<acc_t> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+  const CapsuleExchange<acc_t, Tile> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+  exchange.prepare(t.lane, t.j);
 
   constexpr bool kExact = Tile::kExactDimOut;
   const int dim_out = int(n.dim_out), dim_in = int(n.dim_in);
 
   acc_t agreement[Tile::kMaxDimOut];  // V_m
-  acc_t grad_s[Tile::kMaxDimOut];     // gs_m
   fill(agreement, acc_t(0));
-  fill(grad_s, acc_t(0));
-  if (t.active) {
-    if (kPass != SweepPass::kPriorGrads) {
-      load_vector<kExact>(p.agreement + g.iteration_vector(t.b, m, t.j), dim_out, agreement);
+  if (t.active && kPass != SweepPass::kPriorGrads) {
+    load_vector<kExact>(p.agreement + g.iteration_vector(t.b, m, t.j), dim_out, agreement);
+  }
+  // gs_m: in registers, or, in the CapsNet tile, in this thread's row of shared memory
+  // after the exchange (read back with 16-byte loads when needed), which leaves the
+  // registers to the predictions: no spills at two blocks per SM.
+  const ThreadRow<acc_t, Tile> grad_s_row{
+      dynamic_shared_memory<acc_t>() + exchange_elements<Tile>(n.num_out, g.part.samples_per_block, int(sizeof(acc_t))),
+      t.j * g.part.samples_per_block + t.lane};
+  acc_t grad_s[ThreadRow<acc_t, Tile>::kInRegisters ? Tile::kMaxDimOut : 1];
+  {
+    acc_t values[Tile::kMaxDimOut];
+    fill(values, acc_t(0));
+    if (t.active && !kDetach) {
+      load_vector<kExact>(p.terms + g.term_vector(t.b, terms.grad_s_term(m), t.j), dim_out, values);
     }
-    if (!kDetach) {
-      load_vector<kExact>(p.terms + g.term_vector(t.b, terms.grad_s_term(m), t.j), dim_out, grad_s);
-    }
+    grad_s_row.keep(values, grad_s);
   }
   const bool has_later_logits = !kDetach && m + 1 < n.iterations;  // else G_{m+1} = 0
   constexpr bool kSumsGradV = kPass == SweepPass::kLogitGrads;
 
-  // Pointers walked along the chunk, as in forward_partial_sums_kernel. Lanes past the
-  // batch read the last sample's rows and store nothing.
-  const int64_t b = t.active ? t.b : n.batch - 1;
-  const scalar_t* u_row = p.u + g.input_row(b, t.i_begin);
-  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
-  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
-  const scalar_t* prior = p.logit_prior != nullptr ? p.logit_prior + g.pair(t.i_begin, t.j) : nullptr;
-  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
+  // 32-bit offsets walked along the chunk, as in forward_partial_sums_kernel. Lanes past
+  // the batch read the last sample's rows and store nothing.
+  const int b = t.active ? t.b : int(n.batch) - 1;
+  int u_offset = int(g.input_row(b, t.i_begin));
+  int W_offset = int(g.weight_matrix(t.i_begin, t.j));
+  const int W_step = int(n.num_out * n.dim_out * n.dim_in);
+  int pair = int(g.pair(t.i_begin, t.j));  // of logit_prior and prior_couplings
+  const int num_out = int(n.num_out);
   const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
-  const int64_t coefficient_step = n.num_out * n.batch;  // one input capsule further
-  // Only the slots this pass writes exist (BackwardTerms): no pointer into a missing one.
-  acc_t* coupling_out = (kSumsGradV || kDetach)
-      ? p.coefficients + g.coefficient(terms.coupling_slot(m), t.i_begin, t.j, b) : nullptr;
-  acc_t* logit_grad_out = !kDetach ? p.coefficients + g.coefficient(terms.logit_grad_slot(m), t.i_begin, t.j, b) : nullptr;
-  const acc_t* later_logit_grad =
-      has_later_logits ? p.coefficients + g.coefficient(terms.logit_grad_slot(m + 1), t.i_begin, t.j, b) : nullptr;
+  // This thread's coefficients of input i_begin; each slot that this pass reads or writes
+  // is a fixed distance away, and one input capsule further is coefficient_step.
+  int coefficient = int(g.coefficient(0, t.i_begin, t.j, b));
+  const int slot_stride = int(n.num_in * n.num_out * n.batch);
+  const int coefficient_step = int(n.num_out * n.batch);
+  const int coupling_slot = (kSumsGradV || kDetach) ? terms.coupling_slot(m) * slot_stride : 0;
+  const int logit_grad_slot = !kDetach ? terms.logit_grad_slot(m) * slot_stride : 0;
+  const int later_logit_grad_slot = has_later_logits ? terms.logit_grad_slot(m + 1) * slot_stride : 0;
 
   acc_t grad_v_partial[Tile::kMaxDimOut];
   fill(grad_v_partial, acc_t(0));
-  for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
+  for (int i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t u_i[Tile::kMaxDimIn];
-    load_row<Tile>(u_row, dim_in, u_i);
+    load_row<Tile>(p.u + u_offset, dim_in, u_i);
     acc_t u_hat[Tile::kMaxDimOut];
-    predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
-    u_row += n.dim_in;
-    W_ij += W_step;
+    predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
+    u_offset += dim_in;
+    W_offset += W_step;
     acc_t c;
     if constexpr (kPass == SweepPass::kPriorGrads) {
-      c = initial != nullptr ? *initial : uniform;
-      initial = initial != nullptr ? initial + n.num_out : nullptr;
+      c = p.prior_couplings != nullptr ? p.prior_couplings[pair] : uniform;
     } else {
-      const acc_t prior_ij = prior != nullptr ? static_cast<acc_t>(*prior) : acc_t(0);
-      prior = prior != nullptr ? prior + n.num_out : nullptr;
+      const acc_t prior_ij = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[pair]) : acc_t(0);
       c = exchange_coupling(exchange, t.lane, t.j, routing_logit<kExact>(u_hat, agreement, dim_out, prior_ij), p.options);
     }
+    pair += num_out;
     if constexpr (kDetach) {
       if (t.active) {
-        *coupling_out = c;
+        p.coefficients[coefficient + coupling_slot] = c;
       }
-      coupling_out += coefficient_step;
+      coefficient += coefficient_step;
       continue;
     }
-    const acc_t grad_c = dot<kExact>(grad_s, u_hat, dim_out);
-    const acc_t row_dot = exchange.sum(exchange.gather(t.lane, t.j, c * grad_c), acc_t(0));
+    const acc_t grad_c = grad_s_row.dot(grad_s, u_hat, dim_out);
+    // The G_0 pass has no other exchange between two inputs' dot exchanges: it alternates
+    // two buffers (both with zeros past J), so a buffer is rewritten only after a barrier
+    // that every thread reaches after reading it.
+    const acc_t row_dot = (kPass == SweepPass::kPriorGrads && ((i - t.i_begin) & 1))
+        ? exchange.template reduce<kSumExchange>(t.lane, t.j, c * grad_c, acc_t(0))
+        : exchange.template reduce<kDotExchange>(t.lane, t.j, c * grad_c, acc_t(0));
     acc_t logit_grad = coupling_logit_grad(c, grad_c, row_dot);
     if (has_later_logits) {
-      logit_grad += *later_logit_grad;  // a lane past the batch reads sample B-1's: harmless
-      later_logit_grad += coefficient_step;
+      logit_grad += p.coefficients[coefficient + later_logit_grad_slot];  // a lane past the batch: sample B-1's
     }
     if (t.active) {
       if constexpr (kSumsGradV) {
-        *coupling_out = c;
+        p.coefficients[coefficient + coupling_slot] = c;
       }
-      *logit_grad_out = logit_grad;
+      p.coefficients[coefficient + logit_grad_slot] = logit_grad;
     }
-    if constexpr (kSumsGradV) {
-      coupling_out += coefficient_step;
-    }
-    logit_grad_out += coefficient_step;
+    coefficient += coefficient_step;
     if constexpr (kSumsGradV) {
 #pragma unroll
       for (int d = 0; d < Tile::kMaxDimOut; ++d) {
@@ -221,21 +228,32 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) backward_partial_sums_kerne
 }
 
 // x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
-// term by term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at
-// (b, term 0, j, row); `initial` is c_0[i, j].
+// term by term in order. coefficients[coefficient] is the first stored coefficient of
+// (i, j, b) (slot 0), the next slots follow slot_stride apart; vectors[vector] is
+// (b, term 0, j, row), the next terms term_stride apart; `initial` is c_0[i, j], term 0's
+// coefficient unless it is stored. 32-bit offsets: the planner keeps every workspace below
+// 2^31 elements (unsupported_shape_reason).
 template <bool kExact, int kRows, typename acc_t>
 __device__ __forceinline__ void grad_prediction(
-    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int64_t slot_stride, acc_t initial,
-    const acc_t* __restrict__ vectors, int64_t term_stride, int rows, acc_t (&x)[kRows]) {
+    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int coefficient, int slot_stride,
+    acc_t initial, const acc_t* __restrict__ vectors, int vector, int term_stride, int rows, acc_t (&x)[kRows]) {
   fill(x, acc_t(0));
+  acc_t scale = initial;
+  if (terms.stored_coefficient(0)) {
+    scale = coefficients[coefficient];
+    coefficient += slot_stride;
+  }
   for (int term = 0; term < count; ++term) {  // model-loop: terms
-    const acc_t coefficient =
-        terms.stored_coefficient(term) ? coefficients[terms.slot_of_term(term) * slot_stride] : initial;
-    acc_t vector[kRows];
-    load_vector<kExact>(vectors + term * term_stride, rows, vector);
+    acc_t values[kRows];
+    load_vector<kExact>(vectors + vector, rows, values);
 #pragma unroll
     for (int d = 0; d < kRows; ++d) {
-      x[d] = fused_multiply_add(coefficient, vector[d], x[d]);
+      x[d] = fused_multiply_add(scale, values[d], x[d]);
+    }
+    if (term + 1 < count) {
+      scale = coefficients[coefficient];
+      coefficient += slot_stride;
+      vector += term_stride;
     }
   }
 }
@@ -270,20 +288,22 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   }
   acc_t grad_prior = 0;
   if (active && group < n.batch) {
-    // Pointers walked over this group's samples.
-    const int64_t slot_stride = n.num_in * n.num_out * n.batch;
-    const acc_t* coefficients = p.coefficients != nullptr ? p.coefficients + g.coefficient(0, i, j, group) : nullptr;
-    const acc_t* vectors = p.terms + g.term_vector(group, 0, j) + row;
-    const scalar_t* u_row = p.u + g.input_row(group, i);
-    const int64_t vectors_step = groups * g.part.terms * g.columns();
-    const int64_t u_step = groups * n.num_in * n.dim_in;
+    // 32-bit offsets walked over this group's samples.
+    const int slot_stride = int(n.num_in * n.num_out * n.batch);
+    int coefficient = int(g.coefficient(0, i, j, group));
+    int vector = int(g.term_vector(group, 0, j) + row);
+    int u_row = int(g.input_row(group, i));
+    const int vectors_step = int(groups * g.part.terms * g.columns());
+    const int u_step = int(groups * n.num_in * n.dim_in);
     const acc_t initial = initial_coupling(p.prior_couplings, g, i, j, p.options);
-    const int64_t prior_slot = terms.logit_grad_slot(0) * slot_stride;
+    const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
+    const int count = g.part.terms;
+    const int term_stride = int(g.columns());
     for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: ceil(batch / sample_groups)
       acc_t x[kRows];
-      grad_prediction<kExact>(terms, g.part.terms, coefficients, slot_stride, initial, vectors, g.columns(), rows, x);
+      grad_prediction<kExact>(terms, count, p.coefficients, coefficient, slot_stride, initial, p.terms, vector, term_stride, rows, x);
       acc_t u_i[kDimIn];
-      load_row<Tile>(u_row, n.dim_in, u_i);
+      load_row<Tile>(p.u + u_row, n.dim_in, u_i);
 #pragma unroll
       for (int d = 0; d < kRows; ++d) {
 #pragma unroll
@@ -292,10 +312,10 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
         }
       }
       if (sums_prior) {
-        grad_prior += coefficients[prior_slot];
+        grad_prior += p.coefficients[coefficient + prior_slot];
       }
-      coefficients = coefficients != nullptr ? coefficients + groups : nullptr;
-      vectors += vectors_step;
+      coefficient += groups;
+      vector += vectors_step;
       u_row += u_step;
     }
   }
@@ -356,7 +376,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
 // meets in shared memory ([slice][J][lanes]), p.geometry.part.grad_input_slice input
 // dimensions per round, and is added in the order j = 0..J-1.
 template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(Tile::kMaxThreads) grad_input_kernel(const BackwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_input_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   constexpr bool kExact = Tile::kExactDimOut;
   const RoutingGeometry& g = p.geometry;
@@ -368,21 +388,26 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) grad_input_kernel(const Bac
   acc_t* per_capsule = dynamic_shared_memory<acc_t>();
 
   // Pointers walked along the chunk; lanes past the batch read sample B-1 and store nothing.
-  const int64_t b = t.active ? t.b : n.batch - 1;
-  const int64_t slot_stride = n.num_in * n.num_out * n.batch;
-  const int64_t coefficient_step = n.num_out * n.batch;
-  const acc_t* coefficients = p.coefficients != nullptr ? p.coefficients + g.coefficient(0, t.i_begin, t.j, b) : nullptr;
-  const acc_t* vectors = p.terms + g.term_vector(b, 0, t.j);
+  const int b = t.active ? t.b : int(n.batch) - 1;
+  const int slot_stride = int(n.num_in * n.num_out * n.batch);
+  const int coefficient_step = int(n.num_out * n.batch);
+  int coefficient = int(g.coefficient(0, t.i_begin, t.j, b));
+  const int vector = int(g.term_vector(b, 0, t.j));
   const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
   const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
   const int row_stride = Tile::kExactDimIn ? Tile::kMaxDimIn : dim_in;
   scalar_t* grad_u = p.grad_u + g.input_row(b, t.i_begin);
 
+  const int count = g.part.terms;
+  const int term_stride = int(g.columns());
+  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
+  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
   for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t x[Tile::kMaxDimOut];
     grad_prediction<kExact>(
-        p.terms_of, g.part.terms, coefficients, slot_stride, initial_coupling(p.prior_couplings, g, i, t.j, p.options),
-        vectors, g.columns(), dim_out, x);
+        p.terms_of, count, p.coefficients, coefficient, slot_stride, initial != nullptr ? *initial : uniform, p.terms,
+        vector, term_stride, dim_out, x);
+    initial = initial != nullptr ? initial + n.num_out : nullptr;
     // This capsule's term of dL/du[b, i]: W[i, j]^T dL/du_hat[j|i].
     acc_t term[Tile::kMaxDimIn];
     fill(term, acc_t(0));
@@ -397,7 +422,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) grad_input_kernel(const Bac
         }
       }
     }
-    coefficients = coefficients != nullptr ? coefficients + coefficient_step : nullptr;
+    coefficient += coefficient_step;
     W_ij += W_step;
     for (int first = 0; first < dim_in; first += slice) {  // model-loop: input_slices
       const int width = smaller(slice, dim_in - first);

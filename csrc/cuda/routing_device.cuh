@@ -10,6 +10,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "routing_layout.h"
 #include "routing_math.h"
@@ -53,6 +55,21 @@ __device__ __forceinline__ T fused_multiply_add(T a, T b, T c) {
   return std::fma(a, b, c);
 }
 
+// a + b, never merged with the product that made b into one fused multiply-add (which the
+// compiler may otherwise do in one kernel and not in another).
+template <typename T>
+__device__ __forceinline__ T add_unfused(T a, T b) {
+#if defined(__CUDACC__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
+#else
+  return a + b;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------
 // Loads. Storage may be float16/bfloat16/float32/float64; arithmetic is in acc_t.
 // ---------------------------------------------------------------------------------------
@@ -67,7 +84,15 @@ struct alignas(16) Vector16 {
 template <typename scalar_t>
 __device__ __forceinline__ Vector16<scalar_t> load_vector16(const scalar_t* __restrict__ pointer) {
   CAPSNET_ASSERT_VECTOR_ALIGNED(pointer);
+#if defined(__CUDACC__)
   return *reinterpret_cast<const Vector16<scalar_t>*>(pointer);
+#else
+  // The emulator has reported a misaligned pointer above; the copy itself must not be
+  // undefined behaviour on the host (UBSan checks it in make test-cuda-asan).
+  Vector16<scalar_t> vector;
+  std::memcpy(&vector, pointer, sizeof(vector));
+  return vector;
+#endif
 }
 
 // A row of u or of W (D_in elements) into registers, zero beyond `count`.
@@ -182,63 +207,199 @@ __device__ __forceinline__ acc_t routing_logit(const acc_t (&u_hat)[kMax], const
 template <int kMax, typename acc_t, typename Component>
 __device__ __forceinline__ void add_squashed(const Component& s, int64_t dim, acc_t (&V)[kMax]) {
   const SquashCoefficients<acc_t> k = squash_coefficients<kMax, acc_t>(s, dim);
-  squash_forward<kMax>(k, s, dim, [&](auto d, acc_t value) { V[d] = V[d] + value; });
+  squash_forward<kMax>(k, s, dim, [&](auto d, acc_t value) { V[d] = add_unfused(V[d], value); });
 }
 
 // ---------------------------------------------------------------------------------------
 // The capsule exchange, and the coupling step on it.
 // ---------------------------------------------------------------------------------------
 
+// 1 / x, correctly rounded (the value of the seam's T(1) / x): the GPU's reciprocal
+// instruction with its rounding fix-up instead of a full division.
+template <typename T>
+__device__ __forceinline__ T reciprocal(T x) {
+#if defined(__CUDACC__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __frcp_rn(x);
+  } else {
+    return __drcp_rn(x);
+  }
+#else
+  return T(1) / x;
+#endif
+}
+
 // The J threads (lane, 0..J-1) of a routing block that hold the same sample publish one
 // value each in shared memory, so that each can reduce over the output capsules j (the
-// coupling step of Eq. 3 and its backward). Two buffers, used in turn: a thread writes a
-// buffer again only after the barrier of the exchange in between, which every thread
-// reaches after it has read that buffer; so one barrier per exchange suffices.
-template <typename acc_t>
-struct CapsuleExchange {
-  acc_t* buffers;  // [2][J][lanes]
-  int lanes;       // blockDim.x
-  int num_out;     // J
-  int next = 0;
+// coupling step of Eq. 3 and its backward). Each kind of reduction has its own buffer
+// (kMax: the row maximum; kSum: the sum of exponentials; kDot: <c, dL/dc>), used in that
+// order for every input capsule: a thread writes a buffer again only after the barriers of
+// the other exchanges in between, which every thread reaches after it has read that
+// buffer; so one barrier per exchange suffices.
+//
+// Tile::kLanes > 0 (the CapsNet tile, J <= kMaxNumOut): each sample's row holds kMaxNumOut
+// entries (+ padding against bank conflicts); the entries past J hold the reduction's
+// neutral value (-inf for the maximum, 0 for the sums, written once), so every thread
+// reads its row with whole 16-byte loads and reduces kMaxNumOut entries without a bound
+// check: the same result, in the same order k = 0..J-1 (adding zeros at the end changes
+// no bit of a sum of positive terms). Otherwise: [J][lanes], J read in a loop.
+enum ExchangeKind { kMaxExchange = 0, kSumExchange = 1, kDotExchange = 2 };
 
-  // Publishes `value` as that of (lane, j) and returns this lane's column: entry k * lanes
-  // is capsule k's value. Every thread of the block must call it together (a barrier).
-  __device__ const acc_t* gather(int lane, int j, acc_t value) {
-    acc_t* buffer = buffers + next * num_out * lanes;
-    next ^= 1;
-    buffer[j * lanes + lane] = value;
-    __syncthreads();
-    return buffer + lane;
+template <typename acc_t, typename Tile>
+struct CapsuleExchange {
+  static constexpr int kLanes = Tile::kLanes;
+  static constexpr bool kRows = kLanes > 0;
+  static constexpr int kMaxNumOut = kRows ? Tile::kMaxNumOut : 0;
+  static constexpr int kRowStride = exchange_row_stride<Tile>(int(sizeof(acc_t)));
+
+  acc_t* buffers;  // [kinds][lanes][kRowStride] or [kinds][J][lanes]
+  int run_time_lanes;
+  int num_out;  // J
+
+  __device__ int lanes() const { return kRows ? kLanes : run_time_lanes; }
+
+  // Every thread of the block, before the first exchange: the neutral entries past J.
+  __device__ void prepare(int lane, int j) const {
+    if constexpr (kRows) {
+      if (j == 0) {
+        for (int k = num_out; k < kMaxNumOut; ++k) {  // model-loop: 16 - num_out
+          buffers[(kMaxExchange * kLanes + lane) * kRowStride + k] = -std::numeric_limits<acc_t>::infinity();
+          buffers[(kSumExchange * kLanes + lane) * kRowStride + k] = acc_t(0);
+          buffers[(kDotExchange * kLanes + lane) * kRowStride + k] = acc_t(0);
+        }
+      }
+    }
   }
 
-  // sum_k column[k], k = 0..J-1 in order, starting from `start`.
-  __device__ acc_t sum(const acc_t* column, acc_t start) const {
-    acc_t total = start;
-    for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
-      total += column[k * lanes];
+  // Publishes `value` as that of (lane, j) in the buffer of `kind` and reduces this lane's
+  // row over k = 0..J-1 in order, from `start`: the maximum (a NaN entry is passed over, as
+  // by the seam's comparison) or the sum. Every thread of the block must call it together.
+  template <ExchangeKind kKind>
+  __device__ acc_t reduce(int lane, int j, acc_t value, acc_t start) const {
+    acc_t* buffer = buffers + kKind * num_out_rows() * (kRows ? kRowStride : lanes());
+    acc_t result = start;
+    if constexpr (kRows) {
+      acc_t* row = buffer + lane * kRowStride;
+      row[j] = value;
+      __syncthreads();
+      constexpr int kWidth = Vector16<acc_t>::kWidth;
+#pragma unroll
+      for (int chunk = 0; chunk < kMaxNumOut / kWidth; ++chunk) {
+        const Vector16<acc_t> entries = load_vector16(row + chunk * kWidth);
+#pragma unroll
+        for (int e = 0; e < kWidth; ++e) {
+          result = combine<kKind>(result, entries.values[e]);
+        }
+      }
+    } else {
+      const int n = lanes();
+      buffer[j * n + lane] = value;
+      __syncthreads();
+      const acc_t* column = buffer + lane;
+#pragma unroll 1
+      for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
+        result = combine<kKind>(result, column[k * n]);
+      }
     }
-    return total;
+    return result;
+  }
+
+ private:
+  __device__ int num_out_rows() const { return kRows ? kLanes : num_out; }
+
+  template <ExchangeKind kKind>
+  static __device__ acc_t combine(acc_t a, acc_t b) {
+    if constexpr (kKind == kMaxExchange) {
+      return std::fmax(a, b);
+    } else {
+      return a + b;
+    }
   }
 };
 
 // c_ij for the calling thread (lane, j) from its logit b_ij: the coupling step of
 // routing_math.h (row maximum, shifted exponential, reciprocal of the row's sum in the
 // order k = 0..J-1), with the row met through the exchange.
-template <typename acc_t>
+template <typename acc_t, typename Tile>
 __device__ __forceinline__ acc_t exchange_coupling(
-    CapsuleExchange<acc_t>& exchange, int lane, int j, acc_t logit, const RoutingOptions& options) {
-  const acc_t* logits = exchange.gather(lane, j, logit);
-  acc_t row_max = coupling_max_start<acc_t>(options);
-  for (int k = 0; k < exchange.num_out; ++k) {  // model-loop: num_out
-    const acc_t other = logits[k * exchange.lanes];
-    row_max = other > row_max ? other : row_max;
-  }
+    const CapsuleExchange<acc_t, Tile>& exchange, int lane, int j, acc_t logit, const RoutingOptions& options) {
+  const acc_t row_max = exchange.template reduce<kMaxExchange>(lane, j, logit, coupling_max_start<acc_t>(options));
   const acc_t shifted_exp = std::exp(logit - row_max);
-  const acc_t* exps = exchange.gather(lane, j, shifted_exp);
-  const acc_t total =
-      exchange.sum(exps, coupling_sum_start<acc_t>(options, options.leaky ? std::exp(-row_max) : acc_t(0)));
-  return coupling_from(shifted_exp, acc_t(1) / total);
+  const acc_t sum_start = coupling_sum_start<acc_t>(options, options.leaky ? std::exp(-row_max) : acc_t(0));
+  const acc_t total = exchange.template reduce<kSumExchange>(lane, j, shifted_exp, sum_start);
+  return coupling_from(shifted_exp, reciprocal(total));
 }
+
+// A per-thread D_out-vector that a routing kernel keeps for its whole chunk. Generic tile:
+// in registers. CapsNet tile: in the thread's row of shared memory (ThreadRow::elements per
+// block, after the exchange's buffers; rows padded so that 16-byte loads of 8 consecutive
+// threads hit different banks), so that the hot loop's registers go to the predictions.
+template <typename acc_t, typename Tile>
+struct ThreadRow {
+  static constexpr bool kInRegisters = Tile::kLanes == 0;
+  static constexpr int kStride = thread_row_stride<Tile>(int(sizeof(acc_t)));
+  acc_t* row;
+
+  __device__ ThreadRow(acc_t* rows, int thread) : row(rows + thread * kStride) {}
+
+  // Stores `values` where the row lives: `registers` (kInRegisters) or shared memory.
+  template <int kDim, int kKept>
+  __device__ void keep(const acc_t (&values)[kDim], acc_t (&registers)[kKept]) const {
+    if constexpr (kInRegisters) {
+#pragma unroll
+      for (int d = 0; d < kDim; ++d) {
+        registers[d] = values[d];
+      }
+    } else {
+#pragma unroll
+      for (int d = 0; d < kDim; ++d) {
+        row[d] = values[d];
+      }
+    }
+  }
+
+  // <row, other> over the first `count` components, in order, with fused multiply-adds.
+  template <int kDim, int kKept>
+  __device__ acc_t dot(const acc_t (&registers)[kKept], const acc_t (&other)[kDim], int count) const {
+    if constexpr (kInRegisters) {
+      return capsnet::cuda::dot<Tile::kExactDimOut>(registers, other, count);
+    } else {
+      acc_t values[kDim];
+      load_vector<Tile::kExactDimOut>(row, count, values);
+      return capsnet::cuda::dot<Tile::kExactDimOut>(values, other, count);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// The per-sample kernels (forward_squash_kernel, backward_squash_kernel): block b of the grid's
+// x holds sample b and `capsules` output capsules (from capsules * blockIdx.y); its threads
+// first sum, one component (j, d) each, what the capsule's vector is made of into shared
+// memory, then one thread per capsule works on the whole vector.
+// ---------------------------------------------------------------------------------------
+struct CapsuleColumns {
+  int64_t b;
+  int64_t first_capsule;
+  int capsules;   // per block
+  int64_t j;      // this thread's column (j, d), valid if has_column
+  int64_t d;
+  bool has_column;
+  int64_t capsule;  // this thread's capsule in the second phase, valid if has_capsule
+  bool has_capsule;
+
+  __device__ static CapsuleColumns locate(const RoutingShape& n) {
+    CapsuleColumns c;
+    c.b = blockIdx.x;
+    c.capsules = int(blockDim.x / n.dim_out);
+    c.first_capsule = int64_t(blockIdx.y) * c.capsules;
+    c.j = c.first_capsule + threadIdx.x / n.dim_out;
+    c.d = threadIdx.x % n.dim_out;
+    c.has_column = threadIdx.x < c.capsules * n.dim_out && c.j < n.num_out;
+    c.capsule = c.first_capsule + threadIdx.x;
+    c.has_capsule = int(threadIdx.x) < c.capsules && c.capsule < n.num_out;
+    return c;
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Where a routing-kernel thread works: sample b = blockIdx.x * lanes + lane, output capsule
@@ -248,21 +409,21 @@ __device__ __forceinline__ acc_t exchange_coupling(
 struct RoutingThread {
   int lane;
   int j;
-  int64_t b;
+  int b;  // 32-bit: the planner keeps B below 2^31
   bool active;
-  int64_t chunk;
-  int64_t i_begin;
-  int64_t i_end;
+  int chunk;
+  int i_begin;
+  int i_end;
 
   __device__ static RoutingThread locate(const RoutingGeometry& g) {
     RoutingThread t;
     t.lane = threadIdx.x;
     t.j = threadIdx.y;
-    t.b = int64_t(blockIdx.x) * g.part.samples_per_block + t.lane;
+    t.b = int(blockIdx.x) * g.part.samples_per_block + t.lane;
     t.active = t.b < g.shape.batch;
     t.chunk = blockIdx.y;
-    t.i_begin = t.chunk * g.part.inputs_per_chunk;
-    t.i_end = smaller(t.i_begin + g.part.inputs_per_chunk, g.shape.num_in);
+    t.i_begin = int(t.chunk * g.part.inputs_per_chunk);
+    t.i_end = int(smaller(int64_t(t.i_begin) + g.part.inputs_per_chunk, g.shape.num_in));
     return t;
   }
 };

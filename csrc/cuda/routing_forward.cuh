@@ -65,12 +65,15 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) prior_coupling_kernel
 // Grid (sample tiles, chunks), block (lanes, J). kFirst: iteration 0, whose couplings are the
 // initial ones (no logits, no exchange), compiled separately so that neither pays for the other.
 template <typename scalar_t, typename Tile, bool kFirst>
-__global__ void __launch_bounds__(Tile::kMaxThreads) forward_partial_sums_kernel(const ForwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_partial_sums_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const RoutingThread t = RoutingThread::locate(g);
-  CapsuleExchange<acc_t> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+  const CapsuleExchange<acc_t, Tile> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
+  if constexpr (!kFirst) {
+    exchange.prepare(t.lane, t.j);
+  }
   scalar_t* const couplings = p.iteration + 1 == n.iterations ? p.couplings : nullptr;
 
   constexpr bool kExact = Tile::kExactDimOut;
@@ -82,43 +85,44 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) forward_partial_sums_kernel
     load_vector<kExact>(p.agreement + g.output_vector(t.b, t.j), dim_out, agreement);
   }
 
-  // Walk the chunk with pointers: one add per input instead of recomputed 64-bit indices.
+  // Walk the chunk with 32-bit offsets (the planner keeps every tensor below 2^31
+  // elements): one add per input instead of recomputed 64-bit indices, and few registers.
   // A lane past the batch reads the last sample's rows (valid memory) and stores nothing.
-  const int64_t b = t.active ? t.b : n.batch - 1;
-  const scalar_t* u_row = p.u + g.input_row(b, t.i_begin);
-  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
-  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
-  const scalar_t* prior = p.logit_prior != nullptr ? p.logit_prior + g.pair(t.i_begin, t.j) : nullptr;
-  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
+  const int b = t.active ? t.b : int(n.batch) - 1;
+  int u_offset = int(g.input_row(b, t.i_begin));
+  int W_offset = int(g.weight_matrix(t.i_begin, t.j));
+  const int W_step = int(n.num_out * n.dim_out * n.dim_in);
+  int pair = int(g.pair(t.i_begin, t.j));  // of logit_prior and prior_couplings
+  int coupling = int(g.coupling(b, t.i_begin, t.j));
+  const int num_out = int(n.num_out);
+  const bool stores_couplings = couplings != nullptr && t.active;
   const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
-  scalar_t* coupling_out = couplings != nullptr && t.active ? couplings + g.coupling(t.b, t.i_begin, t.j) : nullptr;
 
   acc_t s_partial[Tile::kMaxDimOut];
   fill(s_partial, acc_t(0));
-  for (int64_t i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
+  for (int i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
     acc_t u_i[Tile::kMaxDimIn];
-    load_row<Tile>(u_row, dim_in, u_i);
+    load_row<Tile>(p.u + u_offset, dim_in, u_i);
     acc_t u_hat[Tile::kMaxDimOut];
-    predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
+    predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
     acc_t c;
     if constexpr (kFirst) {
-      c = initial != nullptr ? *initial : uniform;
+      c = p.prior_couplings != nullptr ? p.prior_couplings[pair] : uniform;
     } else {
-      const acc_t prior_ij = prior != nullptr ? static_cast<acc_t>(*prior) : acc_t(0);
+      const acc_t prior_ij = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[pair]) : acc_t(0);
       c = exchange_coupling(exchange, t.lane, t.j, routing_logit<kExact>(u_hat, agreement, dim_out, prior_ij), p.options);
     }
 #pragma unroll
     for (int d = 0; d < Tile::kMaxDimOut; ++d) {
       s_partial[d] = fused_multiply_add(c, u_hat[d], s_partial[d]);
     }
-    if (coupling_out != nullptr) {
-      *coupling_out = static_cast<scalar_t>(c);
-      coupling_out += n.num_out;
+    if (stores_couplings) {
+      couplings[coupling] = static_cast<scalar_t>(c);
     }
-    u_row += n.dim_in;
-    W_ij += W_step;
-    prior = prior != nullptr ? prior + n.num_out : nullptr;
-    initial = initial != nullptr ? initial + n.num_out : nullptr;
+    u_offset += dim_in;
+    W_offset += W_step;
+    pair += num_out;
+    coupling += num_out;
   }
   if (t.active) {
     store_vector(s_partial, n.dim_out, p.partials + g.partial_vector(t.b, t.chunk, t.j));
@@ -127,42 +131,39 @@ __global__ void __launch_bounds__(Tile::kMaxThreads) forward_partial_sums_kernel
 
 // s_k[b, j] = (sum of the chunks' partial sums, in chunk order) + bias  -> s_saved[b, k];
 // then V_{k+1} = V_k + squash(s_k) for the next iteration, or v = squash(s_k) (Eq. 1) at the
-// last. Grid (B, ceil(J / blockDim.x)): one thread per output capsule.
+// last. Grid (B, capsule groups), block (capsules x D_out) threads: CapsuleColumns.
 template <typename scalar_t, typename Tile>
 __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
-  const int64_t b = blockIdx.x;
-  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (j >= n.num_out) {
+  const CapsuleColumns c = CapsuleColumns::locate(n);
+  acc_t* columns = dynamic_shared_memory<acc_t>();  // [capsules][D]
+  if (c.has_column) {
+    const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
+    const int64_t chunk_stride = g.columns();
+    acc_t total = 0;
+    for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
+      total += *partial;
+      partial += chunk_stride;
+    }
+    if (p.bias != nullptr) {
+      total += static_cast<acc_t>(p.bias[c.j * n.dim_out + c.d]);
+    }
+    columns[threadIdx.x] = total;
+    p.s_saved[g.iteration_vector(c.b, p.iteration, c.j) + c.d] = total;
+  }
+  __syncthreads();
+  if (!c.has_capsule) {
     return;
   }
   acc_t s[Tile::kMaxDimOut];
-  fill(s, acc_t(0));
-  for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
-    const acc_t* partial = p.partials + g.partial_vector(b, chunk, j);
-#pragma unroll
-    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
-      if (d < n.dim_out) {
-        s[d] += partial[d];
-      }
-    }
-  }
-  if (p.bias != nullptr) {
-#pragma unroll
-    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
-      if (d < n.dim_out) {
-        s[d] += static_cast<acc_t>(p.bias[j * n.dim_out + d]);
-      }
-    }
-  }
-  store_vector(s, n.dim_out, p.s_saved + g.iteration_vector(b, p.iteration, j));
+  load_vector<false>(columns + (c.capsule - c.first_capsule) * n.dim_out, n.dim_out, s);
   const auto component = [&](auto d) { return s[d]; };
   if (p.iteration + 1 < n.iterations) {
     acc_t V[Tile::kMaxDimOut];
     fill(V, acc_t(0));
-    acc_t* agreement = p.agreement + g.output_vector(b, j);
+    acc_t* agreement = p.agreement + g.output_vector(c.b, c.capsule);
     if (p.iteration > 0) {
       load_vector<Tile::kExactDimOut>(agreement, n.dim_out, V);
     }
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel
     store_vector(V, n.dim_out, agreement);
   } else {
     const SquashCoefficients<acc_t> k = squash_coefficients<Tile::kMaxDimOut, acc_t>(component, n.dim_out);
-    scalar_t* v = p.v + g.output_vector(b, j);
+    scalar_t* v = p.v + g.output_vector(c.b, c.capsule);
     squash_forward<Tile::kMaxDimOut>(k, component, n.dim_out, [&](auto d, acc_t value) { v[d] = static_cast<scalar_t>(value); });
   }
 }

@@ -90,6 +90,9 @@ inline int64_t clamp(int64_t value, int64_t low, int64_t high) {
 inline int64_t smallest(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
+inline int64_t largest_of(int64_t a, int64_t b) {
+  return a < b ? b : a;
+}
 inline int64_t max_routing_threads(TileKind tile, const DeviceLimits& limits) {
   const int64_t tile_limit = tile == TileKind::kCapsNet ? CapsNetTile::kMaxThreads : GenericTile::kMaxThreads;
   return smallest(tile_limit, limits.max_threads_per_block);
@@ -113,8 +116,16 @@ inline std::string unsupported_shape_reason(const RoutingShape& shape, const Dev
         " (one thread per output capsule), got N_out = " + std::to_string(shape.num_out) + " (W.size(1))" +
         fallback;
   }
-  if (shape.batch > std::numeric_limits<int32_t>::max() || shape.num_in > 65535LL * 1024) {
-    return "capsnet CUDA kernels support B < 2^31 and N_in <= 65535 * 1024" + fallback;
+  // The kernels index the backward's workspaces and u with 32-bit offsets; the largest is
+  // the coefficient workspace, [2r - 1, N_in, N_out, B] at most.
+  const int64_t largest = plan_detail::largest_of(
+      (2 * shape.iterations - 1) * shape.num_in * shape.num_out * shape.batch,
+      shape.batch * (2 * shape.iterations - 1) * shape.num_out * shape.dim_out);
+  const int64_t limit = int64_t(1) << 31;
+  if (largest >= limit || shape.batch * shape.num_in * shape.dim_in >= limit ||
+      shape.num_in * shape.num_out * shape.dim_out * shape.dim_in >= limit) {
+    return "capsnet CUDA kernels index with 32-bit offsets: (2 r - 1) * N_in * N_out * B, B * N_in * D_in and "
+           "the number of elements of W must stay below 2^31 (split the batch)" + fallback;
   }
   return "";
 }
@@ -134,15 +145,19 @@ inline RoutingPlan plan_routing(
 
   // Tile class: the fast one whenever the shape fits it.
   const bool fits_capsnet_tile = dim_in == CapsNetTile::kMaxDimIn && dim_out == CapsNetTile::kMaxDimOut &&
-      num_out <= plan_detail::max_routing_threads(TileKind::kCapsNet, limits);
+      num_out <= CapsNetTile::kMaxNumOut &&
+      num_out * CapsNetTile::kLanes <= plan_detail::max_routing_threads(TileKind::kCapsNet, limits);
   plan.tile = fits_capsnet_tile ? TileKind::kCapsNet : TileKind::kGeneric;
   const int64_t max_dim_in = fits_capsnet_tile ? CapsNetTile::kMaxDimIn : GenericTile::kMaxDimIn;
   const int64_t weight_rows = fits_capsnet_tile ? CapsNetTile::kGradWeightRows : GenericTile::kGradWeightRows;
 
-  // Routing kernels: block (lanes, J) with up to a warp of samples, so that a warp's lanes
-  // hold consecutive samples of one output capsule and read the same W row.
+  // Routing kernels: block (lanes, J), consecutive samples of one output capsule side by
+  // side in a warp, so that they read the same W row. The CapsNet tile's lane count is a
+  // compile-time constant (lanes past the batch idle); otherwise up to a warp.
   const int64_t max_threads = plan_detail::max_routing_threads(plan.tile, limits);
-  part.samples_per_block = int(clamp(max_threads / num_out, 1, smallest(kWarpSize, batch)));
+  part.samples_per_block = fits_capsnet_tile
+      ? CapsNetTile::kLanes
+      : int(clamp(max_threads / num_out, 1, smallest(kWarpSize, batch)));
   const int64_t sample_tiles = ceil_div(batch, part.samples_per_block);
   // As many input chunks as it takes to give every SM a few blocks, but at least
   // kMinInputsPerChunk inputs per block (to amortise a block's fixed work).
@@ -158,19 +173,26 @@ inline RoutingPlan plan_routing(
   const int64_t thread_values_bytes = num_out * part.samples_per_block * acc_bytes;  // one value per thread
   const LaunchDims routing_grid{unsigned(sample_tiles), unsigned(part.num_chunks), 1};
   const LaunchDims routing_block{unsigned(part.samples_per_block), unsigned(num_out), 1};
-  const size_t exchange_bytes = size_t(exchange_elements(num_out, part.samples_per_block) * acc_bytes);
+  const int64_t exchange = fits_capsnet_tile
+      ? exchange_elements<CapsNetTile>(num_out, part.samples_per_block, int(acc_bytes))
+      : exchange_elements<GenericTile>(num_out, part.samples_per_block, int(acc_bytes));
+  const size_t exchange_bytes = size_t(exchange * acc_bytes);
   plan.forward_partial_sums = {routing_grid, routing_block, exchange_bytes};
-  plan.backward_partial_sums = {routing_grid, routing_block, exchange_bytes};
+  const int64_t routing_threads = num_out * part.samples_per_block;
+  const int64_t thread_rows = fits_capsnet_tile ? thread_row_elements<CapsNetTile>(routing_threads, int(acc_bytes))
+                                                : thread_row_elements<GenericTile>(routing_threads, int(acc_bytes));
+  plan.backward_partial_sums = {routing_grid, routing_block, exchange_bytes + size_t(thread_rows * acc_bytes)};
 
   // grad_input_kernel sums over j in shared memory [slice][J][lanes].
   part.grad_input_slice = int(clamp(kGradInputSharedBudget / thread_values_bytes, 1, dim_in));
   plan.grad_input = {routing_grid, routing_block, size_t(part.grad_input_slice * thread_values_bytes)};
 
-  // Per-sample kernels: one thread per output capsule.
-  const int64_t capsule_threads = smallest(ceil_div(num_out, kWarpSize) * kWarpSize, kColumnKernelMaxThreads);
+  // Per-sample kernels: a block per sample and group of capsules, one thread per component
+  // (CapsuleColumns in routing_device.cuh).
+  const int64_t capsules_per_block = smallest(num_out, kColumnKernelMaxThreads / dim_out);
   plan.squash = {
-      LaunchDims{unsigned(batch), unsigned(ceil_div(num_out, capsule_threads)), 1},
-      LaunchDims{unsigned(capsule_threads), 1, 1}, 0};
+      LaunchDims{unsigned(batch), unsigned(ceil_div(num_out, capsules_per_block)), 1},
+      LaunchDims{unsigned(capsules_per_block * dim_out), 1, 1}, size_t(capsules_per_block * dim_out * acc_bytes)};
   plan.prior_coupling = {
       LaunchDims{unsigned(ceil_div(num_in, kColumnKernelMaxThreads)), 1, 1},
       LaunchDims{unsigned(kColumnKernelMaxThreads), 1, 1}, 0};

@@ -27,15 +27,21 @@ namespace capsnet::cuda {
 // ---------------------------------------------------------------------------------------
 
 // The CapsNet shape: D_in == 8 and D_out == 16, both exact, so that no loop needs a bound
-// check. Rows of u and W (8 elements) are read as whole 16-byte vectors; a grad_weight thread
-// owns 8 rows of dW[i, j] (64 accumulators).
+// check, and N_out <= 12. Rows of u and W (8 elements) are read as whole 16-byte vectors.
+// The routing kernels' blocks hold 16 samples (compile-time: the capsule exchange's
+// addresses are then constants) of every output capsule, at most 192 threads, and two such
+// blocks fit on an SM (up to 170 registers per thread), so that one block's barriers
+// overlap the other's work. A grad_weight thread owns 8 rows of dW[i, j] (64 accumulators).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
   static constexpr bool kExactDimIn = true;   // D_in must equal kMaxDimIn
   static constexpr bool kExactDimOut = true;  // D_out must equal kMaxDimOut
-  static constexpr int kMaxThreads = 512;    // __launch_bounds__ of the routing kernels
-  static constexpr int kGradWeightRows = 8;  // rows d of dW[i, j] per grad_weight thread
+  static constexpr int kLanes = 16;           // samples per routing block
+  static constexpr int kMaxNumOut = 12;       // N_out
+  static constexpr int kMaxThreads = kLanes * kMaxNumOut;  // __launch_bounds__ of the routing kernels
+  static constexpr int kMinBlocks = 2;        // ... and the blocks per SM the compiler must fit
+  static constexpr int kGradWeightRows = 8;   // rows d of dW[i, j] per grad_weight thread
 };
 
 // Every other supported shape (D_in, D_out <= 32, N_out <= 1024). Correct, not tuned.
@@ -44,7 +50,10 @@ struct GenericTile {
   static constexpr int kMaxDimIn = 32;
   static constexpr bool kExactDimIn = false;
   static constexpr bool kExactDimOut = false;
+  static constexpr int kLanes = 0;  // samples per routing block: chosen at run time
+  static constexpr int kMaxNumOut = 0;  // N_out: at run time
   static constexpr int kMaxThreads = 1024;
+  static constexpr int kMinBlocks = 1;
   static constexpr int kGradWeightRows = 1;
 };
 
@@ -54,11 +63,35 @@ constexpr int kColumnKernelMaxThreads = 256;
 constexpr int kGradWeightMaxThreads = 512;
 constexpr int kWarpSize = 32;
 
-// Capsule exchange of the routing kernels: two buffers of [J][samples_per_block], used in turn.
-constexpr int kExchangeBuffers = 2;
 
-C10_HOST_DEVICE inline int64_t exchange_elements(int64_t num_out, int64_t samples_per_block) {
-  return kExchangeBuffers * num_out * samples_per_block;
+// Shared memory of the capsule exchange (CapsuleExchange, routing_device.cuh): one buffer per
+// kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per lane, padded
+// so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes of the banks
+// (the 16-byte loads of 8 lanes then hit different banks), else [J][lanes].
+constexpr int kExchangeKinds = 3;
+
+template <typename Tile>
+C10_HOST_DEVICE constexpr int exchange_row_stride(int acc_bytes) {
+  return Tile::kMaxNumOut + (acc_bytes == 4 ? 8 : 2);  // 12 floats + 8: 80 B; 12 doubles + 2: 112 B
+}
+
+template <typename Tile>
+C10_HOST_DEVICE inline int64_t exchange_elements(int64_t num_out, int64_t lanes, int acc_bytes) {
+  return Tile::kLanes > 0 ? int64_t(kExchangeKinds) * Tile::kLanes * exchange_row_stride<Tile>(acc_bytes)
+                          : int64_t(kExchangeKinds) * num_out * lanes;
+}
+
+// A thread's row of shared memory in the CapsNet tile's backward sweep (ThreadRow,
+// routing_device.cuh): kMaxDimOut entries, padded as the exchange's rows (an odd multiple
+// of 16 bytes modulo 128): 16 floats + 4, 16 doubles + 2.
+template <typename Tile>
+C10_HOST_DEVICE constexpr int thread_row_stride(int acc_bytes) {
+  return Tile::kMaxDimOut + (acc_bytes == 4 ? 4 : 2);
+}
+
+template <typename Tile>
+C10_HOST_DEVICE inline int64_t thread_row_elements(int64_t threads, int acc_bytes) {
+  return Tile::kLanes > 0 ? threads * thread_row_stride<Tile>(acc_bytes) : 0;
 }
 
 // ---------------------------------------------------------------------------------------
