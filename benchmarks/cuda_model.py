@@ -234,14 +234,27 @@ class Loop:
 
 
 def source_markers(root: pathlib.Path = CSRC) -> dict[tuple[str, int], str]:
-    """{(file name, line): trip-count expression} from the '// model-loop:' comments."""
+    """{(file name, line): trip-count expression} from the '// model-loop:' comments, and
+    {(file name, line): COLD} for the lines between '// model-cold-begin' and
+    '// model-cold-end' (rare branches, such as the squash's rescaling for huge or tiny |s|,
+    counted as not taken)."""
     markers = {}
     for path in list((root / "cuda").glob("*.cuh")) + [root / "routing_math.h"]:
+        cold = False
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             m = re.search(r"//\s*model-loop:\s*(.+?)\s*$", line)
             if m:
                 markers[(path.name, number)] = m.group(1)
+            if "model-cold-begin" in line:
+                cold = True
+            if "model-cold-end" in line:
+                cold = False
+            if cold:
+                markers[(path.name, number)] = COLD
     return markers
+
+
+COLD = "<cold>"
 
 
 def body_signature(instructions: list[Instruction], start: int, end: int) -> dict[str, int]:
@@ -277,7 +290,10 @@ def loop_weights(
             raise SystemExit(
                 f"cuda_model: {name}: loop at {loop.location} has no '// model-loop: <trips>' comment in the source"
             )
-        trips = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
+        if expression == COLD:
+            trips = 0.0
+        else:
+            trips = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
         later = loops[k + 1] if k + 1 < len(loops) else None
         if later is not None and later.location == loop.location and later.start > loop.end:
             main = body_signature(instructions, loop.start, loop.end)
@@ -289,7 +305,7 @@ def loop_weights(
             assigned.add(k + 1)
         else:
             loop.trips = trips
-    weights = [1.0] * len(instructions)
+    weights = [0.0 if markers.get(ins.location) == COLD else 1.0 for ins in instructions]
     for loop in loops:
         for index in range(loop.start, loop.end + 1):
             weights[index] *= loop.trips

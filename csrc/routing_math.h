@@ -122,6 +122,7 @@ C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component
     g = T(1) / (T(1) + sq_norm);
   } else {
     // |s|^2 overflowed or underflowed, or s is zero, or holds a NaN or an infinity.
+    // model-cold-begin (benchmarks/cuda_model.py counts this rare branch as not taken)
     T largest = T(0);
     for_each_component<kMaxDim>(dim, [&](auto d) {
       const T a = std::abs(T(s(d)));
@@ -142,6 +143,7 @@ C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component
     norm = largest * std::sqrt(scaled_sq_norm);
     g = T(1) / (T(1) + norm * norm);  // 0 once norm^2 overflows, 1 once it underflows
     scale = norm > T(1) ? T(1) / (norm + T(1) / norm) : norm * g;
+    // model-cold-end
   }
   return {scale, T(1) / norm, scale * (T(2) * g - T(1))};
 }

@@ -26,12 +26,19 @@ LD_PRELOAD="$runtime" \
   "$PY" -m pytest tests/test_cuda_emulated.py -q -p no:cacheprovider -k "not matches_cpu_kernel" "$@"
 status=$?
 
-if compgen -G "$LOGS/*" > /dev/null; then
-  for report in "$LOGS"/*; do
-    echo "==================== sanitizer report: $report"
-    cat "$report"
-  done
-  echo "test-cuda-asan: FAILED: sanitizer reports above"
+# ASan notes once per process that it sees swapcontext (the fibers switch stacks with its
+# annotations, see csrc/simt/simt.cpp): that line alone is not a report.
+reports=0
+for log in "$LOGS"/*; do
+  [ -e "$log" ] || continue
+  if grep -v "WARNING: ASan doesn't fully support makecontext/swapcontext" "$log" | grep -q .; then
+    echo "==================== sanitizer report: $log"
+    cat "$log"
+    reports=$((reports + 1))
+  fi
+done
+if [ $reports -gt 0 ]; then
+  echo "test-cuda-asan: FAILED: $reports sanitizer report(s) above"
   exit 1
 fi
 echo "test-cuda-asan: no sanitizer report (pytest exit $status)"

@@ -118,7 +118,8 @@ SMALL_SHAPES = [
     (2, 33, 3, 20, 8, 4, True, 1),  # D_out > 16 with D_in = 8: generic tile; 3 chunks of 16
     (2, 9, 2, 32, 32, 2, True, 132),  # the largest dimensions; grad_u in two shared-memory rounds
     (2, 17, 40, 3, 2, 3, False, 132),  # N_out > 32: fewer samples per block
-    (37, 20, 3, 16, 8, 2, True, 2),  # B > 32: two sample tiles, the second with 27 idle lanes
+    (3, 10, 13, 16, 8, 2, True, 132),  # the CapsNet dimensions with N_out > 12: generic tile
+    (37, 20, 3, 16, 8, 2, True, 2),  # B = 37: three sample tiles of 16, the last with 11 idle lanes
     (5, 50, 6, 7, 8, 5, True, 3),  # r = 5; N_in not a multiple of the chunk
 ]
 
@@ -165,12 +166,12 @@ def test_capsnet_shape_with_every_option(simt):
 
 
 def test_real_plan_structure(simt):
-    """The structure of a production launch: full 32-lane sample tiles (two of them),
-    several input chunks, chunks whose size is not a multiple of 8, and several sample
-    groups in grad_weight."""
+    """The structure of a production launch: full sample tiles (four of 16 lanes), several
+    input chunks, chunks whose size is not a multiple of 8, and several sample groups in
+    grad_weight."""
     batch, num_in, sm_count = 64, 100, 6
     plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count)
-    assert plan["tile"] == "CapsNetTile" and plan["samples_per_block"] == 32
+    assert plan["tile"] == "CapsNetTile" and batch % plan["samples_per_block"] == 0 and batch // plan["samples_per_block"] >= 2
     assert plan["num_chunks"] >= 2 and plan["inputs_per_chunk"] % 8 != 0, plan
     assert plan["sample_groups"] >= 2, plan
     u, W, bias, prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=True)

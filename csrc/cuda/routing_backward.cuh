@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
   const CapsuleColumns c = CapsuleColumns::locate(n);
   const int k = p.iteration;
   const bool last = k + 1 == n.iterations;
-  acc_t* columns = dynamic_shared_memory<acc_t>();  // [capsules][D]: dL/dv_k
+  const int64_t vector_elements = int64_t(c.capsules) * n.dim_out;
+  acc_t* grad = dynamic_shared_memory<acc_t>();  // [capsules][D]: dL/dv_k
+  acc_t* s = grad + vector_elements;             // [capsules][D]: s_k, then s_t
   if (c.has_column) {
     acc_t total = 0;
     if (last) {
@@ -75,39 +77,49 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
         partial += chunk_stride;
       }
     }
-    columns[threadIdx.x] = total;
+    grad[c.local] = total;
   }
-  __syncthreads();
-  if (!c.has_capsule) {
-    return;
-  }
-  const int64_t b = c.b, j = c.capsule;
   if (last) {
-    acc_t V[kDim];
-    fill(V, acc_t(0));
+    // V_m = v_0 + ... + v_{m-1}, component by component as forward_squash_kernel did.
+    acc_t V = 0;
     for (int t = 0; t + 1 < n.iterations; ++t) {  // model-loop: iterations - 1
-      acc_t s[kDim];
-      load_vector<Tile::kExactDimOut>(p.s_saved + g.iteration_vector(b, t, j), n.dim_out, s);
-      const auto component = [&](auto d) { return s[d]; };
-      if (!p.options.detach_routing) {
-        const SquashCoefficients<acc_t> coefficients = squash_coefficients<kDim, acc_t>(component, n.dim_out);
-        acc_t* v = p.terms + g.term_vector(b, p.terms_of.squashed_term(t), j);
-        squash_forward<kDim>(coefficients, component, n.dim_out, [&](auto d, acc_t value) { v[d] = value; });
+      if (c.has_column) {
+        s[c.local] = p.s_saved[g.iteration_vector(c.b, t, c.j) + c.d];
       }
-      add_squashed(component, n.dim_out, V);
-      store_vector(V, n.dim_out, p.agreement + g.iteration_vector(b, t + 1, j));
+      __syncthreads();
+      if (c.has_column) {
+        const auto component = c.capsule_of(s, n.dim_out);
+        if (!p.options.detach_routing) {
+          const SquashCoefficients<acc_t> coefficients = squash_coefficients<kDim, acc_t>(component, n.dim_out);
+          acc_t* v = p.terms + g.term_vector(c.b, p.terms_of.squashed_term(t), c.j);
+          squash_forward<kDim>(coefficients, component, n.dim_out, [&](auto d, acc_t value) {
+            if (d == c.d) {
+              v[d] = value;
+            }
+          });
+        }
+        V = add_squashed<kDim>(component, n.dim_out, c.d, V);
+        p.agreement[g.iteration_vector(c.b, t + 1, c.j) + c.d] = V;
+      }
+      __syncthreads();  // s is read before the next t overwrites it
     }
   }
-  acc_t grad[kDim];
-  load_vector<false>(columns + (j - c.first_capsule) * n.dim_out, n.dim_out, grad);
-  acc_t s[kDim];
-  load_vector<Tile::kExactDimOut>(p.s_saved + g.iteration_vector(b, k, j), n.dim_out, s);
-  const auto component = [&](auto d) { return s[d]; };
+  if (c.has_column) {
+    s[c.local] = p.s_saved[g.iteration_vector(c.b, k, c.j) + c.d];
+  }
+  __syncthreads();
+  if (!c.has_column) {
+    return;
+  }
+  const auto component = c.capsule_of(s, n.dim_out);
+  const auto grad_v = c.capsule_of(grad, n.dim_out);
   const SquashCoefficients<acc_t> coefficients = squash_coefficients<kDim, acc_t>(component, n.dim_out);
-  acc_t* grad_s = p.terms + g.term_vector(b, p.terms_of.grad_s_term(k), j);
-  squash_backward<kDim>(
-      coefficients, component, [&](auto d) { return grad[d]; }, n.dim_out,
-      [&](auto d, acc_t value) { grad_s[d] = value; });
+  acc_t* grad_s = p.terms + g.term_vector(c.b, p.terms_of.grad_s_term(k), c.j);
+  squash_backward<kDim>(coefficients, component, grad_v, n.dim_out, [&](auto d, acc_t value) {
+    if (d == c.d) {
+      grad_s[d] = value;
+    }
+  });
 }
 
 // Sweep pass m. Per input capsule i of the chunk and thread (sample, j), with u_hat and
@@ -243,6 +255,7 @@ __device__ __forceinline__ void grad_prediction(
     scale = coefficients[coefficient];
     coefficient += slot_stride;
   }
+#pragma unroll 1
   for (int term = 0; term < count; ++term) {  // model-loop: terms
     acc_t values[kRows];
     load_vector<kExact>(vectors + vector, rows, values);
@@ -339,6 +352,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
       }
       __syncthreads();
       if (group == 0) {
+#pragma unroll 1
         for (int other = 1; other < groups; ++other) {  // model-loop: sample_groups - 1
           const acc_t* theirs = shared + (int64_t(other) * xy_threads + xy) * kDimIn;
           if (d < kRows) {
@@ -433,8 +447,10 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_inpu
         }
       }
       __syncthreads();
+#pragma unroll 1
       for (int e = t.j; e < width; e += num_out) {  // model-loop: min(grad_input_slice, num_out) / num_out
         acc_t total = 0;
+#pragma unroll 1
         for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
           total += per_capsule[(e * num_out + k) * lanes + t.lane];
         }
@@ -472,6 +488,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) grad_bias_kernel(cons
   shared[threadIdx.y * blockDim.x + threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && active) {
+#pragma unroll 1
     for (int group = 1; group < int(blockDim.y); ++group) {  // model-loop: 7
       total += shared[group * blockDim.x + threadIdx.x];
     }

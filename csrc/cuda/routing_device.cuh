@@ -201,13 +201,19 @@ __device__ __forceinline__ acc_t routing_logit(const acc_t (&u_hat)[kMax], const
   return dot<kExact>(u_hat, agreement, count) + prior;
 }
 
-// V += squash(s) for one capsule (Eq. 1): the running sum of the outputs that the logits
-// need. The forward's squash kernel and the backward's state kernel both call this, so
-// that both see the same V_k bit for bit.
+// V_d + squash(s)_d (Eq. 1) for component d of one capsule s: a step of the running sum of
+// the outputs that the logits need. The forward's squash kernel and the backward's state
+// recomputation both call this, so that both see the same V_k bit for bit.
 template <int kMax, typename acc_t, typename Component>
-__device__ __forceinline__ void add_squashed(const Component& s, int64_t dim, acc_t (&V)[kMax]) {
+__device__ __forceinline__ acc_t add_squashed(const Component& s, int64_t dim, int64_t d, acc_t V_d) {
   const SquashCoefficients<acc_t> k = squash_coefficients<kMax, acc_t>(s, dim);
-  squash_forward<kMax>(k, s, dim, [&](auto d, acc_t value) { V[d] = add_unfused(V[d], value); });
+  acc_t result = V_d;
+  squash_forward<kMax>(k, s, dim, [&](auto component, acc_t value) {
+    if (component == d) {
+      result = add_unfused(V_d, value);
+    }
+  });
+  return result;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -373,9 +379,10 @@ struct ThreadRow {
 
 // ---------------------------------------------------------------------------------------
 // The per-sample kernels (forward_squash_kernel, backward_squash_kernel): block b of the grid's
-// x holds sample b and `capsules` output capsules (from capsules * blockIdx.y); its threads
-// first sum, one component (j, d) each, what the capsule's vector is made of into shared
-// memory, then one thread per capsule works on the whole vector.
+// x holds sample b and `capsules` output capsules (from capsules * blockIdx.y), one thread per
+// component (j, d). The capsules' vectors meet in shared memory ([capsules][D] per vector),
+// where every thread of a capsule reads the whole vector for the squash's coefficients
+// (the same for all of them) and writes its own component.
 // ---------------------------------------------------------------------------------------
 struct CapsuleColumns {
   int64_t b;
@@ -384,8 +391,7 @@ struct CapsuleColumns {
   int64_t j;      // this thread's column (j, d), valid if has_column
   int64_t d;
   bool has_column;
-  int64_t capsule;  // this thread's capsule in the second phase, valid if has_capsule
-  bool has_capsule;
+  int local;      // threadIdx.x: the column's place in a [capsules][D] vector of the block
 
   __device__ static CapsuleColumns locate(const RoutingShape& n) {
     CapsuleColumns c;
@@ -395,9 +401,15 @@ struct CapsuleColumns {
     c.j = c.first_capsule + threadIdx.x / n.dim_out;
     c.d = threadIdx.x % n.dim_out;
     c.has_column = threadIdx.x < c.capsules * n.dim_out && c.j < n.num_out;
-    c.capsule = c.first_capsule + threadIdx.x;
-    c.has_capsule = int(threadIdx.x) < c.capsules && c.capsule < n.num_out;
+    c.local = threadIdx.x;
     return c;
+  }
+
+  // Component d' of this thread's capsule in a [capsules][D] vector of shared memory.
+  template <typename acc_t>
+  __device__ auto capsule_of(const acc_t* vectors, int64_t dim_out) const {
+    const acc_t* capsule = vectors + (local - d);
+    return [capsule](auto component) { return capsule[component]; };
   }
 };
 

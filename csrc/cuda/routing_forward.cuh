@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const CapsuleColumns c = CapsuleColumns::locate(n);
-  acc_t* columns = dynamic_shared_memory<acc_t>();  // [capsules][D]
+  acc_t* s = dynamic_shared_memory<acc_t>();  // [capsules][D]: s_k
   if (c.has_column) {
     const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
     const int64_t chunk_stride = g.columns();
@@ -150,29 +150,25 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel
     if (p.bias != nullptr) {
       total += static_cast<acc_t>(p.bias[c.j * n.dim_out + c.d]);
     }
-    columns[threadIdx.x] = total;
+    s[c.local] = total;
     p.s_saved[g.iteration_vector(c.b, p.iteration, c.j) + c.d] = total;
   }
   __syncthreads();
-  if (!c.has_capsule) {
+  if (!c.has_column) {
     return;
   }
-  acc_t s[Tile::kMaxDimOut];
-  load_vector<false>(columns + (c.capsule - c.first_capsule) * n.dim_out, n.dim_out, s);
-  const auto component = [&](auto d) { return s[d]; };
+  const auto component = c.capsule_of(s, n.dim_out);
+  const int64_t out = g.output_vector(c.b, c.j) + c.d;
   if (p.iteration + 1 < n.iterations) {
-    acc_t V[Tile::kMaxDimOut];
-    fill(V, acc_t(0));
-    acc_t* agreement = p.agreement + g.output_vector(c.b, c.capsule);
-    if (p.iteration > 0) {
-      load_vector<Tile::kExactDimOut>(agreement, n.dim_out, V);
-    }
-    add_squashed(component, n.dim_out, V);
-    store_vector(V, n.dim_out, agreement);
+    const acc_t V = p.iteration > 0 ? p.agreement[out] : acc_t(0);
+    p.agreement[out] = add_squashed<Tile::kMaxDimOut>(component, n.dim_out, c.d, V);
   } else {
     const SquashCoefficients<acc_t> k = squash_coefficients<Tile::kMaxDimOut, acc_t>(component, n.dim_out);
-    scalar_t* v = p.v + g.output_vector(c.b, c.capsule);
-    squash_forward<Tile::kMaxDimOut>(k, component, n.dim_out, [&](auto d, acc_t value) { v[d] = static_cast<scalar_t>(value); });
+    squash_forward<Tile::kMaxDimOut>(k, component, n.dim_out, [&](auto d, acc_t value) {
+      if (d == c.d) {
+        p.v[out] = static_cast<scalar_t>(value);
+      }
+    });
   }
 }
 

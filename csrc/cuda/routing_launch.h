@@ -76,7 +76,7 @@ struct RoutingPlan {
 // block does enough work to amortise its fixed costs (docs/CUDA.md, "Launch plan").
 constexpr int64_t kRoutingBlocksPerMultiprocessor = 2;
 constexpr int64_t kMinInputsPerChunk = 16;
-constexpr int64_t kGradWeightWarpsPerMultiprocessor = 16;
+constexpr int64_t kGradWeightWarpsPerMultiprocessor = 24;
 constexpr int64_t kGradInputSharedBudget = 32 * 1024;
 constexpr int64_t kGradBiasSampleGroups = 8;
 
@@ -192,7 +192,7 @@ inline RoutingPlan plan_routing(
   const int64_t capsules_per_block = smallest(num_out, kColumnKernelMaxThreads / dim_out);
   plan.squash = {
       LaunchDims{unsigned(batch), unsigned(ceil_div(num_out, capsules_per_block)), 1},
-      LaunchDims{unsigned(capsules_per_block * dim_out), 1, 1}, size_t(capsules_per_block * dim_out * acc_bytes)};
+      LaunchDims{unsigned(capsules_per_block * dim_out), 1, 1}, size_t(2 * capsules_per_block * dim_out * acc_bytes)};
   plan.prior_coupling = {
       LaunchDims{unsigned(ceil_div(num_in, kColumnKernelMaxThreads)), 1, 1},
       LaunchDims{unsigned(kColumnKernelMaxThreads), 1, 1}, 0};

@@ -60,7 +60,7 @@ struct GenericTile {
 // Threads per block of the per-sample kernels (squash, backward squash) and of the
 // grad_weight and grad_bias kernels (their __launch_bounds__).
 constexpr int kColumnKernelMaxThreads = 256;
-constexpr int kGradWeightMaxThreads = 512;
+constexpr int kGradWeightMaxThreads = 256;
 constexpr int kWarpSize = 32;
 
 
