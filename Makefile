@@ -25,6 +25,7 @@ endif
 export MAX_JOBS ?= 2
 
 DATA_DIR ?= ../shared/data
+DRY_RUN ?= 0
 # A quick run: 10,000 training images, one epoch. The paper's full run is
 #   make train TRAIN_ARGS="--epochs 50"    (a GPU is advisable: ~6.5 min per epoch on 2 CPU cores)
 TRAIN_ARGS ?= --limit-train 10000 --batch-size 32 --epochs 1
@@ -64,7 +65,7 @@ cuda-model: venv
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
 gpu-check:
-	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) scripts/gpu_check.sh
+	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) scripts/gpu_check.sh
 
 clean:
 	rm -rf build capsnet/*.so *.egg-info
