@@ -107,11 +107,12 @@ X86_64_KERNEL_VARIANTS = {
     "avx2": ["-march=x86-64-v3", "-mtune=generic"],
     "avx512": ["-march=x86-64-v4", "-mtune=generic"],
 }
-# -ffp-contract=fast: a * b + c is one fused multiply-add wherever the instruction set has
-# one (the kernels rely on it for speed, and it is the same at every call: reproducible).
+# -ffp-contract=off: the kernels write every fused multiply-add explicitly (kernels/vec.h);
+# the compiler may not fuse others, whose rounding would then depend on its choices.
 # -fno-math-errno: sqrt becomes an instruction. -fvisibility=hidden: nothing of a variant
 # is exported. -Wno-psabi: GCC notes on passing vector types, irrelevant inside one object.
-KERNEL_VARIANT_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi"]
+# -Wno-unknown-pragmas: routing_math.h unrolls for nvcc with "#pragma unroll".
+KERNEL_VARIANT_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi", "-Wno-unknown-pragmas"]
 
 
 def cpu_kernel_variants() -> dict[str, list[str]]:
