@@ -8,10 +8,12 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST       GPU architectures; default "7.0;7.5;8.0;9.0+PTX" (V100, T4, A100 and
                                the sm_86/sm_89 cards that run sm_80 code, H100, PTX for newer),
                                less the archs the nvcc found cannot build (nvcc 13 starts at 7.5)
-    CAPSNET_CPU_ARCH           -march for the C++ kernels; default "native" (the kernels rely on
-                               the compiler vectorising their inner loops). Set it to e.g.
-                               "x86-64-v3" when building a binary for other machines, or to ""
-                               to use the compiler's default.
+    CAPSNET_CPU_ARCH           unset (default): the CPU kernels are compiled once per instruction
+                               set (cpu_variants.py: baseline x86-64-v2, AVX2, AVX-512 on x86-64;
+                               the baseline elsewhere) and the best one this CPU runs is chosen
+                               at load time, so that one build runs on any CPU. "native": one
+                               variant for the build machine's CPU (-march=native), no dispatch.
+    CAPSNET_CPU_VARIANTS       a comma-separated subset of the variants to build (development).
 
 Build without isolation (``pip install --no-build-isolation -e .``): the extension must be
 compiled against the torch that will import it, and an isolated build would fetch a
@@ -22,14 +24,13 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "7.0;7.5;8.0;9.0+PTX"
-# Written at build time; capsnet/_extension.py reads it to check a GPU against the built archs.
-CUDA_BUILD_RECORD = os.path.join(ROOT, "capsnet", "_cuda_build.py")
 STANDARD_CUDA_HOME = "/usr/local/cuda"
 
 
@@ -124,16 +125,114 @@ def _default_arch_list(nvcc: str | None) -> str:
     return ";".join(kept)
 
 
-def _record_cuda_archs(arch_list: str | None) -> None:
-    """capsnet/_cuda_build.py: what the CUDA kernels were built for (None: no CUDA kernels)."""
-    entries = None if arch_list is None else [e for e in re.split(r"[;\s]+", arch_list) if e]
-    with open(CUDA_BUILD_RECORD, "w") as f:
-        f.write('"""Written by setup.py: the TORCH_CUDA_ARCH_LIST capsnet._C was built with."""\n\n')
-        f.write(f"CUDA_ARCH_LIST = {tuple(entries)!r}\n" if entries is not None else "CUDA_ARCH_LIST = None\n")
-
-
 def _relative(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU kernel variants: csrc/cpu/kernels/routing_kernels.cpp is compiled once per
+# instruction set, each time with its own -march and -DCAPSNET_CPU_VARIANT=<name> (which
+# puts its code into the namespace capsnet::cpu::<name>), and linked into capsnet._C; the
+# driver (csrc/cpu/kernel_dispatch.cpp) picks one at run time from the CPU's features.
+# ---------------------------------------------------------------------------------------
+KERNEL_VARIANT_SOURCE = os.path.join("csrc", "cpu", "kernels", "routing_kernels.cpp")
+# Lowest first. Only -march differs; -mtune=generic so that no variant is tuned for the
+# build machine.
+X86_64_KERNEL_VARIANTS = {
+    "baseline": ["-march=x86-64-v2", "-mtune=generic"],
+    "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+    "avx512": ["-march=x86-64-v4", "-mtune=generic"],
+}
+# -ffp-contract=off: the kernels write every fused multiply-add explicitly (kernels/vec.h);
+# the compiler may not fuse others, whose rounding would then depend on its choices.
+# -fno-math-errno: sqrt becomes an instruction. -fvisibility=hidden: nothing of a variant
+# is exported. -Wno-psabi: GCC notes on passing vector types, irrelevant inside one object.
+# -Wno-unknown-pragmas: routing_math.h unrolls for nvcc with "#pragma unroll".
+KERNEL_VARIANT_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi", "-Wno-unknown-pragmas"]
+
+
+def cpu_kernel_variants() -> dict[str, list[str]]:
+    """The CPU kernel variants to build: name -> its compiler flags, lowest first."""
+    arch = os.environ.get("CAPSNET_CPU_ARCH", "")
+    if arch == "native":
+        return {"native": ["-march=native"]}
+    if arch:
+        raise SystemExit(
+            f"CAPSNET_CPU_ARCH must be unset (kernels for every instruction set, chosen at run time) "
+            f"or 'native' (one kernel for this machine's CPU), got {arch!r}"
+        )
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        variants = dict(X86_64_KERNEL_VARIANTS)
+    else:
+        variants = {"baseline": []}  # the compiler's default for the architecture
+    subset = os.environ.get("CAPSNET_CPU_VARIANTS", "")
+    if subset:
+        names = [name.strip() for name in subset.split(",") if name.strip()]
+        unknown = [name for name in names if name not in variants]
+        if unknown:
+            raise SystemExit(f"CAPSNET_CPU_VARIANTS: unknown variants {unknown}; this machine's are {list(variants)}")
+        variants = {name: flags for name, flags in variants.items() if name in names}
+    return variants
+
+
+def check_kernel_object(path: str, variant: str) -> None:
+    """Fail the build if a variant's object could run its code on a CPU it was not built for.
+
+    Every symbol it defines for the linker must be in capsnet::cpu::<variant>: a shared
+    one (say an inline function of a library header, emitted as a weak symbol) might be
+    the copy the linker keeps for the whole library, and then code compiled for AVX-512
+    would run wherever that function is called. And it must have no static initialiser,
+    which would run at import, before the CPU is checked.
+    """
+    nm = shutil.which("nm")
+    if nm is None:
+        print(f"capsnet: nm not found, the symbols of the {variant} CPU kernels are not checked")
+        return
+    listing = subprocess.run([nm, "--defined-only", path], check=True, capture_output=True, text=True).stdout
+    # Mangled names in capsnet::cpu::<variant> (functions, const member functions, data).
+    scope = f"7capsnet3cpu{len(variant)}{variant}"
+    allowed = (f"_ZN{scope}", f"_ZNK{scope}")
+    problems = []
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        kind, name = parts[1], parts[2]
+        if name.startswith("_GLOBAL__sub_I"):
+            problems.append(f"static initialiser {name}")
+        elif (kind.isupper() or kind in "uvw") and not name.startswith(allowed):
+            problems.append(f"{kind} {name}")
+    if problems:
+        raise SystemExit(
+            f"capsnet: the {variant} CPU kernel object {path} defines symbols outside capsnet::cpu::{variant} "
+            "or runs code at load time (see check_kernel_object in setup.py; c++filt demangles):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+class BuildExtensionWithCpuVariants(BuildExtension):
+    """torch's BuildExtension, plus one object per CPU kernel variant with its own flags."""
+
+    def build_extension(self, ext):
+        variants = getattr(ext, "cpu_kernel_variants", {})
+        # The -D flags BuildExtension added (TORCH_EXTENSION_NAME, ...), for the same view of
+        # the headers.
+        defines = [flag for flag in ext.extra_compile_args["cxx"] if flag.startswith("-D")]
+        objects = []
+        for name, flags in variants.items():
+            compiled = self.compiler.compile(
+                [KERNEL_VARIANT_SOURCE],
+                output_dir=os.path.join(self.build_temp, "cpu_kernels", name),
+                macros=[("CAPSNET_CPU_VARIANT", name)],
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": defines + KERNEL_VARIANT_FLAGS + flags, "nvcc": []},
+                depends=ext.depends,
+            )
+            for path in compiled:
+                check_kernel_object(path, name)
+            objects += compiled
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
 
 
 def build_extension():
@@ -142,14 +241,12 @@ def build_extension():
     sources = _relative(
         glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
     )
-    cpu_arch = os.environ.get("CAPSNET_CPU_ARCH", "native")
+    variants = cpu_kernel_variants()
     # -fopenmp: at::parallel_for only runs in parallel in code compiled with OpenMP (torch
-    # links the same libgomp); the kernels use `omp simd` for their inner loops.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
-    if cpu_arch:
-        cxx_flags.append(f"-march={cpu_arch}")
-    extra_compile_args = {"cxx": cxx_flags}
-    define_macros = []
+    # links the same libgomp). No -march here: the driver and everything that runs at
+    # import must run on any CPU of the architecture.
+    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp"]}
+    define_macros = [(f"CAPSNET_CPU_KERNEL_{name.upper()}", None) for name in variants]
     extension_class = CppExtension
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -157,22 +254,29 @@ def build_extension():
         sources += _relative(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
         extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("CAPSNET_WITH_CUDA", None))
+        # Reported by capsnet.build_info(), and checked against the GPU at run time
+        # (capsnet/_extension.py, cuda_device_problem). C++ only: nvcc need not parse a quoted -D.
+        extra_compile_args["cxx"].append(f'-DCAPSNET_CUDA_ARCH_LIST="{os.environ["TORCH_CUDA_ARCH_LIST"]}"')
         extension_class = CUDAExtension
-    _record_cuda_archs(os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None)
     print(
         f"capsnet: building capsnet._C with CUDA {'ON' if with_cuda else 'OFF'} ({why})"
         + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
-        + f", CPU -march={cpu_arch or '(compiler default)'}; sources: {', '.join(sources)}",
+        + "; CPU kernel variants: "
+        + ", ".join(f"{name} ({' '.join(flags) or 'compiler default'})" for name, flags in variants.items())
+        + f"; sources: {', '.join(sources)}",
         flush=True,
     )
-    return extension_class(
+    extension = extension_class(
         "capsnet._C",
         sources,
         include_dirs=[csrc],
         extra_compile_args=extra_compile_args,
         extra_link_args=["-fopenmp"],
         define_macros=define_macros,
+        depends=_relative(glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True)),
     )
+    extension.cpu_kernel_variants = variants
+    return extension
 
 
 setup(
@@ -185,5 +289,5 @@ setup(
     # train_mnist.py and capsnet.training import these lazily; the op and model do not need them.
     extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithCpuVariants.with_options(use_ninja=True)},
 )

@@ -5,7 +5,7 @@ The op: :func:`dynamic_routing` (fused C++/CUDA kernel with a pure-PyTorch refer
 (2017) built on it: :class:`CapsNet` with its layers and losses.
 """
 
-from capsnet._extension import has_kernel, has_ops
+from capsnet._extension import build_info, has_kernel, has_ops
 from capsnet.layers import DigitCaps, PrimaryCaps, ReconstructionDecoder
 from capsnet.losses import capsnet_loss, margin_loss, reconstruction_loss
 from capsnet.model import CapsNet, CapsNetConfig, CapsNetOutput
@@ -19,6 +19,7 @@ __all__ = [
     "DigitCaps",
     "PrimaryCaps",
     "ReconstructionDecoder",
+    "build_info",
     "capsnet_loss",
     "dynamic_routing",
     "dynamic_routing_reference",

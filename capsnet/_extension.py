@@ -1,10 +1,15 @@
-"""Loading the compiled extension ``capsnet._C`` and asking which kernels it has.
+"""Loading the compiled extension ``capsnet._C``, asking which kernels it has, and
+:func:`build_info`.
 
 The package imports without the extension (the reference backend still works); asking
-for the fused backend explicitly then fails with an error that says how to build it.
+for the fused backend explicitly then fails with an error that says how to build it. The
+same holds when the extension's CPU kernels cannot run on this CPU, or when
+``CAPSNET_CPU_KERNEL`` asks for a variant it cannot run: the reason is in the error.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -34,9 +39,23 @@ def _registered_device_types() -> frozenset[str]:
     )
 
 
-# Read once at import (the kernels register when _C loads): the checks below are then pure
-# Python, which torch.compile traces without a graph break.
-KERNEL_DEVICE_TYPES = _registered_device_types()
+def _read_build_info() -> dict[str, str]:
+    """The extension's own report (csrc/cpu/kernel_dispatch.cpp): ``key=value`` strings."""
+    if _LOAD_ERROR is None and hasattr(torch.ops.capsnet, "_build_info"):
+        return dict(item.split("=", 1) for item in torch.ops.capsnet._build_info())
+    return {}
+
+
+def _names(joined: str) -> list[str]:
+    return [name for name in joined.split(", ") if name]
+
+
+# Read once at import (the kernels register when _C loads, and the CPU kernel variant is
+# chosen on first use, here): the checks below are then pure Python, which torch.compile
+# traces without a graph break.
+_BUILD_INFO = _read_build_info()
+CPU_KERNEL_ERROR: str | None = _BUILD_INFO.get("cpu_kernel_error") or None
+KERNEL_DEVICE_TYPES = _registered_device_types() - ({"cpu"} if CPU_KERNEL_ERROR else set())
 
 
 def has_ops() -> bool:
@@ -57,6 +76,8 @@ def missing_reason(device_type: str, dtype: torch.dtype) -> str:
     """Why ``has_kernel(device_type, dtype)`` is False, in words."""
     if not has_ops():
         return f"the compiled extension capsnet._C could not be loaded ({_LOAD_ERROR}); {BUILD_HINT}"
+    if device_type == "cpu" and CPU_KERNEL_ERROR:
+        return f"capsnet._C's CPU kernels cannot run: {CPU_KERNEL_ERROR}"
     if not _has_device_kernel(device_type):
         hint = (
             "the extension was built without CUDA: rebuild where torch.version.cuda is set and "
@@ -78,13 +99,12 @@ REBUILD_FOR_DEVICE_HINT = (
 
 
 def compiled_cuda_archs() -> tuple[str, ...] | None:
-    """The TORCH_CUDA_ARCH_LIST entries capsnet._C was built with (setup.py records them in
-    capsnet/_cuda_build.py), e.g. ("7.5", "8.0", "9.0+PTX"); None when not known."""
-    try:
-        from capsnet._cuda_build import CUDA_ARCH_LIST
-    except ImportError:
+    """The TORCH_CUDA_ARCH_LIST entries capsnet._C was built with (compiled into it by
+    setup.py, read through build info), e.g. ("7.5", "8.0", "9.0+PTX"); None when not known."""
+    arch_list = _BUILD_INFO.get("cuda_arch_list")
+    if not arch_list:
         return None
-    return tuple(CUDA_ARCH_LIST)
+    return tuple(entry for entry in arch_list.replace(" ", ";").split(";") if entry)
 
 
 def arch_covers(capability: tuple[int, int], archs: tuple[str, ...]) -> bool:
@@ -134,3 +154,76 @@ def require_kernel(device_type: str, dtype: torch.dtype) -> None:
     """Raise a RuntimeError explaining what is missing when the fused op cannot run."""
     if not has_kernel(device_type, dtype):
         raise RuntimeError(f"capsnet: backend='fused' is unavailable: {missing_reason(device_type, dtype)}")
+
+
+# CPU flags that matter for the kernels (x86 names from /proc/cpuinfo "flags", Arm ones from
+# "Features").
+_RELEVANT_CPU_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2",
+    "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+    "amx_tile", "asimd", "sve", "sve2",
+)
+
+
+def _cpu_description() -> tuple[str, list[str]]:
+    """(model name, relevant flags) from /proc/cpuinfo where there is one."""
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return model, [flag for flag in _RELEVANT_CPU_FLAGS if flag in (flags or ())]
+
+
+def build_info() -> dict:
+    """How capsnet was built and which kernels run here, for benchmark headers and bug reports.
+
+    Keys (stable; add, do not rename):
+        ``version``: capsnet's version. ``torch``: torch's version.
+        ``extension_loaded``: whether ``capsnet._C`` loaded; ``extension_error``: why not, or None.
+        ``cpu_kernels_built``: the CPU kernel variants in the build, lowest first (``baseline``
+        = x86-64-v2, ``avx2`` = x86-64-v3, ``avx512`` = x86-64-v4; or only ``native`` when built
+        with ``CAPSNET_CPU_ARCH=native``).
+        ``cpu_kernels_supported``: those this CPU can run.
+        ``cpu_kernel``: the variant the fused CPU op runs, or None when none can run.
+        ``cpu_kernel_reason``: why that one (best supported, or ``CAPSNET_CPU_KERNEL=...``), or
+        why none.
+        ``cpu_model``: the CPU's model name. ``cpu_flags``: its vector extensions that matter
+        here (e.g. ``avx2``, ``fma``, ``avx512f``), from /proc/cpuinfo.
+        ``torch_cpu_capability``: the CPU kernels ATen itself chose (e.g. ``AVX512``).
+        ``threads``: ``torch.get_num_threads()``.
+        ``cuda_built``: whether the extension has CUDA kernels. ``cuda_arch_list``: the
+        TORCH_CUDA_ARCH_LIST it was built for (None when unknown or not built).
+        ``torch_cuda``: ``torch.version.cuda``.
+    """
+    from capsnet import __version__
+
+    model, flags = _cpu_description()
+    loaded = has_ops()
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "extension_loaded": loaded,
+        "extension_error": _LOAD_ERROR,
+        "cpu_kernels_built": _names(_BUILD_INFO.get("cpu_kernels_built", "")),
+        "cpu_kernels_supported": _names(_BUILD_INFO.get("cpu_kernels_supported", "")),
+        "cpu_kernel": _BUILD_INFO.get("cpu_kernel") or None,
+        "cpu_kernel_reason": (CPU_KERNEL_ERROR or _BUILD_INFO.get("cpu_kernel_reason"))
+        if loaded
+        else f"capsnet._C not loaded: {_LOAD_ERROR}",
+        "cpu_model": model,
+        "cpu_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cuda_built": "cuda" in _registered_device_types(),
+        "cuda_arch_list": _BUILD_INFO.get("cuda_arch_list"),
+        "torch_cuda": torch.version.cuda,
+    }

@@ -9,7 +9,13 @@
 // (float for float16/bfloat16 storage). Equation numbers: Sabour, Frosst & Hinton (2017).
 #pragma once
 
+// The CPU kernels compiled once per instruction set (csrc/cpu/kernels/) define
+// CAPSNET_ROUTING_MATH_WITHOUT_ATEN: ATen's headers would bring a static initialiser
+// (<iostream>'s) into their objects, code that runs at import, before the CPU is checked.
+// They compute in float or double and do not need opmath_t.
+#ifndef CAPSNET_ROUTING_MATH_WITHOUT_ATEN
 #include <ATen/OpMathType.h>
+#endif
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -18,9 +24,11 @@
 
 namespace capsnet {
 
+#ifndef CAPSNET_ROUTING_MATH_WITHOUT_ATEN
 // Accumulation type of a storage type: float for float16 and bfloat16, else the type itself.
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
+#endif
 
 // ---------------------------------------------------------------------------------------
 // The problem.

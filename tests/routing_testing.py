@@ -56,13 +56,50 @@ def make_inputs(case: RoutingCase, dtype=torch.float64, device="cpu", seed=0, re
     return u, W, bias, grad_v
 
 
-def run_routing(u, W, bias, grad_v, iterations, backend):
-    """v and the gradients of (v * grad_v).sum() with respect to u, W (and bias)."""
-    v = dynamic_routing(u, W, bias, iterations, backend=backend)
-    wrt = [u, W] + ([bias] if bias is not None else [])
-    grads = torch.autograd.grad(v, wrt, grad_v)
-    names = ["v", "grad_u", "grad_W"] + (["grad_bias"] if bias is not None else [])
-    return dict(zip(names, [v.detach(), *grads]))
+def make_prior(case: RoutingCase, dtype=torch.float64, device="cpu", seed=1, requires_grad=True):
+    """A random logit_prior [N_in, N_out] of order 1 (so that it shapes the couplings)."""
+    gen = torch.Generator().manual_seed(seed)
+    prior = torch.randn(case.num_in, case.num_out, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    return prior.requires_grad_(requires_grad)
+
+
+def run_routing(
+    u, W, bias, grad_v, iterations, backend, *, leaky=False, detach_routing=False, logit_prior=None,
+    return_couplings=False,
+):
+    """v and the gradients of (v * grad_v).sum() with respect to u, W (and bias, logit_prior).
+
+    Keys: v, grad_u, grad_W, grad_bias (with a bias), grad_prior (with a prior; None when no
+    gradient reaches it, as under detach_routing), couplings (with return_couplings).
+    """
+    out = dynamic_routing(
+        u, W, bias, iterations, leaky=leaky, detach_routing=detach_routing, logit_prior=logit_prior,
+        return_couplings=return_couplings, backend=backend,
+    )
+    v, couplings = out if return_couplings else (out, None)
+    named = [("grad_u", u), ("grad_W", W), ("grad_bias", bias), ("grad_prior", logit_prior)]
+    named = [(name, t) for name, t in named if t is not None]
+    grads = torch.autograd.grad(v, [t for _, t in named], grad_v, allow_unused=True)
+    result = {"v": v.detach()}
+    result.update((name, grad) for (name, _), grad in zip(named, grads))
+    if return_couplings:
+        result["couplings"] = couplings
+    return result
+
+
+def assert_results_close(actual: dict, expected: dict, label: str, dtype=None):
+    """Every entry of two run_routing results close (a None, no gradient, must match a None)."""
+    assert actual.keys() == expected.keys(), f"{label}: {sorted(actual)} != {sorted(expected)}"
+    for name, value in expected.items():
+        if value is None:
+            assert actual[name] is None, f"{label} {name}: expected no gradient, got a tensor"
+        else:
+            assert actual[name] is not None, f"{label} {name}: expected a gradient, got None"
+            assert_close_report(actual[name], value, f"{label} {name}", dtype=dtype)
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
 
 
 def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype=None):

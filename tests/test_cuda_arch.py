@@ -1,7 +1,7 @@
 """Which GPUs the CUDA kernels cover, and what happens on one they do not: decided without a GPU.
 
 setup.py builds the default arch list (7.0;7.5;8.0;9.0+PTX) less what the nvcc found cannot
-build and records it in capsnet/_cuda_build.py; at run time capsnet/_extension.py compares
+build and compiles it into the extension (build info); at run time capsnet/_extension.py compares
 the device's compute capability with it; capsnet/ops.py then falls back to the reference
 with a warning ("auto") or raises ("fused"). The capability is mocked here.
 """

@@ -1,8 +1,8 @@
-// exp() written as plain arithmetic so that the compiler can vectorise loops over it.
+// exp() of a whole vector register, written as plain arithmetic.
 //
 // The routing softmax takes N_in * N_out exponentials per sample and iteration (11,520 for
-// CapsNet); a call to glibc's scalar expf inside the loop keeps the loop from being
-// vectorised (glibc's vector variants are only declared under -ffast-math). This version
+// CapsNet); glibc's expf is scalar (its vector variants are only declared under
+// -ffast-math), and its result could differ between instruction sets. This version
 // is the textbook range reduction exp(x) = 2^k exp(r), x = k ln2 + r, |r| <= ln2/2, with
 // a Taylor polynomial for exp(r): truncation error r^8/8! < 6e-9 (float, degree 7) and
 // r^13/13! < 2e-17 (double, degree 12), below each type's rounding. It is accurate to a
@@ -43,24 +43,42 @@ struct ExpConstants<double> {
   static constexpr int kDegree = 12;
 };
 
-template <typename scalar_t>
-inline scalar_t vectorizable_exp(scalar_t x) {
-  using C = ExpConstants<scalar_t>;
-  using bits_t = typename C::bits_t;
-  constexpr scalar_t kLog2e = scalar_t(1.4426950408889634);
-  // Clamp (NaN passes through both comparisons and stays NaN in r below).
-  x = x < C::kMin ? C::kMin : x;
-  x = x > C::kMax ? C::kMax : x;
-  const scalar_t k = (x * kLog2e + C::kRoundShift) - C::kRoundShift;  // round(x / ln 2)
-  const scalar_t r = (x - k * C::kLn2Hi) - k * C::kLn2Lo;
-  // Horner's scheme for sum_{n <= degree} r^n / n!
-  scalar_t p = scalar_t(1);
-  for (int n = C::kDegree; n >= 1; --n) {
-    p = scalar_t(1) + p * (r * (scalar_t(1) / scalar_t(n)));  // 1/n folds to a constant
+// 1 / n! for n = 0 .. kDegree, each rounded once to T (computed at compile time).
+template <typename T, int kDegree>
+struct InverseFactorials {
+  T value[kDegree + 1];
+};
+
+template <typename T, int kDegree>
+constexpr InverseFactorials<T, kDegree> inverse_factorials() {
+  InverseFactorials<T, kDegree> result{};
+  long double factorial = 1;
+  for (int n = 0; n <= kDegree; ++n) {
+    factorial *= n > 0 ? n : 1;
+    result.value[n] = static_cast<T>(1.0L / factorial);
   }
-  // 2^k by building the floating-point exponent directly.
-  const bits_t exponent_bits = (static_cast<bits_t>(k) + C::kExponentBias) << C::kMantissaBits;
-  return p * __builtin_bit_cast(scalar_t, exponent_bits);
+  return result;
+}
+
+// exp of every lane of x. V is a vector type with element_type float or double that
+// provides, by argument-dependent lookup, fma(a, b, c) (a * b + c), clamp(x, lo, hi) (NaN
+// stays NaN) and exp2_of_integer(k, exponent_bias, mantissa_bits) (2^k for integral lanes
+// k); see csrc/cpu/kernels/vec.h.
+template <typename V>
+inline V vectorizable_exp(V x) {
+  using scalar_t = typename V::element_type;
+  using C = ExpConstants<scalar_t>;
+  const V round_shift(C::kRoundShift);
+  x = clamp(x, C::kMin, C::kMax);
+  const V k = fma(x, V(scalar_t(1.4426950408889634)), round_shift) - round_shift;  // round(x / ln 2)
+  const V r = fma(-k, V(C::kLn2Lo), fma(-k, V(C::kLn2Hi), x));
+  // Horner's scheme for sum_{n <= degree} r^n / n!
+  constexpr InverseFactorials<scalar_t, C::kDegree> coefficient = inverse_factorials<scalar_t, C::kDegree>();
+  V p(coefficient.value[C::kDegree]);
+  for (int n = C::kDegree - 1; n >= 0; --n) {
+    p = fma(p, r, V(coefficient.value[n]));
+  }
+  return p * exp2_of_integer(k, C::kExponentBias, C::kMantissaBits);
 }
 
 }  // namespace cpu
