@@ -124,9 +124,20 @@ def instantiation_source(instantiations: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_compiled: dict[tuple, tuple[dict, str]] = {}
+
+
 def compile_kernels(source_text: str, arch: str, workdir: str, include_dir: pathlib.Path = CSRC) -> tuple[dict, str]:
     """Compiles `source_text` (explicit instantiations); returns ({mangled name: Resources},
-    SASS text with line info)."""
+    SASS text with line info). Remembered per process: the resource check costs several
+    plans of the same kernels."""
+    key = (source_text, arch, str(include_dir))
+    if key not in _compiled:
+        _compiled[key] = _compile(source_text, arch, workdir, include_dir)
+    return _compiled[key]
+
+
+def _compile(source_text: str, arch: str, workdir: str, include_dir: pathlib.Path) -> tuple[dict, str]:
     source = os.path.join(workdir, "kernels.cu")
     cubin = os.path.join(workdir, "kernels.cubin")
     with open(source, "w") as f:
