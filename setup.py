@@ -252,7 +252,10 @@ def build_extension():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_find_nvcc())
         sources += _relative(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        # -fmad=false: no multiply-add is fused unless the source says so (the kernels write
+        # theirs with fma()), so that the backward recomputes the forward's couplings bit for
+        # bit whatever each kernel's surroundings (docs/CUDA.md).
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false"]
         define_macros.append(("CAPSNET_WITH_CUDA", None))
         # Reported by capsnet.build_info(), and checked against the GPU at run time
         # (capsnet/_extension.py, cuda_device_problem). C++ only: nvcc need not parse a quoted -D.

@@ -143,7 +143,8 @@ def _compile(source_text: str, arch: str, workdir: str, include_dir: pathlib.Pat
     with open(source, "w") as f:
         f.write(source_text)
     command = [
-        find_tool("nvcc"), "-cubin", f"-arch={arch}", "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
+        # The flags of setup.py's CUDA build.
+        find_tool("nvcc"), "-cubin", f"-arch={arch}", "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false",
         "-Xptxas", "-v", f"-I{include_dir}", f"-I{torch_include()}", "-o", cubin, source,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
