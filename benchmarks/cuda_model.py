@@ -15,9 +15,11 @@ What it does, step by step:
 3. Finds the loops (a branch back to an earlier address) and gives each its trip count: the
    source line of the back edge carries a comment ``// model-loop: <expression>`` whose
    expression is evaluated with the launch plan's numbers (``inputs_per_chunk``, ``num_out``,
-   ...). A loop the compiler unrolled by U with a remainder loop appears as two loops on the
-   same line: the first runs ``trips // U`` times, the second ``trips % U``, with U the ratio
-   of their bodies' loads and arithmetic. An instruction's weight is the product of the trip
+   ...); ``// model-loop: <expression>; unroll U`` marks a loop written with
+   ``#pragma unroll U``. Other run-time loops carry ``#pragma unroll 1``, so that the compiled
+   loop is the source loop. An unrolled loop runs ``trips // U`` times, and its remainder
+   loop (the next loop on the same line, if any) ``trips % U``; without a declared U, U is
+   guessed from the ratio of the two bodies' loads and arithmetic. An instruction's weight is the product of the trip
    counts of the loops around it; the sum of the weights is the instructions one warp issues.
    Branches are counted as taken both ways (an upper bound) except the work the kernels
    select at compile time (``kFirst``, ``SweepPass``).
@@ -302,21 +304,30 @@ def loop_weights(
             raise SystemExit(
                 f"cuda_model: {name}: loop at {loop.location} has no '// model-loop: <trips>' comment in the source"
             )
+        declared_unroll = None
+        if expression != COLD and ";" in expression:  # "<trips>; unroll <U>": a #pragma unroll U loop
+            expression, _, clause = expression.partition(";")
+            declared_unroll = int(clause.split()[-1])
         if expression == COLD:
             trips = 0.0
         else:
             trips = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
         later = loops[k + 1] if k + 1 < len(loops) else None
         if later is not None and later.location == loop.location and later.start > loop.end:
-            main = body_signature(instructions, loop.start, loop.end)
-            rest = body_signature(instructions, later.start, later.end)
-            common = [c for c in rest if c in main]
-            unroll = max(1, round(main[common[0]] / rest[common[0]])) if common else 1
+            if declared_unroll is not None:
+                unroll = declared_unroll
+            else:
+                main = body_signature(instructions, loop.start, loop.end)
+                rest = body_signature(instructions, later.start, later.end)
+                common = [c for c in rest if c in main]
+                unroll = max(1, round(main[common[0]] / rest[common[0]])) if common else 1
             loop.trips = float(trips // unroll)
             later.trips = float(trips % unroll)
             assigned.add(k + 1)
         else:
-            loop.trips = trips
+            # Without a remainder loop the leftover iterations are peeled outside the loop,
+            # where they are counted once.
+            loop.trips = float(trips // declared_unroll) if declared_unroll else trips
     weights = [0.0 if markers.get(ins.location) == COLD else 1.0 for ins in instructions]
     for loop in loops:
         for index in range(loop.start, loop.end + 1):

@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) backward_squash_kerne
     } else {
       const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
       const int64_t chunk_stride = g.columns();
-      for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
+#pragma unroll 4
+      for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks; unroll 4
         total += *partial;
         partial += chunk_stride;
       }

@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel
     const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
     const int64_t chunk_stride = g.columns();
     acc_t total = 0;
-    for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks
+#pragma unroll 4
+    for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks; unroll 4
       total += *partial;
       partial += chunk_stride;
     }
