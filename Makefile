@@ -9,6 +9,9 @@
 #   make package-check      sdist and wheel built, installed into empty folders, smoke-tested
 #   make portability-check  the installed wheel run under emulated older x86-64 CPUs (QEMU)
 #   make train              a short CapsNet training run on MNIST (minutes on a CPU), see README
+#   make test-cuda-asan     the emulated CUDA tests under AddressSanitizer + UBSan (a few minutes)
+#   make cuda-model         the static performance model of the CUDA kernels, and its resource check
+#   make gpu-check          on a machine with a GPU: build, CUDA tests, benchmarks, training (README)
 #
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), REQUIREMENTS,
 # DATA_DIR (MNIST in torchvision's layout), TRAIN_ARGS (options for train_mnist.py),
@@ -32,6 +35,7 @@ export MAX_JOBS ?= 2
 # MNIST in torchvision's layout (DATA_DIR/MNIST/raw): $CAPSNET_DATA_DIR if set, else the
 # project's shared copy beside the clone.
 DATA_DIR ?= $(or $(CAPSNET_DATA_DIR),../shared/data)
+DRY_RUN ?= 0
 # A quick run: 10,000 training images, one epoch (a few minutes on 2 CPU cores). The
 # paper's full run is
 #   make train TRAIN_ARGS="--epochs 50"    (a GPU is advisable: ~6.5 min per epoch on 2 CPU cores)
@@ -43,7 +47,8 @@ PACKAGE_CHECK_DIR ?= .package-check
 BENCH_CHECK_DIR ?= .bench-check
 BENCH_ARGS ?=
 
-.PHONY: venv install test bench bench-pytest bench-check dist package-check portability-check train clean
+.PHONY: venv install test bench bench-pytest bench-check dist package-check portability-check train clean \
+	test-cuda-asan cuda-model gpu-check
 
 venv: $(VENV)/.requirements-installed
 
@@ -86,6 +91,19 @@ portability-check: venv
 
 train: install
 	$(PY) train_mnist.py --data-dir $(DATA_DIR) --out-dir $(TRAIN_OUT) $(TRAIN_ARGS)
+
+# The emulator is built by the tests themselves (benchmarks/emulator.py): no extension build needed.
+test-cuda-asan: venv
+	PY=$(PY) scripts/test_cuda_asan.sh
+
+# Needs nvcc (CUDA_HOME) and nvdisasm (the CUDA toolkit's, or the one triton ships with torch).
+cuda-model: venv
+	$(PY) -m benchmarks.cuda_model --check
+	$(PY) -m benchmarks.cuda_model
+
+# No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
+gpu-check:
+	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist $(PACKAGE_CHECK_DIR) $(BENCH_CHECK_DIR) capsnet/*.so *.egg-info

@@ -5,7 +5,9 @@ built with CUDA (``torch.version.cuda``) and nvcc is found; no GPU is needed to 
 Environment variables:
 
     CAPSNET_FORCE_CUDA=1|0     build the CUDA kernels regardless of detection (1) or never (0)
-    TORCH_CUDA_ARCH_LIST       GPU architectures; default "8.0;9.0+PTX" (A100, H100, PTX for newer)
+    TORCH_CUDA_ARCH_LIST       GPU architectures; default "7.0;7.5;8.0;9.0+PTX" (V100, T4, A100 and
+                               the sm_86/sm_89 cards that run sm_80 code, H100, PTX for newer),
+                               less the archs the nvcc found cannot build (nvcc 13 starts at 7.5)
     CAPSNET_CPU_ARCH           unset (default): the CPU kernels are compiled once per instruction
                                set (cpu_variants.py: baseline x86-64-v2, AVX2, AVX-512 on x86-64;
                                the baseline elsewhere) and the best one this CPU runs is chosen
@@ -25,6 +27,7 @@ import glob
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 
@@ -50,7 +53,7 @@ def _require_torch() -> None:
 _require_torch()
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_CUDA_ARCH_LIST = "7.0;7.5;8.0;9.0+PTX"
 STANDARD_CUDA_HOME = "/usr/local/cuda"
 
 
@@ -112,6 +115,39 @@ def _cuda_decision() -> tuple[bool, str]:
     return True, f"torch.version.cuda={torch.version.cuda}, nvcc at {nvcc}"
 
 
+def _nvcc_archs(nvcc: str) -> set[str] | None:
+    """The virtual archs nvcc can build ("7.5", "8.0", ...), or None if it cannot tell."""
+    try:
+        listing = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)", listing)}
+    return archs or None
+
+
+def _default_arch_list(nvcc: str | None) -> str:
+    """DEFAULT_CUDA_ARCH_LIST less what this nvcc cannot build, saying which and why; a '+PTX'
+    moves to the newest arch kept."""
+    wanted = DEFAULT_CUDA_ARCH_LIST.split(";")
+    supported = _nvcc_archs(nvcc) if nvcc else None
+    if supported is None:
+        return DEFAULT_CUDA_ARCH_LIST
+    kept = [entry for entry in wanted if entry.split("+")[0] in supported]
+    dropped = [entry.split("+")[0] for entry in wanted if entry.split("+")[0] not in supported]
+    if dropped:
+        oldest = min(supported, key=lambda a: tuple(int(p) for p in a.split(".")))
+        print(
+            f"capsnet: not building for compute capability {', '.join(dropped)}: {nvcc} supports "
+            f"compute_{oldest.replace('.', '')} and newer only (a CUDA 12 toolkit still builds sm_70)",
+            flush=True,
+        )
+    if kept and not any(entry.endswith("+PTX") for entry in kept) and any(e.endswith("+PTX") for e in wanted):
+        kept[-1] += "+PTX"
+    if not kept:
+        raise SystemExit(f"capsnet: {nvcc} supports none of {DEFAULT_CUDA_ARCH_LIST}; set TORCH_CUDA_ARCH_LIST")
+    return ";".join(kept)
+
+
 def _relative(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -130,11 +166,12 @@ X86_64_KERNEL_VARIANTS = {
     "avx2": ["-march=x86-64-v3", "-mtune=generic"],
     "avx512": ["-march=x86-64-v4", "-mtune=generic"],
 }
-# -ffp-contract=fast: a * b + c is one fused multiply-add wherever the instruction set has
-# one (the kernels rely on it for speed, and it is the same at every call: reproducible).
+# -ffp-contract=off: the kernels write every fused multiply-add explicitly (kernels/vec.h);
+# the compiler may not fuse others, whose rounding would then depend on its choices.
 # -fno-math-errno: sqrt becomes an instruction. -fvisibility=hidden: nothing of a variant
 # is exported. -Wno-psabi: GCC notes on passing vector types, irrelevant inside one object.
-KERNEL_VARIANT_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi"]
+# -Wno-unknown-pragmas: routing_math.h unrolls for nvcc with "#pragma unroll".
+KERNEL_VARIANT_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden", "-Wno-psabi", "-Wno-unknown-pragmas"]
 
 
 def cpu_kernel_variants() -> dict[str, list[str]]:
@@ -236,11 +273,15 @@ def build_extension():
     extension_class = CppExtension
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_find_nvcc())
         sources += _relative(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+        # -fmad=false: no multiply-add is fused unless the source says so (the kernels write
+        # theirs with fma()), so that the backward recomputes the forward's couplings bit for
+        # bit whatever each kernel's surroundings (docs/CUDA.md).
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false"]
         define_macros.append(("CAPSNET_WITH_CUDA", None))
-        # Reported by capsnet.build_info() (C++ only: nvcc need not parse a quoted -D).
+        # Reported by capsnet.build_info(), and checked against the GPU at run time
+        # (capsnet/_extension.py, cuda_device_problem). C++ only: nvcc need not parse a quoted -D.
         extra_compile_args["cxx"].append(f'-DCAPSNET_CUDA_ARCH_LIST="{os.environ["TORCH_CUDA_ARCH_LIST"]}"')
         extension_class = CUDAExtension
     print(

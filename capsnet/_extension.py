@@ -89,6 +89,67 @@ def missing_reason(device_type: str, dtype: torch.dtype) -> str:
     return f"the fused kernels support {[str(d) for d in FUSED_DTYPES]}, got {dtype}"
 
 
+# ---------------------------------------------------------------------------------------
+# Which GPUs the CUDA kernels were compiled for.
+# ---------------------------------------------------------------------------------------
+REBUILD_FOR_DEVICE_HINT = (
+    'rebuild for it from the repository root with TORCH_CUDA_ARCH_LIST="{arch}" '
+    "pip install --no-build-isolation --no-deps -e . (an arch list with '+PTX' also covers newer GPUs)"
+)
+
+
+def compiled_cuda_archs() -> tuple[str, ...] | None:
+    """The TORCH_CUDA_ARCH_LIST entries capsnet._C was built with (compiled into it by
+    setup.py, read through build info), e.g. ("7.5", "8.0", "9.0+PTX"); None when not known."""
+    arch_list = _BUILD_INFO.get("cuda_arch_list")
+    if not arch_list:
+        return None
+    return tuple(entry for entry in arch_list.replace(" ", ";").split(";") if entry)
+
+
+def arch_covers(capability: tuple[int, int], archs: tuple[str, ...]) -> bool:
+    """Whether code built for `archs` runs on a GPU of compute `capability`: a cubin for
+    sm_XY runs on X.Z for Z >= Y (sm_80 code on sm_86 and sm_89), and PTX for X.Y is
+    compiled by the driver for any X.Y or newer."""
+    major, minor = capability
+    for entry in archs:
+        number, _, suffix = entry.strip().partition("+")
+        built_major, built_minor = (int(part) for part in number.split(".")[:2])
+        if built_major == major and built_minor <= minor:
+            return True
+        if suffix.upper() == "PTX" and (built_major, built_minor) <= (major, minor):
+            return True
+    return False
+
+
+def arch_problem(device_name: str, capability: tuple[int, int], archs: tuple[str, ...] | None) -> str | None:
+    """Why the CUDA kernels cannot run on this GPU, or None when they can (or when the
+    extension does not say what it was built for)."""
+    if archs is None or arch_covers(capability, archs):
+        return None
+    arch = f"{capability[0]}.{capability[1]}"
+    return (
+        f"the GPU '{device_name}' (compute capability {arch}) is not covered by the CUDA architectures "
+        f"capsnet._C was built for ({';'.join(archs)}); " + REBUILD_FOR_DEVICE_HINT.format(arch=arch)
+    )
+
+
+_cuda_device_problems: dict[int, str | None] = {}
+
+
+def cuda_device_problem(device: torch.device) -> str | None:
+    """arch_problem for the GPU of `device`, asked once per GPU (None while torch.compile
+    traces: the eager call or the launch reports it)."""
+    if torch.compiler.is_compiling():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cuda_device_problems:
+        _cuda_device_problems[index] = arch_problem(
+            torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), compiled_cuda_archs()
+        )
+    return _cuda_device_problems[index]
+
+
 def require_kernel(device_type: str, dtype: torch.dtype) -> None:
     """Raise a RuntimeError explaining what is missing when the fused op cannot run."""
     if not has_kernel(device_type, dtype):

@@ -389,6 +389,27 @@ def _fused_available(device_type: str, dtype: torch.dtype) -> bool:
     return _extension.has_kernel(device_type, dtype)
 
 
+_warned_devices: set[int | None] = set()
+
+
+def _gpu_is_covered(backend: str, device: torch.device) -> bool:
+    """Whether the CUDA kernels were compiled for the GPU of `device` (or its PTX is). If not:
+    "fused" raises, "auto" warns once per GPU and returns False (use the reference)."""
+    problem = _extension.cuda_device_problem(device)
+    if problem is None:
+        return True
+    if backend == "fused":
+        raise RuntimeError(f"capsnet: backend='fused' is unavailable: {problem}")
+    if device.index not in _warned_devices:
+        _warned_devices.add(device.index)
+        warnings.warn(
+            f"capsnet: no fused routing kernel for this GPU: {problem}. Using the pure-PyTorch reference, "
+            "which is much slower; pass backend='reference' to silence this warning.",
+            stacklevel=3,
+        )
+    return False
+
+
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -451,6 +472,8 @@ def dynamic_routing(
     use_fused = backend == "fused" or (backend == "auto" and _fused_available(device_type, kernel_dtype))
     if backend == "auto" and not use_fused:
         _warn_fallback_once(device_type, kernel_dtype)
+    if use_fused and device_type == "cuda" and not _gpu_is_covered(backend, u.device):
+        use_fused = False  # this GPU's architecture was not compiled ("fused" raised instead)
     # The autocast policy: cast first (it depends on autocast being on), then route with it off.
     u, W, bias, logit_prior = (cast_for_routing(t) for t in (u, W, bias, logit_prior))
     with routing_precision(device_type):

@@ -140,6 +140,7 @@ C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component
     return {phi, T(1) / norm, phi, phi * (T(2) * g - T(1)), 0, 0};
   }
   // |s|^2 overflowed or underflowed, or s is zero, or holds a NaN or an infinity.
+  // model-cold-begin (benchmarks/cuda_model.py counts this rare path as not taken)
   T largest = T(0);
   for_each_component<kMaxDim>(dim, [&](auto d) {
     const T a = std::abs(T(s(d)));
@@ -170,12 +171,18 @@ C10_HOST_DEVICE inline SquashCoefficients<T> squash_coefficients(const Component
   }
   const T phi_scaled = rho * inv_norm;  // phi 2^exponent
   return {rho * inv_norm, inv_norm, phi_scaled, phi_scaled * (T(2) * g - T(1)), exponent, -exponent};
+  // model-cold-end
 }
 
-// s'(d) = s(d) 2^-exponent.
+// x 2^exponent (exponent is 0 unless |s|^2 is not a normal number).
 template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T squash_scaled_component(T component, int exponent) {
-  return exponent == 0 ? component : std::ldexp(component, -exponent);
+C10_HOST_DEVICE C10_ALWAYS_INLINE T squash_rescaled(T x, int exponent) {
+  if (exponent == 0) {
+    return x;
+  }
+  // model-cold-begin
+  return std::ldexp(x, exponent);
+  // model-cold-end
 }
 
 // v(d) = squash(s)(d), written through out(d, value).
@@ -183,7 +190,7 @@ template <int kMaxDim, typename T, typename Component, typename Out>
 C10_HOST_DEVICE inline void squash_forward(
     const SquashCoefficients<T>& k, const Component& s, int64_t dim, const Out& out) {
   for_each_component<kMaxDim>(
-      dim, [&](auto d) { out(d, k.scale * squash_scaled_component(T(s(d)), k.exponent)); });
+      dim, [&](auto d) { out(d, k.scale * squash_rescaled(T(s(d)), -k.exponent)); });
 }
 
 // grad_s(d) from grad_v, written through out(d, value).
@@ -192,13 +199,13 @@ C10_HOST_DEVICE inline void squash_backward(
     const SquashCoefficients<T>& k, const Component& s, const Gradient& grad_v, int64_t dim, const Out& out) {
   T along = T(0);  // <e, grad_v>
   for_each_component<kMaxDim>(dim, [&](auto d) {
-    along += (squash_scaled_component(T(s(d)), k.exponent) * k.inv_norm) * T(grad_v(d));
+    along += (squash_rescaled(T(s(d)), -k.exponent) * k.inv_norm) * T(grad_v(d));
   });
   const T radial = k.radial * along;
   for_each_component<kMaxDim>(dim, [&](auto d) {
-    const T unit = squash_scaled_component(T(s(d)), k.exponent) * k.inv_norm;
+    const T unit = squash_rescaled(T(s(d)), -k.exponent) * k.inv_norm;
     const T grad = k.tangential * T(grad_v(d)) + radial * unit;
-    out(d, k.out_exponent == 0 ? grad : std::ldexp(grad, k.out_exponent));
+    out(d, squash_rescaled(grad, k.out_exponent));
   });
 }
 

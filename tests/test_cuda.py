@@ -37,8 +37,27 @@ def _to(tensors, **kwargs):
 
 def test_cuda_kernel_is_registered():
     """On a GPU the fused path must be the CUDA kernel, not a silent fallback."""
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert capsnet.has_kernel("cuda", dtype), capsnet._extension.missing_reason("cuda", dtype)
+    assert capsnet._extension.cuda_device_problem(torch.device("cuda", 0)) is None
+
+
+def run_options(u, W, bias, prior, grad_v, iterations, backend, leaky=False, detach=False):
+    """v, the couplings and the gradients of (v * grad_v).sum() for the routing options."""
+    v, c = dynamic_routing(
+        u, W, bias, iterations, leaky=leaky, detach_routing=detach, logit_prior=prior, return_couplings=True,
+        backend=backend,
+    )
+    wrt = [t for t in (u, W, bias, prior) if t is not None]
+    names = ["grad_u", "grad_W"] + (["grad_bias"] if bias is not None else []) + (["grad_prior"] if prior is not None else [])
+    grads = torch.autograd.grad(v, wrt, grad_v, allow_unused=True)
+    out = dict(v=v.detach(), couplings=c)
+    for name, grad in zip(names, grads):
+        if name == "grad_prior" and detach:
+            assert grad is None  # a constant under detach_routing
+            continue
+        out[name] = grad
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -65,21 +84,98 @@ def test_matches_reference(case, dtype):
         assert_close_report(actual[name], expected[name], f"{case} {name}", dtype=dtype)
 
 
+OPTIONS = [(False, False, False), (True, False, False), (False, True, False), (True, True, True), (False, False, True)]
+
+
+def option_id(flags):
+    return "-".join(name for name, on in zip(("prior", "leaky", "detach"), flags) if on) or "default"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("flags", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE, capsnet_case(37)], ids=str)
+def test_options_match_reference(case, flags, dtype):
+    """logit_prior, leaky, detach_routing: values, couplings and every gradient."""
+    with_prior, leaky, detach = flags
+    u, W, bias, grad_v = make_inputs(case, dtype=dtype, device="cuda")
+    prior = (0.5 * torch.randn(case.num_in, case.num_out, dtype=dtype, device="cuda")).requires_grad_() if with_prior else None
+    expected_inputs = _to([u, W, bias, prior], dtype=torch.float64)
+    expected = run_options(*expected_inputs, grad_v.double(), case.iterations, "reference", leaky, detach)
+    actual = run_options(u, W, bias, prior, grad_v, case.iterations, "fused", leaky, detach)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_close_report(actual[name], expected[name], f"{case} {option_id(flags)} {name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("flags", [(False, False, False), (True, True, False), (True, False, True)], ids=option_id)
 @pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE, capsnet_case(5)], ids=str)
-def test_matches_cpu_kernel(case, dtype):
-    """Every output of both ops, the saved state (s_saved, couplings) included."""
+def test_matches_cpu_kernel(case, flags, dtype):
+    """Every output of both ops, s_saved included."""
     assert capsnet.has_kernel("cpu", dtype), "capsnet._C has CUDA kernels but no CPU kernel"
+    with_prior, leaky, detach = flags
     u, W, bias, grad_v = make_inputs(case, dtype=dtype, device="cuda", requires_grad=False)
-    gpu_forward = torch.ops.capsnet.routing_forward(u, W, bias, case.iterations)
-    gpu_backward = torch.ops.capsnet.routing_backward(grad_v, u, W, *gpu_forward[1:])
-    cpu = [None if t is None else t.cpu() for t in (u, W, bias, grad_v)]
-    cpu_forward = torch.ops.capsnet.routing_forward(cpu[0], cpu[1], cpu[2], case.iterations)
-    cpu_backward = torch.ops.capsnet.routing_backward(cpu[3], cpu[0], cpu[1], *cpu_forward[1:])
-    names = ("v", "s_saved", "couplings", "grad_u", "grad_W", "grad_bias")
+    prior = torch.randn(case.num_in, case.num_out, dtype=dtype, device="cuda") if with_prior else None
+    r = case.iterations
+    gpu_forward = torch.ops.capsnet.routing_forward(u, W, bias, prior, r, leaky, detach, True)
+    gpu_backward = torch.ops.capsnet.routing_backward(grad_v, u, W, prior, gpu_forward[1], leaky, detach)
+    cpu = [None if t is None else t.cpu() for t in (u, W, bias, prior, grad_v)]
+    cpu_forward = torch.ops.capsnet.routing_forward(cpu[0], cpu[1], cpu[2], cpu[3], r, leaky, detach, True)
+    cpu_backward = torch.ops.capsnet.routing_backward(cpu[4], cpu[0], cpu[1], cpu[3], cpu_forward[1], leaky, detach)
+    names = ("v", "s_saved", "couplings", "grad_u", "grad_W", "grad_bias", "grad_prior")
     for name, actual, expected in zip(names, (*gpu_forward, *gpu_backward), (*cpu_forward, *cpu_backward)):
         assert actual.is_cuda
         assert_close_report(actual, expected, f"{case} {name}")
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [capsnet_case(16), GENERIC_TILE], ids=str)
+def test_half_precision_accuracy(case, half):
+    """float16/bfloat16 kernels with float32 math: error against a float64 reference at most
+    twice that of the reference computed in the same low precision."""
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float64, device="cuda", requires_grad=False)
+    prior = 0.5 * torch.randn(case.num_in, case.num_out, dtype=torch.float64, device="cuda")
+
+    def run(dtype, backend):
+        inputs = [t.to(dtype).requires_grad_() for t in (u, W, bias, prior)]
+        return run_options(*inputs, grad_v.to(dtype), case.iterations, backend, leaky=True)
+
+    exact = run(torch.float64, "reference")
+    low = run(half, "reference")
+    fused = run(half, "fused")
+    for name in exact:
+        assert fused[name].dtype == half, name
+        ours = (fused[name].double() - exact[name]).abs().max().item()
+        theirs = (low[name].double() - exact[name]).abs().max().item()
+        assert ours <= 2 * theirs, f"{name} ({half}): error {ours:.3e} > 2 x {theirs:.3e}"
+
+
+def test_cuda_graph_capture():
+    """Forward and backward captured in a CUDA graph and replayed: no launch on another
+    stream, no host synchronisation, no allocation outside the graph's pool."""
+    case = capsnet_case(32)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    expected = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    static = [t.detach().clone().requires_grad_() for t in (u, W, bias)]
+
+    def step():
+        v = dynamic_routing(*static, case.iterations, backend="fused")
+        return (v.detach(), *torch.autograd.grad(v, static, grad_v))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the graph
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), outputs):
+        assert torch.equal(actual, expected[name]), name
 
 
 @pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE], ids=str)
@@ -98,14 +194,18 @@ def test_gradcheck_float64(case):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_opcheck_capsnet_tile(dtype):
     u, W, bias, grad_v = make_inputs(CAPSNET_TILE, dtype=dtype, device="cuda")
-    torch.library.opcheck(torch.ops.capsnet.routing_forward.default, (u, W, bias, 3))
-    with torch.no_grad():
-        _, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, 3)
-    torch.library.opcheck(
-        torch.ops.capsnet.routing_backward.default,
-        (grad_v, u.detach(), W.detach(), s_saved, couplings),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
+    prior = torch.randn(CAPSNET_TILE.num_in, CAPSNET_TILE.num_out, dtype=dtype, device="cuda", requires_grad=True)
+    for leaky, detach, couplings in [(False, False, False), (True, False, True), (False, True, True)]:
+        torch.library.opcheck(
+            torch.ops.capsnet.routing_forward.default, (u, W, bias, prior, 3, leaky, detach, couplings)
+        )
+        with torch.no_grad():
+            _, s_saved, _ = torch.ops.capsnet.routing_forward(u, W, bias, prior, 3, leaky, detach, couplings)
+        torch.library.opcheck(
+            torch.ops.capsnet.routing_backward.default,
+            (grad_v, u.detach(), W.detach(), prior.detach(), s_saved, leaky, detach),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
 
 
 def test_torch_compile_fullgraph_capsnet_shape():
@@ -192,12 +292,12 @@ def test_second_gpu():
 
 def test_non_contiguous_and_misaligned_inputs():
     u, W, bias, grad_v = make_inputs(CAPSNET_TILE, dtype=torch.float32, device="cuda", requires_grad=False)
-    expected = torch.ops.capsnet.routing_forward(u, W, bias, 3)
+    expected = torch.ops.capsnet.routing_forward(u, W, bias, None, 3, False, False, True)
     u_strided = u.transpose(0, 1).contiguous().transpose(0, 1)
     # Contiguous but one float into its storage: not 16-byte aligned, as the CapsNet tile's
     # vector loads need (the launcher copies it).
     W_misaligned = torch.empty(W.numel() + 1, device="cuda")[1:].view_as(W).copy_(W)
-    actual = torch.ops.capsnet.routing_forward(u_strided, W_misaligned, bias, 3)
+    actual = torch.ops.capsnet.routing_forward(u_strided, W_misaligned, bias, None, 3, False, False, True)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
 
@@ -213,4 +313,4 @@ def test_empty_batch():
 def test_unsupported_shape_names_the_limit():
     u, W, bias, _ = make_inputs(RoutingCase(1, 2, 3, 33, 4), dtype=torch.float32, device="cuda", requires_grad=False)
     with pytest.raises(RuntimeError, match=r"D_out <= 32, got D_out = 33"):
-        torch.ops.capsnet.routing_forward(u, W, bias, 2)
+        torch.ops.capsnet.routing_forward(u, W, bias, None, 2, False, False, False)

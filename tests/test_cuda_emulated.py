@@ -1,105 +1,94 @@
 """The CUDA kernels, run without a GPU on the CPU emulation of CUDA (``csrc/simt``).
 
-The module built here compiles ``csrc/cuda/routing_kernel.cuh`` (the very kernels nvcc
-compiles) and the CUDA launcher's host code (``csrc/cuda/routing_host.h``: checks, launch
-plan, launch order) with g++ against ``csrc/simt/simt.h``, and runs every CUDA thread as a
-fiber. Outputs and workspaces start as NaN and dynamic shared memory is poisoned, so a
-kernel that reads something nobody wrote fails here; running under several thread and block
-orders exposes a missing ``__syncthreads``; a divergent barrier raises instead of hanging.
-
-The build (about a minute, once; ninja rebuilds only what changed) goes to
-``$CAPSNET_SIMT_BUILD_DIR`` or ``~/.cache/capsnet/simt``, never into the repository.
+The module (``benchmarks/emulator.py`` builds it) compiles the very kernels nvcc compiles
+(``csrc/cuda/routing_forward.cuh``, ``routing_backward.cuh``) and the CUDA launcher's host code
+(``csrc/cuda/routing_host.h``: checks, launch plan, launch order) with g++ against
+``csrc/simt/simt.h``, and runs every CUDA thread as a fiber. Outputs and workspaces start as
+NaN and shared memory is poisoned, so a kernel that reads something nobody wrote fails here;
+running under several thread and block orders exposes a missing ``__syncthreads``; a
+divergent barrier, a misaligned vector load or a block above a kernel's launch bound raises;
+an access past the shared memory hits a guard page. ``make test-cuda-asan`` runs this file
+with AddressSanitizer and UndefinedBehaviorSanitizer.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from capsnet.reference import dynamic_routing_reference, squash
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CSRC = REPO / "csrc"
-KERNEL_SOURCE = CSRC / "cuda" / "routing_kernel.cuh"
-SIMT_SOURCES = ["emulated_routing.cpp", "simt.cpp", "simt_selftest.cpp"]
+sys.path.insert(0, str(REPO))  # benchmarks.emulator, when pytest is not run from the root
+
+from benchmarks import emulator  # noqa: E402
+from capsnet.reference import dynamic_routing_reference  # noqa: E402
+
+CUDA_DIR = REPO / "csrc" / "cuda"
+KERNEL_SOURCES = [CUDA_DIR / "routing_forward.cuh", CUDA_DIR / "routing_backward.cuh"]
 
 # A kernel stuck in a loop fails the run (pytest-timeout's thread method ends the process)
 # instead of hanging CI; a divergent barrier already raises. The one-time build, in the
 # module fixture, is not counted (func_only).
-pytestmark = pytest.mark.timeout(180, method="thread", func_only=True)
+pytestmark = pytest.mark.timeout(300, method="thread", func_only=True)
 
 CAPSNET = dict(num_in=1152, num_out=10, dim_out=16, dim_in=8)
-
-
-def _build_directory() -> str:
-    root = os.environ.get("CAPSNET_SIMT_BUILD_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "capsnet", "simt"
-    )
-    path = os.path.join(root, f"torch-{torch.__version__}")
-    os.makedirs(path, exist_ok=True)
-    return path
+OPTIONS = ("prior", "leaky", "detach")
 
 
 @pytest.fixture(scope="module")
 def simt():
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name="capsnet_simt",
-        sources=[str(CSRC / "simt" / name) for name in SIMT_SOURCES],
-        extra_include_paths=[str(CSRC), str(CSRC / "simt")],
-        # C++20 for std::source_location; the kernels' `#pragma unroll` means nothing to g++.
-        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
-        build_directory=_build_directory(),
-    )
+    return emulator.load()
 
 
 # ---------------------------------------------------------------------------------------
-# Oracles and comparison.
+# Problems, oracle, comparison.
 # ---------------------------------------------------------------------------------------
-def make_inputs(batch, num_in, num_out, dim_out, dim_in, dtype, *, seed=0, weight_scale=0.5):
+def make_inputs(batch, num_in, num_out, dim_out, dim_in, dtype, *, seed=0, weight_scale=0.5, prior=False):
     generator = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, num_in, dim_in, dtype=dtype, generator=generator)
-    W = weight_scale * torch.randn(num_in, num_out, dim_out, dim_in, dtype=dtype, generator=generator)
-    bias = 0.1 * torch.randn(num_out, dim_out, dtype=dtype, generator=generator)
-    grad_v = torch.randn(batch, num_out, dim_out, dtype=dtype, generator=generator)
-    return u, W, bias, grad_v
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, dtype=torch.float64, generator=generator)).to(dtype)
+
+    u = randn(batch, num_in, dim_in)
+    W = randn(num_in, num_out, dim_out, dim_in, scale=weight_scale)
+    bias = randn(num_out, dim_out, scale=0.1)
+    grad_v = randn(batch, num_out, dim_out)
+    logit_prior = randn(num_in, num_out) if prior else None
+    return u, W, bias, logit_prior, grad_v
 
 
-def reference_states(u, W, bias, num_iterations):
-    """The op's saved state, following DESIGN.md: s_saved [B, r, N_out, D_out] (s of every
-    iteration, before squash) and couplings [B, r, N_out, N_in] (c of every iteration)."""
-    u_hat = torch.einsum("ijde,bie->bijd", W, u)
-    logits = u.new_zeros(u.shape[0], W.shape[0], W.shape[1])
-    states, couplings = [], []
-    for k in range(num_iterations):
-        c = torch.softmax(logits, dim=2)
-        s = (c.unsqueeze(-1) * u_hat).sum(dim=1) + (0 if bias is None else bias)
-        states.append(s)
-        couplings.append(c.transpose(1, 2))
-        logits = logits + (u_hat * squash(s).unsqueeze(1)).sum(dim=-1)
-    return torch.stack(states, dim=1), torch.stack(couplings, dim=1)
+OUTPUT_NAMES = ("v", "couplings", "grad_u", "grad_W", "grad_bias", "grad_prior")
 
 
-def reference_outputs(u, W, bias, grad_v, num_iterations):
-    """(v, s_saved, couplings, grad_u, grad_W, grad_bias) in float64. grad_bias is the
-    gradient for a zero bias when bias is None (the op always returns it)."""
-    u64 = u.double().requires_grad_()
-    W64 = W.double().requires_grad_()
-    b64 = (torch.zeros(W.shape[1], W.shape[2], dtype=torch.float64) if bias is None else bias.double())
-    b64.requires_grad_()
-    v = dynamic_routing_reference(u64, W64, b64, num_iterations)
-    grads = torch.autograd.grad(v, [u64, W64, b64], grad_v.double())
-    with torch.no_grad():
-        s_saved, couplings = reference_states(u64, W64, b64, num_iterations)
-    return (v.detach(), s_saved, couplings, *grads)
+def reference_outputs(u, W, bias, prior, grad_v, r, *, leaky=False, detach=False, dtype=torch.float64):
+    """(v, couplings, grad_u, grad_W, grad_bias, grad_prior) of the reference, computed in
+    `dtype`. grad_bias is the gradient for a zero bias when bias is None (the op always
+    returns it); grad_prior is empty without a prior or with detach_routing, as the op's."""
+    inputs = [u, W, torch.zeros(W.shape[1], W.shape[2]) if bias is None else bias, prior]
+    inputs = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
+    v, c = dynamic_routing_reference(
+        inputs[0], inputs[1], inputs[2], r, leaky=leaky, detach_routing=detach, logit_prior=inputs[3],
+        return_couplings=True,
+    )
+    wrt = [t for t in inputs if t is not None]
+    grads = list(torch.autograd.grad(v, wrt, grad_v.to(dtype), allow_unused=True))
+    grad_prior = grads[3] if prior is not None and not detach else torch.empty(0, dtype=dtype)
+    if grad_prior is None:
+        grad_prior = torch.zeros_like(prior, dtype=dtype)
+    return (v.detach(), c, grads[0], grads[1], grads[2], grad_prior)
 
 
-OUTPUT_NAMES = ("v", "s_saved", "couplings", "grad_u", "grad_W", "grad_bias")
+def run_emulated(simt, u, W, bias, prior, grad_v, r, *, leaky=False, detach=False, **launch):
+    v, s_saved, couplings = simt.routing_forward(u, W, bias, prior, r, leaky, detach, True, **launch)
+    grad_u, grad_W, grad_bias, grad_prior, _ = simt.routing_backward(grad_v, u, W, prior, s_saved, leaky, detach, **launch)
+    assert s_saved.dtype == (torch.float64 if u.dtype == torch.float64 else torch.float32)
+    return (v, couplings, grad_u, grad_W, grad_bias, grad_prior)
 
 
 def assert_matches(actual, expected, dtype):
@@ -110,15 +99,11 @@ def assert_matches(actual, expected, dtype):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
         assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
         scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
-        torch.testing.assert_close(
-            a.double(), e, rtol=rtol, atol=atol_scale * scale, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol_scale * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def run_emulated(simt, u, W, bias, grad_v, num_iterations, **options):
-    v, s_saved, couplings = simt.routing_forward(u, W, bias, num_iterations, **options)
-    grads = simt.routing_backward(grad_v, u, W, s_saved, couplings, **options)
-    return (v, s_saved, couplings, *grads)
+def option_id(flags):
+    return "-".join(name for name, on in zip(OPTIONS, flags) if on) or "default"
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,13 +111,15 @@ def run_emulated(simt, u, W, bias, grad_v, num_iterations, **options):
 # ---------------------------------------------------------------------------------------
 # (B, N_in, N_out, D_out, D_in, r, bias, multiprocessor_count): each line says what it covers.
 SMALL_SHAPES = [
-    (2, 5, 3, 4, 8, 3, True, 132),  # CapsNet tile (D_in = 8), one chunk
+    (2, 5, 3, 16, 8, 3, True, 132),  # CapsNet tile (D_in = 8, D_out = 16), one chunk
     (3, 7, 4, 5, 3, 2, False, 132),  # generic tile
-    (1, 1, 1, 1, 1, 1, True, 132),  # every size 1: softmax over one capsule
+    (2, 5, 3, 4, 8, 3, True, 132),  # D_in = 8 but D_out = 4: generic tile
+    (1, 1, 1, 1, 1, 1, True, 132),  # every size 1: coupling step over one capsule
     (2, 33, 3, 20, 8, 4, True, 1),  # D_out > 16 with D_in = 8: generic tile; 3 chunks of 16
     (2, 9, 2, 32, 32, 2, True, 132),  # the largest dimensions; grad_u in two shared-memory rounds
     (2, 17, 40, 3, 2, 3, False, 132),  # N_out > 32: fewer samples per block
-    (37, 20, 3, 4, 8, 2, True, 2),  # B > 32: two sample tiles, the second with 27 idle lanes
+    (3, 10, 13, 16, 8, 2, True, 132),  # the CapsNet dimensions with N_out > 12: generic tile
+    (37, 20, 3, 16, 8, 2, True, 2),  # B = 37: three sample tiles of 16, the last with 11 idle lanes
     (5, 50, 6, 7, 8, 5, True, 3),  # r = 5; N_in not a multiple of the chunk
 ]
 
@@ -141,53 +128,144 @@ SMALL_SHAPES = [
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "B{}-I{}-J{}-D{}-E{}-r{}-bias{}-sm{}".format(*s))
 def test_small_shapes_match_reference(simt, shape, dtype):
     batch, num_in, num_out, dim_out, dim_in, r, with_bias, sm_count = shape
-    u, W, bias, grad_v = make_inputs(batch, num_in, num_out, dim_out, dim_in, dtype)
+    u, W, bias, _, grad_v = make_inputs(batch, num_in, num_out, dim_out, dim_in, dtype)
     bias = bias if with_bias else None
-    actual = run_emulated(simt, u, W, bias, grad_v, r, multiprocessor_count=sm_count)
-    assert_matches(actual, reference_outputs(u, W, bias, grad_v, r), dtype)
+    actual = run_emulated(simt, u, W, bias, None, grad_v, r, multiprocessor_count=sm_count)
+    assert_matches(actual, reference_outputs(u, W, bias, None, grad_v, r), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("batch, r", [(1, 1), (2, 2), (3, 3), (1, 3), (3, 1)])
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)), ids=option_id)
+@pytest.mark.parametrize("shape", [(3, 21, 4, 16, 8, 2), (3, 7, 5, 5, 3, 132)], ids=["capsnet_tile", "generic_tile"])
+def test_every_option_combination_matches_reference(simt, shape, flags, r, dtype):
+    """logit_prior, leaky and detach_routing in all combinations: values, the returned
+    couplings and every gradient (grad_prior included)."""
+    prior, leaky, detach = flags
+    *sizes, sm_count = shape
+    u, W, bias, logit_prior, grad_v = make_inputs(*sizes, dtype=dtype, prior=prior)
+    actual = run_emulated(simt, u, W, bias, logit_prior, grad_v, r, leaky=leaky, detach=detach, multiprocessor_count=sm_count)
+    expected = reference_outputs(u, W, bias, logit_prior, grad_v, r, leaky=leaky, detach=detach)
+    assert_matches(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, r, with_bias", [(1, 1, True), (3, 3, False), (2, 3, True)])
 def test_capsnet_shape_matches_reference(simt, batch, r, with_bias, dtype):
-    u, W, bias, grad_v = make_inputs(batch, **CAPSNET, dtype=dtype, weight_scale=0.05)
+    u, W, bias, _, grad_v = make_inputs(batch, **CAPSNET, dtype=dtype, weight_scale=0.05)
     bias = bias if with_bias else None
-    actual = run_emulated(simt, u, W, bias, grad_v, r)
-    assert_matches(actual, reference_outputs(u, W, bias, grad_v, r), dtype)
+    actual = run_emulated(simt, u, W, bias, None, grad_v, r)
+    assert_matches(actual, reference_outputs(u, W, bias, None, grad_v, r), dtype)
 
 
-def test_tests_cover_both_tile_classes(simt):
-    tiles = {
-        simt.describe_plan(b, i, j, d, e, r, 4, sm)["tile"] for b, i, j, d, e, r, _, sm in SMALL_SHAPES
-    }
-    tiles.add(simt.describe_plan(3, *CAPSNET.values(), 3, 4)["tile"])
-    assert tiles == {"CapsNetTile", "GenericTile"}
+def test_capsnet_shape_with_every_option(simt):
+    u, W, bias, prior, grad_v = make_inputs(2, **CAPSNET, dtype=torch.float32, weight_scale=0.05, prior=True)
+    for leaky, detach in [(True, False), (False, True)]:
+        actual = run_emulated(simt, u, W, bias, prior, grad_v, 3, leaky=leaky, detach=detach)
+        assert_matches(actual, reference_outputs(u, W, bias, prior, grad_v, 3, leaky=leaky, detach=detach), torch.float32)
+
+
+def test_real_plan_structure(simt):
+    """The structure of a production launch: full sample tiles (four of 16 lanes), several
+    input chunks, chunks whose size is not a multiple of 8, and several sample groups in
+    grad_weight."""
+    batch, num_in, sm_count = 64, 100, 6
+    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count)
+    assert plan["tile"] == "CapsNetTile" and batch % plan["samples_per_block"] == 0 and batch // plan["samples_per_block"] >= 2
+    assert plan["num_chunks"] >= 2 and plan["inputs_per_chunk"] % 8 != 0, plan
+    assert plan["sample_groups"] >= 2, plan
+    u, W, bias, prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=True)
+    for leaky in (False, True):
+        actual = run_emulated(simt, u, W, bias, prior, grad_v, 3, leaky=leaky, multiprocessor_count=sm_count)
+        assert_matches(actual, reference_outputs(u, W, bias, prior, grad_v, 3, leaky=leaky), torch.float32)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 40, 10, 16, 8), (3, 9, 4, 5, 3)], ids=["capsnet_tile", "generic_tile"])
+def test_half_precision_accuracy(simt, half, shape):
+    """float16/bfloat16 in, float32 math: the error against a float64 reference is at most
+    twice the error of the reference computed in the same low precision (the way
+    flash-attention tests its half-precision kernels)."""
+    u, W, bias, prior, grad_v = make_inputs(*shape, half, weight_scale=0.3, prior=True)
+    actual = run_emulated(simt, u, W, bias, prior, grad_v, 3, leaky=True)
+    exact = reference_outputs(u, W, bias, prior, grad_v, 3, leaky=True)
+    low = reference_outputs(u, W, bias, prior, grad_v, 3, leaky=True, dtype=half)
+    for name, a, e, lo in zip(OUTPUT_NAMES, actual, exact, low):
+        assert a.dtype == half, f"{name}: {a.dtype}"
+        ours = (a.double() - e).abs().max().item()
+        theirs = (lo.double() - e).abs().max().item()
+        assert ours <= 2 * theirs, f"{name} ({half}): error {ours:.3e} > 2 x {theirs:.3e} (reference in {half})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flags", [(False, False), (True, True), (False, True)], ids=["default", "prior-leaky", "leaky"])
+@pytest.mark.parametrize("detach", [False, True], ids=["full", "detach"])
+def test_backward_recomputes_the_forward_couplings_bitwise(simt, flags, detach, dtype):
+    """The forward saves only s_saved; the backward recomputes the last iteration's couplings
+    with the same device functions, and must get the very bits the forward returned."""
+    prior, leaky = flags
+    r = 3
+    u, W, bias, logit_prior, grad_v = make_inputs(37, 50, 10, 16, 8, dtype, weight_scale=0.3, prior=prior)
+    v, s_saved, couplings = simt.routing_forward(u, W, bias, logit_prior, r, leaky, detach, True, multiprocessor_count=3)
+    *_, coefficients = simt.routing_backward(grad_v, u, W, logit_prior, s_saved, leaky, detach, multiprocessor_count=3)
+    slot = 0 if detach else r - 2  # BackwardTerms::coupling_slot(r - 1), csrc/cuda/routing_layout.h
+    recomputed = coefficients.view(-1, 50, 10, 37)[slot].permute(2, 0, 1)
+    assert torch.equal(recomputed, couplings)
+
+
+# ---------------------------------------------------------------------------------------
+# Every kernel, launch bounds, launch order.
+# ---------------------------------------------------------------------------------------
+def declared_kernels():
+    pattern = r"__global__\s+void\s+(?:__launch_bounds__\(([^,)]*)[^)]*\)\s+)?(\w+)"
+    return {name: bound for source in KERNEL_SOURCES for bound, name in re.findall(pattern, source.read_text())}
 
 
 def test_every_kernel_is_emulated(simt):
-    kernel_pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
-    declared = set(re.findall(kernel_pattern, KERNEL_SOURCE.read_text()))
-    assert len(declared) >= 6, f"could not parse the kernels of {KERNEL_SOURCE}: {declared}"
+    declared = set(declared_kernels())
+    assert len(declared) >= 8, f"could not parse the kernels of {KERNEL_SOURCES}: {declared}"
     simt.clear_launch_log()
     for shape in [(3, 40, 10, 16, 8), (3, 40, 4, 5, 3)]:  # CapsNet tile, generic tile
-        u, W, bias, grad_v = make_inputs(*shape, dtype=torch.float32)
-        run_emulated(simt, u, W, bias, grad_v, 3)
+        for prior, detach in [(True, False), (True, True)]:
+            u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=torch.float32, prior=prior)
+            run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, detach=detach)
     launched = set(simt.launch_log())
     assert launched == declared, f"never launched: {declared - launched}; unknown: {launched - declared}"
+    passes = {name for name in simt.full_launch_log() if name.startswith("backward_partial_sums_kernel")}
+    assert len(passes) == 3, passes  # every SweepPass
+
+
+def test_launchers_use_each_kernels_launch_bound():
+    """The bound the launchers check a block against (CAPSNET_KERNEL's first argument) is the
+    expression the kernel's __launch_bounds__ names."""
+    declared = declared_kernels()
+    host = re.sub(r"//.*", "", (CUDA_DIR / "routing_host.h").read_text())
+    uses = re.findall(r"CAPSNET_KERNEL\(\s*([^,]+?),\s*(\w+)<", host)
+    assert {name for _, name in uses} == set(declared), uses
+    for bound, name in uses:
+        assert bound.strip() == declared[name].strip(), f"{name}: launched with bound {bound}, declared {declared[name]}"
 
 
 def test_launch_order(simt):
-    u, W, bias, grad_v = make_inputs(2, 20, 3, 4, 8, dtype=torch.float32)
+    u, W, bias, _, grad_v = make_inputs(2, 20, 3, 16, 8, dtype=torch.float32)
     simt.clear_launch_log()
-    run_emulated(simt, u, W, bias, grad_v, 3)
+    run_emulated(simt, u, W, bias, None, grad_v, 3)
     forward = ["forward_partial_sums_kernel", "forward_squash_kernel"] * 3
     backward = (
         ["backward_squash_kernel"]
         + ["backward_partial_sums_kernel", "backward_squash_kernel"] * 2
-        + ["grad_weight_kernel", "grad_input_kernel"]
+        + ["grad_weight_kernel", "grad_input_kernel", "grad_bias_kernel"]
     )
     assert simt.launch_log() == forward + backward
+    simt.clear_launch_log()
+    run_emulated(simt, u, W, bias, None, grad_v, 3, detach=True)
+    detached = ["backward_squash_kernel", "backward_partial_sums_kernel", "grad_weight_kernel", "grad_input_kernel", "grad_bias_kernel"]
+    assert simt.launch_log() == forward + detached
+
+
+def test_tests_cover_both_tile_classes(simt):
+    tiles = {simt.describe_plan(b, i, j, d, e, r, 4, sm)["tile"] for b, i, j, d, e, r, _, sm in SMALL_SHAPES}
+    assert tiles == {"CapsNetTile", "GenericTile"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,13 +274,22 @@ def test_launch_order(simt):
 SCHEDULES = [("ascending", 0), ("descending", 0), ("shuffled", 1), ("shuffled", 2)]
 
 
-@pytest.mark.parametrize("shape", [(3, 1152, 10, 16, 8), (3, 40, 4, 5, 3), (37, 20, 3, 4, 8)], ids=str)
-def test_bitwise_identical_under_every_schedule(simt, shape):
+@pytest.mark.parametrize(
+    "shape, flags",
+    [((3, 1152, 10, 16, 8), (False, False, False)), ((3, 40, 4, 5, 3), (True, True, False)), ((37, 20, 3, 16, 8), (True, False, False)),
+     ((37, 20, 3, 16, 8), (False, True, True))],
+    ids=["capsnet", "generic-prior-leaky", "two-tiles-prior", "two-tiles-leaky-detach"],
+)
+def test_bitwise_identical_under_every_schedule(simt, shape, flags):
     """Threads and blocks in other orders give the same bits: no thread reads shared or
     global memory before the barrier that orders it after its write (a missing barrier makes
     some order read a stale or NaN value), and every sum has a fixed order."""
-    u, W, bias, grad_v = make_inputs(*shape, dtype=torch.float32, weight_scale=0.05)
-    runs = [run_emulated(simt, u, W, bias, grad_v, 3, schedule=s, seed=seed) for s, seed in SCHEDULES]
+    prior, leaky, detach = flags
+    u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=torch.float32, weight_scale=0.05, prior=prior)
+    runs = [
+        run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=s, seed=seed, multiprocessor_count=2)
+        for s, seed in SCHEDULES
+    ]
     for (schedule, seed), run in zip(SCHEDULES[1:], runs[1:]):
         for name, first, other in zip(OUTPUT_NAMES, runs[0], run):
             assert torch.equal(first, other), f"{name} differs between ascending and {schedule} (seed {seed})"
@@ -210,58 +297,78 @@ def test_bitwise_identical_under_every_schedule(simt, shape):
 
 
 def test_non_contiguous_and_misaligned_inputs(simt):
-    u, W, bias, grad_v = make_inputs(2, 24, 3, 4, 8, dtype=torch.float32)
-    expected = run_emulated(simt, u, W, bias, grad_v, 3)
+    u, W, bias, prior, grad_v = make_inputs(2, 24, 3, 16, 8, dtype=torch.float32, prior=True)
+    expected = run_emulated(simt, u, W, bias, prior, grad_v, 3)
     # A transposed u, and a W that starts one float into its storage (not 16-byte aligned,
     # which the CapsNet tile's vector loads need: the host copies it).
     u_strided = u.transpose(0, 1).contiguous().transpose(0, 1)
     W_misaligned = torch.empty(W.numel() + 1, dtype=W.dtype)[1:].view_as(W).copy_(W)
     assert W_misaligned.is_contiguous() and W_misaligned.data_ptr() % 16 != 0
     bias_strided = bias.t().contiguous().t()
+    prior_strided = prior.t().contiguous().t()
     grad_v_strided = grad_v.transpose(1, 2).contiguous().transpose(1, 2)
-    actual = run_emulated(simt, u_strided, W_misaligned, bias_strided, grad_v_strided, 3)
+    actual = run_emulated(simt, u_strided, W_misaligned, bias_strided, prior_strided, grad_v_strided, 3)
     for name, a, e in zip(OUTPUT_NAMES, actual, expected):
         assert torch.equal(a, e), name
 
 
 def test_empty_batch(simt):
-    u, W, bias, _ = make_inputs(0, 6, 3, 4, 8, dtype=torch.float32)
-    v, s_saved, couplings = simt.routing_forward(u, W, bias, 3)
-    assert v.shape == (0, 3, 4) and s_saved.shape == (0, 3, 3, 4) and couplings.shape == (0, 3, 3, 6)
-    grad_u, grad_W, grad_bias = simt.routing_backward(torch.zeros(0, 3, 4), u, W, s_saved, couplings)
+    u, W, bias, prior, _ = make_inputs(0, 6, 3, 4, 8, dtype=torch.float32, prior=True)
+    v, s_saved, couplings = simt.routing_forward(u, W, bias, prior, 3, False, False, True)
+    assert v.shape == (0, 3, 4) and s_saved.shape == (0, 3, 3, 4) and couplings.shape == (0, 6, 3)
+    grad_u, grad_W, grad_bias, grad_prior, _ = simt.routing_backward(torch.zeros(0, 3, 4), u, W, prior, s_saved)
     assert grad_u.shape == u.shape
     assert torch.equal(grad_W, torch.zeros_like(W)) and torch.equal(grad_bias, torch.zeros_like(bias))
+    assert torch.equal(grad_prior, torch.zeros_like(prior))
+
+
+def test_couplings_output_is_empty_unless_asked(simt):
+    u, W, bias, _, _ = make_inputs(2, 6, 3, 4, 8, dtype=torch.float32)
+    _, _, couplings = simt.routing_forward(u, W, bias, None, 3, False, False, False)
+    assert couplings.shape == (0,)
 
 
 def test_zero_input_gives_zero_output_and_finite_gradients(simt):
     """s = 0 is squash's singular point: v = 0 and a finite (zero-limit) gradient, like the reference."""
-    _, W, _, grad_v = make_inputs(2, 10, 3, 4, 8, dtype=torch.float64)
+    _, W, _, _, grad_v = make_inputs(2, 10, 3, 16, 8, dtype=torch.float64)
     u = torch.zeros(2, 10, 8, dtype=torch.float64)
-    actual = run_emulated(simt, u, W, None, grad_v, 3)
+    actual = run_emulated(simt, u, W, None, None, grad_v, 3)
     assert torch.equal(actual[0], torch.zeros_like(actual[0]))
     assert all(torch.isfinite(t).all() for t in actual)
-    assert_matches(actual, reference_outputs(u, W, None, grad_v, 3), torch.float64)
+    assert_matches(actual, reference_outputs(u, W, None, None, grad_v, 3), torch.float64)
 
 
-def test_large_agreements_do_not_overflow_the_softmax(simt):
-    """Logits of several hundred (exp overflows float32 above ~88): max-subtracted softmax."""
-    u, W, bias, grad_v = make_inputs(2, 30, 4, 16, 8, dtype=torch.float32, weight_scale=3.0)
-    actual = run_emulated(simt, u, W, bias, grad_v, 3)
-    expected = reference_outputs(u, W, bias, grad_v, 3)
+def test_large_agreements_do_not_overflow_the_coupling_step(simt):
+    """Logits of several hundred (exp overflows float32 above ~88): max-subtracted."""
+    u, W, bias, _, grad_v = make_inputs(2, 30, 4, 16, 8, dtype=torch.float32, weight_scale=3.0)
+    for leaky in (False, True):
+        actual = run_emulated(simt, u, W, bias, None, grad_v, 3, leaky=leaky)
+        assert all(torch.isfinite(t).all() for t in actual)
+        assert_matches(actual, reference_outputs(u, W, bias, None, grad_v, 3, leaky=leaky), torch.float32)
+
+
+def test_huge_inputs_squash_to_unit_vectors(simt):
+    """|s| far beyond where |s|^2 overflows float32 (the seam's squash is exact there)."""
+    u, W, bias, _, grad_v = make_inputs(2, 12, 3, 16, 8, dtype=torch.float32)
+    u = u * 1e25
+    actual = run_emulated(simt, u, W, None, None, grad_v, 2)
     assert all(torch.isfinite(t).all() for t in actual)
-    assert_matches(actual, expected, torch.float32)
+    lengths = actual[0].norm(dim=-1)
+    torch.testing.assert_close(lengths, torch.ones_like(lengths), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_cpu_kernel(simt, dtype):
+@pytest.mark.parametrize("flags", [(False, False, False), (True, True, False), (True, False, True)], ids=option_id)
+def test_matches_cpu_kernel(simt, dtype, flags):
     import capsnet
 
     assert capsnet.has_kernel("cpu", dtype), "capsnet._C has no CPU kernel: build the extension"
-    u, W, bias, grad_v = make_inputs(3, 100, 10, 16, 8, dtype=dtype, weight_scale=0.1)
-    cpu_forward = torch.ops.capsnet.routing_forward(u, W, bias, 3)
-    cpu_grads = torch.ops.capsnet.routing_backward(grad_v, u, W, *cpu_forward[1:])
-    expected = [t.double() for t in (*cpu_forward, *cpu_grads)]
-    assert_matches(run_emulated(simt, u, W, bias, grad_v, 3), expected, dtype)
+    prior, leaky, detach = flags
+    u, W, bias, logit_prior, grad_v = make_inputs(3, 100, 10, 16, 8, dtype=dtype, weight_scale=0.1, prior=prior)
+    v, s_saved, couplings = torch.ops.capsnet.routing_forward(u, W, bias, logit_prior, 3, leaky, detach, True)
+    grads = torch.ops.capsnet.routing_backward(grad_v, u, W, logit_prior, s_saved, leaky, detach)
+    expected = [t.double() for t in (v, couplings, *grads)]
+    assert_matches(run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach), expected, dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,31 +380,32 @@ def test_unsupported_shapes_are_rejected_with_the_limit(simt):
         ((1, 2, 3, 4, 33), r"D_in <= 32, got D_in = 33"),
         ((1, 2, 1025, 1, 1), r"N_out <= 1024"),
     ]:
-        u, W, bias, _ = make_inputs(*shape, dtype=torch.float32)
+        u, W, _, _, _ = make_inputs(*shape, dtype=torch.float32)
         with pytest.raises(RuntimeError, match=message):
-            simt.routing_forward(u, W, None, 2)
+            simt.routing_forward(u, W, None, None, 2)
 
 
 def test_argument_errors_name_the_argument(simt):
     """The checks are those of every backend (csrc/routing_checks.h)."""
-    u, W, bias, grad_v = make_inputs(2, 5, 3, 4, 8, dtype=torch.float32)
+    u, W, bias, prior, grad_v = make_inputs(2, 5, 3, 4, 8, dtype=torch.float32, prior=True)
     cases = [
-        ((u, W.double(), bias, 3), r"W must have the dtype of u"),
-        ((u, W[:4], bias, 3), r"W must have shape \[N_in=5"),
-        ((u, W, bias[:2], 3), r"bias must have shape \[N_out, D_out\] = \[3, 4\]"),
-        ((u.int(), W, bias, 3), r"u must be float32 or float64"),
-        ((u, W, bias, 0), r"num_iterations must be at least 1"),
+        ((u, W.double(), bias, None, 3), r"W must have the dtype of u"),
+        ((u, W[:4], bias, None, 3), r"W must have shape \[N_in=5"),
+        ((u, W, bias[:2], None, 3), r"bias must have shape \[N_out, D_out\] = \[3, 4\]"),
+        ((u, W, bias, prior[:, :2], 3), r"logit_prior must have shape \[N_in, N_out\] = \[5, 3\]"),
+        ((u.int(), W, bias, None, 3), r"u must be float16, bfloat16, float32 or float64"),
+        ((u, W, bias, None, 0), r"num_iterations must be between 1 and"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             simt.routing_forward(*args)
-    _, s_saved, couplings = simt.routing_forward(u, W, bias, 3)
+    _, s_saved, _ = simt.routing_forward(u, W, bias, prior, 3)
     with pytest.raises(RuntimeError, match=r"grad_v must have shape \[B, N_out, D_out\] = \[2, 3, 4\]"):
-        simt.routing_backward(grad_v[:, :2], u, W, s_saved, couplings)
+        simt.routing_backward(grad_v[:, :2], u, W, prior, s_saved)
     with pytest.raises(RuntimeError, match=r"s_saved must have shape"):
-        simt.routing_backward(grad_v, u, W, s_saved[:, :, :2], couplings)
-    with pytest.raises(RuntimeError, match=r"couplings must have shape \[B, r, N_out, N_in\] = \[2, 3, 3, 5\]"):
-        simt.routing_backward(grad_v, u, W, s_saved, couplings[..., :4])
+        simt.routing_backward(grad_v, u, W, prior, s_saved[:, :, :2])
+    with pytest.raises(RuntimeError, match=r"s_saved must have dtype"):
+        simt.routing_backward(grad_v, u, W, prior, s_saved.double())
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +430,37 @@ def test_emulator_reports_divergent_barriers(simt):
         simt.selftest_mismatched_barriers()
 
 
-def test_emulator_guards_dynamic_shared_memory(simt):
-    with pytest.raises(RuntimeError, match="wrote past the end of its 64 bytes of dynamic shared memory"):
-        simt.selftest_shared_overflow()
+def test_emulator_catches_small_shared_memory_overflow(simt):
+    """A write into the bytes that round the shared memory up to 16 (the canary)."""
+    with pytest.raises(RuntimeError, match="wrote past the end of its 60 bytes of dynamic shared memory"):
+        simt.selftest_shared_overflow(15)
     assert torch.isnan(simt.selftest_read_unwritten_shared()).all()
+
+
+def _run_selftest_in_subprocess(call: str) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks import emulator; emulator.load().{call}"
+    env = os.environ.copy()
+    # Under make test-cuda-asan the expected fault must not count as a sanitizer report.
+    env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":handle_segv=0"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_emulator_faults_on_shared_memory_read_past_the_end():
+    """The guard page after the dynamic shared memory: a read 16 bytes or more past its end
+    ends the process with SIGSEGV (as the GPU faults); an access inside it does not."""
+    fine = _run_selftest_in_subprocess("selftest_read_shared_at(16, 15)")
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    faulted = _run_selftest_in_subprocess("selftest_read_shared_at(16, 16)")
+    assert faulted.returncode != 0, "a read past the shared memory did not fault"
+
+
+def test_emulator_rejects_misaligned_vector_loads(simt):
+    assert simt.selftest_vector_load(0) == 0.0
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        simt.selftest_vector_load(1)
+
+
+def test_emulator_checks_launch_bounds(simt):
+    simt.selftest_launch_bounds(64)
+    with pytest.raises(RuntimeError, match="exceeds the kernel's __launch_bounds__ of 64"):
+        simt.selftest_launch_bounds(96)

@@ -81,8 +81,11 @@ struct BackwardProblem {
   const T* prior_blocked;  // or nullptr
   const T* s_saved;        // [B, r, N_out*D_out]
   const T* grad_v;         // [B, N_out*D_out]
-  // Phase 1's results for the samples of the current chunk (index relative to the chunk).
-  T* planes;   // [chunk, blocks, terms.planes(), N_out, L]
+  // Phase 1's results for the samples of the current chunk (index n relative to the chunk).
+  // Block-major, so that phase 2 reads one block's planes of all the chunk's samples in one
+  // sequential sweep.
+  int64_t chunk_samples;
+  T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]
   T* vectors;  // [chunk, terms.vectors(), N_out*D_out]
   T* grad_s_sum;  // [B, N_out*D_out]: sum over iterations of grad s (the bias gradient per sample)
   // Phase 2's outputs, natural layouts; the first chunk writes them, later chunks add.

@@ -160,6 +160,7 @@ void run_backward(
       prior_blocked.defined() ? prior_blocked.const_data_ptr<T>() : nullptr,
       s_saved.const_data_ptr<T>(),
       grad_v.const_data_ptr<T>(),
+      chunk,
       planes.mutable_data_ptr<T>(),
       vectors.mutable_data_ptr<T>(),
       grad_s_sum.mutable_data_ptr<T>(),

@@ -43,23 +43,40 @@ struct ExpConstants<double> {
   static constexpr int kDegree = 12;
 };
 
+// 1 / n! for n = 0 .. kDegree, each rounded once to T (computed at compile time).
+template <typename T, int kDegree>
+struct InverseFactorials {
+  T value[kDegree + 1];
+};
+
+template <typename T, int kDegree>
+constexpr InverseFactorials<T, kDegree> inverse_factorials() {
+  InverseFactorials<T, kDegree> result{};
+  long double factorial = 1;
+  for (int n = 0; n <= kDegree; ++n) {
+    factorial *= n > 0 ? n : 1;
+    result.value[n] = static_cast<T>(1.0L / factorial);
+  }
+  return result;
+}
+
 // exp of every lane of x. V is a vector type with element_type float or double that
-// provides, by argument-dependent lookup, clamp(x, lo, hi) (NaN stays NaN) and
-// exp2_of_integer(k, exponent_bias, mantissa_bits) (2^k for integral lanes k); see
-// csrc/cpu/kernels/vec.h.
+// provides, by argument-dependent lookup, fma(a, b, c) (a * b + c), clamp(x, lo, hi) (NaN
+// stays NaN) and exp2_of_integer(k, exponent_bias, mantissa_bits) (2^k for integral lanes
+// k); see csrc/cpu/kernels/vec.h.
 template <typename V>
 inline V vectorizable_exp(V x) {
   using scalar_t = typename V::element_type;
   using C = ExpConstants<scalar_t>;
-  const V log2e(scalar_t(1.4426950408889634));
   const V round_shift(C::kRoundShift);
   x = clamp(x, C::kMin, C::kMax);
-  const V k = (x * log2e + round_shift) - round_shift;  // round(x / ln 2)
-  const V r = (x - k * V(C::kLn2Hi)) - k * V(C::kLn2Lo);
+  const V k = fma(x, V(scalar_t(1.4426950408889634)), round_shift) - round_shift;  // round(x / ln 2)
+  const V r = fma(-k, V(C::kLn2Lo), fma(-k, V(C::kLn2Hi), x));
   // Horner's scheme for sum_{n <= degree} r^n / n!
-  V p(scalar_t(1));
-  for (int n = C::kDegree; n >= 1; --n) {
-    p = V(scalar_t(1)) + p * (r * V(scalar_t(1) / scalar_t(n)));  // 1/n folds to a constant
+  constexpr InverseFactorials<scalar_t, C::kDegree> coefficient = inverse_factorials<scalar_t, C::kDegree>();
+  V p(coefficient.value[C::kDegree]);
+  for (int n = C::kDegree - 1; n >= 0; --n) {
+    p = fma(p, r, V(coefficient.value[n]));
   }
   return p * exp2_of_integer(k, C::kExponentBias, C::kMantissaBits);
 }

@@ -12,32 +12,35 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "routing_backward.cuh"
 #include "routing_checks.h"
-#include "routing_kernel.cuh"
 #include "routing_launch.h"
 
 namespace capsnet::cuda {
 
-using capsnet::RoutingShape;
-
-// A kernel as a launcher sees it: its address, and its name as written in the source (the
-// emulator logs it, so that tests can check that every kernel ran).
+// A kernel as a launcher sees it: its address, its name as written in the source (the
+// emulator logs it, so that tests can check that every kernel ran) and its
+// __launch_bounds__ (both launchers refuse a block larger than that: on a GPU such a
+// launch fails).
 template <typename Params>
 struct KernelRef {
   void (*function)(Params);
   const char* name;
+  int launch_bound;
 };
 
 template <typename Params>
-KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name) {
-  return {function, name};
+KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name, int launch_bound) {
+  return {function, name, launch_bound};
 }
 
-// CAPSNET_KERNEL(forward_squash_kernel<scalar_t>) -> KernelRef (variadic: template argument
-// lists contain commas).
-#define CAPSNET_KERNEL(...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__)
+// CAPSNET_KERNEL(bound, kernel<args>) -> KernelRef. `bound` must be the expression the
+// kernel's __launch_bounds__ names (tests/test_cuda_emulated.py checks that they match);
+// variadic because template argument lists contain commas.
+#define CAPSNET_KERNEL(bound, ...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__, bound)
 
 // A Launcher is callable as launcher(KernelRef<Params>, const KernelLaunch&, const Params&)
 // and runs the kernel once with that configuration, in stream order.
@@ -48,11 +51,14 @@ struct HostOptions {
   // Fill outputs and workspaces with NaN instead of leaving them uninitialised, so that a
   // kernel reading an element nobody wrote shows up in the results (the emulator does this).
   bool poison_memory;
+  // The emulator's tests read the backward's coefficient workspace (the recomputed
+  // couplings) through this; nullptr otherwise.
+  at::Tensor* coefficients_out = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------
-// Argument checks: those of every backend (csrc/routing_checks.h, shared with the CPU
-// kernel), plus where the tensors live and the shape limits of these kernels.
+// Argument checks: those of every backend (csrc/routing_checks.h), plus where the tensors
+// live and the shape limits of these kernels.
 // ---------------------------------------------------------------------------------------
 inline void check_device(const at::Tensor& u, const HostOptions& options) {
   // The other tensors are on u's device (checked by check_*_inputs).
@@ -61,25 +67,26 @@ inline void check_device(const at::Tensor& u, const HostOptions& options) {
 }
 
 inline void check_supported(const RoutingShape& shape, const DeviceLimits& limits) {
-  const std::string reason =
-      unsupported_shape_reason(shape.num_out, shape.dim_out, shape.dim_in, shape.iterations, limits);
+  const std::string reason = unsupported_shape_reason(shape, limits);
   TORCH_CHECK(reason.empty(), reason);
 }
 
-inline void check_forward_arguments(
-    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias, int64_t num_iterations,
-    const HostOptions& options) {
-  const RoutingShape shape = check_forward_inputs(u, W, bias, num_iterations);
+inline RoutingShape check_forward_arguments(
+    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& logit_prior, int64_t num_iterations, const HostOptions& options) {
+  const RoutingShape shape = check_forward_inputs(u, W, bias, logit_prior, num_iterations);
   check_device(u, options);
   check_supported(shape, options.limits);
+  return shape;
 }
 
-inline void check_backward_arguments(
-    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved,
-    const at::Tensor& couplings, const HostOptions& options) {
-  const RoutingShape shape = check_backward_inputs(grad_v, u, W, s_saved, couplings);
+inline RoutingShape check_backward_arguments(
+    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& logit_prior,
+    const at::Tensor& s_saved, const HostOptions& options) {
+  const RoutingShape shape = check_backward_inputs(grad_v, u, W, logit_prior, s_saved);
   check_device(u, options);
   check_supported(shape, options.limits);
+  return shape;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -96,16 +103,43 @@ inline at::Tensor kernel_input(const at::Tensor& t) {
   return contiguous;
 }
 
-inline at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like, const HostOptions& options) {
-  if (options.poison_memory) {
-    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), like.options());
-  }
-  return at::empty(shape, like.options());
+inline std::optional<at::Tensor> optional_input(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-template <typename scalar_t>
-scalar_t* data_or_null(at::Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
+inline at::Tensor new_buffer(at::IntArrayRef shape, at::ScalarType dtype, const at::Tensor& like, const HostOptions& options) {
+  const at::TensorOptions tensor_options = like.options().dtype(dtype);
+  if (options.poison_memory) {
+    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), tensor_options);
+  }
+  return at::empty(shape, tensor_options);
+}
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// The couplings of the prior, c_0 [I, J] in the op-math type, computed on the device.
+template <typename scalar_t, typename Launcher>
+at::Tensor prior_couplings(
+    const Launcher& launch, const RoutingPlan& plan, const RoutingOptions& routing, const at::Tensor& logit_prior,
+    const HostOptions& options) {
+  using acc_t = opmath_t<scalar_t>;
+  const RoutingShape& n = plan.geometry.shape;
+  at::Tensor out = new_buffer({n.num_in, n.num_out}, c10::CppTypeToScalarType<acc_t>::value, logit_prior, options);
+  PriorParams<scalar_t> p{};
+  p.geometry = plan.geometry;
+  p.options = routing;
+  p.logit_prior = logit_prior.const_data_ptr<scalar_t>();
+  p.prior_couplings = out.data_ptr<acc_t>();
+  launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, prior_coupling_kernel<scalar_t>), plan.prior_coupling, p);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -115,132 +149,174 @@ template <typename scalar_t, typename Launcher>
 void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardParams<scalar_t> p) {
   visit_tile(plan.tile, [&](auto tile) {
     using Tile = decltype(tile);
-    for (int k = 0; k < plan.sizes.iterations; ++k) {
+    for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
       p.iteration = k;
-      launch(CAPSNET_KERNEL(forward_partial_sums_kernel<scalar_t, Tile>), plan.forward_partial_sums, p);
-      launch(CAPSNET_KERNEL(forward_squash_kernel<scalar_t>), plan.squash, p);
+      if (k == 0) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, true>),
+            plan.forward_partial_sums, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, false>),
+            plan.forward_partial_sums, p);
+      }
+      launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, forward_squash_kernel<scalar_t, Tile>), plan.squash, p);
     }
   });
 }
 
-// Backward, part 1: the reverse sweep over the iterations (gs_k, v_k, G_m).
+// The reverse sweep (gs_k, V_k, v_k, c_m, G_m), then dL/dW (and grad_prior), dL/du, dL/dbias.
 template <typename scalar_t, typename Launcher>
-void launch_backward_sweep(const Launcher& launch, const RoutingPlan& plan, BackwardParams<scalar_t> p) {
+void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardParams<scalar_t> p) {
   visit_tile(plan.tile, [&](auto tile) {
     using Tile = decltype(tile);
-    const int last = plan.sizes.iterations - 1;
-    p.iteration = last;  // gs_{r-1} from grad_v
-    launch(CAPSNET_KERNEL(backward_squash_kernel<scalar_t>), plan.squash, p);
-    for (int m = last; m >= 1; --m) {
-      p.iteration = m;  // G_m and the partial sums of dL/dv_{m-1}
-      launch(CAPSNET_KERNEL(backward_partial_sums_kernel<scalar_t, Tile>), plan.backward_partial_sums, p);
-      p.iteration = m - 1;  // gs_{m-1}
-      launch(CAPSNET_KERNEL(backward_squash_kernel<scalar_t>), plan.squash, p);
+    const int last = int(plan.geometry.shape.iterations) - 1;
+    const auto squash = CAPSNET_KERNEL(kColumnKernelMaxThreads, backward_squash_kernel<scalar_t, Tile>);
+    p.iteration = last;  // gs_{r-1} from grad_v, and the per-sample state
+    launch(squash, plan.squash, p);
+    if (p.options.detach_routing) {
+      if (last > 0) {
+        p.iteration = last;  // c_{r-1}
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly>),
+            plan.backward_partial_sums, p);
+      }
+    } else {
+      for (int m = last; m >= 1; --m) {
+        p.iteration = m;  // c_m, G_m and the partial sums of dL/dv_{m-1}
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kLogitGrads>),
+            plan.backward_partial_sums, p);
+        p.iteration = m - 1;  // gs_{m-1}
+        launch(squash, plan.squash, p);
+      }
+      if (p.grad_prior != nullptr) {
+        p.iteration = 0;  // G_0
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kPriorGrads>),
+            plan.backward_partial_sums, p);
+      }
     }
+    launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
+    launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
+    launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, grad_bias_kernel<scalar_t>), plan.grad_bias, p);
   });
 }
 
-// Backward, part 2: dL/dW, dL/dbias and dL/du from what the sweep left.
-template <typename scalar_t, typename Launcher>
-void launch_backward_gradients(const Launcher& launch, const RoutingPlan& plan, const BackwardParams<scalar_t>& p) {
-  visit_tile(plan.tile, [&](auto tile) {
-    using Tile = decltype(tile);
-    launch(CAPSNET_KERNEL(grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
-    launch(CAPSNET_KERNEL(grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
-  });
-}
+#define CAPSNET_DISPATCH_ROUTING_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // ---------------------------------------------------------------------------------------
-// The two ops. Arguments must have passed check_forward_arguments / check_backward_arguments;
-// the caller has made the tensors' device current.
+// The two ops. The caller has made the tensors' device current.
 // ---------------------------------------------------------------------------------------
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
     const at::Tensor& u_arg, const at::Tensor& W_arg, const std::optional<at::Tensor>& bias_arg,
-    int64_t num_iterations, const HostOptions& options, const Launcher& launch) {
+    const std::optional<at::Tensor>& prior_arg, int64_t num_iterations, bool leaky, bool detach_routing,
+    bool return_couplings, const HostOptions& options, const Launcher& launch) {
+  const RoutingShape shape = check_forward_arguments(u_arg, W_arg, bias_arg, prior_arg, num_iterations, options);
   const at::Tensor u = kernel_input(u_arg);
   const at::Tensor W = kernel_input(W_arg);
-  const std::optional<at::Tensor> bias =
-      bias_arg.has_value() ? std::optional<at::Tensor>(bias_arg->contiguous()) : std::nullopt;
-  const int64_t batch = u.size(0), num_in = u.size(1), dim_in = u.size(2);
-  const int64_t num_out = W.size(1), dim_out = W.size(2);
+  const std::optional<at::Tensor> bias = optional_input(bias_arg);
+  const std::optional<at::Tensor> logit_prior = optional_input(prior_arg);
+  const at::ScalarType acc_dtype = saved_state_dtype(u.scalar_type());
+  const RoutingOptions routing{leaky, detach_routing};
 
-  at::Tensor v = new_buffer({batch, num_out, dim_out}, u, options);
-  at::Tensor s_saved = new_buffer({batch, num_iterations, num_out, dim_out}, u, options);
-  at::Tensor couplings = new_buffer({batch, num_iterations, num_out, num_in}, u, options);
-  if (batch == 0) {
+  at::Tensor v = new_buffer({shape.batch, shape.num_out, shape.dim_out}, u.scalar_type(), u, options);
+  at::Tensor s_saved = new_buffer({shape.batch, num_iterations, shape.num_out, shape.dim_out}, acc_dtype, u, options);
+  at::Tensor couplings = return_couplings
+      ? new_buffer({shape.batch, shape.num_in, shape.num_out}, u.scalar_type(), u, options)
+      : at::empty({0}, u.options());
+  if (shape.batch == 0) {
     return {v, s_saved, couplings};
   }
-  const RoutingPlan plan =
-      plan_routing(batch, num_in, num_out, dim_out, dim_in, num_iterations, u.element_size(), options.limits);
-  at::Tensor partials = new_buffer({plan.partials_numel}, u, options);
+  const RoutingPlan plan = plan_routing(
+      shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits);
+  at::Tensor partials = new_buffer({plan.partials_numel}, acc_dtype, u, options);
+  at::Tensor agreement = new_buffer({plan.forward_agreement_numel}, acc_dtype, u, options);
 
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet::routing_forward", [&] {
+  CAPSNET_DISPATCH_ROUTING_TYPES(u.scalar_type(), "capsnet::routing_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    at::Tensor c0;
+    if (logit_prior.has_value()) {
+      c0 = prior_couplings<scalar_t>(launch, plan, routing, *logit_prior, options);
+    }
     ForwardParams<scalar_t> p{};
-    p.sizes = plan.sizes;
+    p.geometry = plan.geometry;
+    p.options = routing;
     p.u = u.const_data_ptr<scalar_t>();
     p.W = W.const_data_ptr<scalar_t>();
-    p.bias = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    p.bias = data_or_null<scalar_t>(bias);
+    p.logit_prior = data_or_null<scalar_t>(logit_prior);
+    p.prior_couplings = c0.defined() ? c0.const_data_ptr<acc_t>() : nullptr;
     p.v = v.data_ptr<scalar_t>();
-    p.s_saved = s_saved.data_ptr<scalar_t>();
-    p.couplings = couplings.data_ptr<scalar_t>();
-    p.partials = partials.data_ptr<scalar_t>();
+    p.s_saved = s_saved.data_ptr<acc_t>();
+    p.couplings = return_couplings ? couplings.data_ptr<scalar_t>() : nullptr;
+    p.partials = partials.data_ptr<acc_t>();
+    p.agreement = data_or_null<acc_t>(agreement);
     launch_forward(launch, plan, p);
   });
   return {v, s_saved, couplings};
 }
 
 template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_host(
-    const at::Tensor& grad_v_arg, const at::Tensor& u_arg, const at::Tensor& W_arg, const at::Tensor& s_saved_arg,
-    const at::Tensor& couplings_arg, const HostOptions& options, const Launcher& launch) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host(
+    const at::Tensor& grad_v_arg, const at::Tensor& u_arg, const at::Tensor& W_arg,
+    const std::optional<at::Tensor>& prior_arg, const at::Tensor& s_saved_arg, bool leaky, bool detach_routing,
+    const HostOptions& options, const Launcher& launch) {
+  const RoutingShape shape = check_backward_arguments(grad_v_arg, u_arg, W_arg, prior_arg, s_saved_arg, options);
   const at::Tensor grad_v = grad_v_arg.contiguous();
   const at::Tensor u = kernel_input(u_arg);
   const at::Tensor W = kernel_input(W_arg);
+  const std::optional<at::Tensor> logit_prior = optional_input(prior_arg);
   const at::Tensor s_saved = s_saved_arg.contiguous();
-  const at::Tensor couplings = couplings_arg.contiguous();
-  const int64_t batch = u.size(0), num_in = u.size(1), dim_in = u.size(2);
-  const int64_t num_out = W.size(1), dim_out = W.size(2);
-  const int64_t num_iterations = s_saved.size(1);
+  const at::ScalarType acc_dtype = saved_state_dtype(u.scalar_type());
+  const RoutingOptions routing{leaky, detach_routing};
+  const bool wants_prior_grad = logit_prior.has_value() && !detach_routing;
 
-  if (batch == 0) {  // sums over an empty batch
-    return {new_buffer(u.sizes(), u, options), at::zeros_like(W), at::zeros({num_out, dim_out}, u.options())};
+  if (shape.batch == 0) {  // sums over an empty batch
+    return {
+        at::empty_like(u, at::MemoryFormat::Contiguous), at::zeros_like(W, at::MemoryFormat::Contiguous),
+        at::zeros({shape.num_out, shape.dim_out}, u.options()),
+        wants_prior_grad ? at::zeros({shape.num_in, shape.num_out}, u.options()) : at::empty({0}, u.options())};
   }
   const RoutingPlan plan =
-      plan_routing(batch, num_in, num_out, dim_out, dim_in, num_iterations, u.element_size(), options.limits);
-  at::Tensor grad_s = new_buffer({plan.per_iteration_numel}, u, options);
-  at::Tensor squashed = new_buffer({plan.per_iteration_numel}, u, options);
-  at::Tensor logit_grad = new_buffer({plan.logit_grad_numel}, u, options);
-  at::Tensor grad_u, grad_W, grad_bias;
+      plan_routing(shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits);
+  at::Tensor agreement = new_buffer({plan.backward_agreement_numel}, acc_dtype, u, options);
+  at::Tensor terms = new_buffer({plan.terms_numel}, acc_dtype, u, options);
+  at::Tensor coefficients = new_buffer({plan.coefficients_numel}, acc_dtype, u, options);
+  at::Tensor partials = new_buffer({detach_routing ? 0 : plan.partials_numel}, acc_dtype, u, options);
+  at::Tensor grad_u = new_buffer(u.sizes(), u.scalar_type(), u, options);
+  at::Tensor grad_W = new_buffer(W.sizes(), u.scalar_type(), u, options);
+  at::Tensor grad_bias = new_buffer({shape.num_out, shape.dim_out}, u.scalar_type(), u, options);
+  at::Tensor grad_prior = wants_prior_grad ? new_buffer({shape.num_in, shape.num_out}, u.scalar_type(), u, options)
+                                           : at::empty({0}, u.options());
 
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet::routing_backward", [&] {
+  CAPSNET_DISPATCH_ROUTING_TYPES(u.scalar_type(), "capsnet::routing_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    at::Tensor c0;
+    if (logit_prior.has_value()) {
+      c0 = prior_couplings<scalar_t>(launch, plan, routing, *logit_prior, options);
+    }
     BackwardParams<scalar_t> p{};
-    p.sizes = plan.sizes;
+    p.geometry = plan.geometry;
+    p.options = routing;
+    p.terms_of = BackwardTerms{shape.iterations, detach_routing, logit_prior.has_value()};
     p.grad_v = grad_v.const_data_ptr<scalar_t>();
     p.u = u.const_data_ptr<scalar_t>();
     p.W = W.const_data_ptr<scalar_t>();
-    p.s_saved = s_saved.const_data_ptr<scalar_t>();
-    p.couplings = couplings.const_data_ptr<scalar_t>();
-    p.grad_s = grad_s.data_ptr<scalar_t>();
-    p.squashed = squashed.data_ptr<scalar_t>();
-    p.logit_grad = data_or_null<scalar_t>(logit_grad);  // empty when r = 1
-    p.grad_weight_inputs = plan.grad_weight_inputs;
-    p.grad_input_slice = plan.grad_input_slice;
-    {
-      at::Tensor partials = new_buffer({plan.partials_numel}, u, options);
-      p.partials = partials.data_ptr<scalar_t>();
-      launch_backward_sweep(launch, plan, p);
-      p.partials = nullptr;
-    }  // partials released (stream-ordered): the gradients below can take its memory
-    grad_u = new_buffer(u.sizes(), u, options);
-    grad_W = new_buffer(W.sizes(), u, options);
-    grad_bias = new_buffer({num_out, dim_out}, u, options);
+    p.logit_prior = data_or_null<scalar_t>(logit_prior);
+    p.prior_couplings = c0.defined() ? c0.const_data_ptr<acc_t>() : nullptr;
+    p.s_saved = s_saved.const_data_ptr<acc_t>();
+    p.agreement = agreement.data_ptr<acc_t>();
+    p.terms = terms.data_ptr<acc_t>();
+    p.coefficients = data_or_null<acc_t>(coefficients);
+    p.partials = data_or_null<acc_t>(partials);
     p.grad_u = grad_u.data_ptr<scalar_t>();
     p.grad_W = grad_W.data_ptr<scalar_t>();
     p.grad_bias = grad_bias.data_ptr<scalar_t>();
-    launch_backward_gradients(launch, plan, p);
+    p.grad_prior = wants_prior_grad ? grad_prior.data_ptr<scalar_t>() : nullptr;
+    launch_backward(launch, plan, p);
   });
-  return {grad_u, grad_W, grad_bias};
+  if (options.coefficients_out != nullptr) {
+    *options.coefficients_out = coefficients;
+  }
+  return {grad_u, grad_W, grad_bias, grad_prior};
 }
 
 }  // namespace capsnet::cuda

@@ -1,6 +1,7 @@
 // CUDA kernels of capsnet::routing_forward / routing_backward: the launcher.
 //
-// The kernels are in routing_kernel.cuh, the launch plan in routing_launch.h, and the host
+// The kernels are in routing_forward.cuh and routing_backward.cuh (device utilities in
+// routing_device.cuh), the launch plan in routing_launch.h, and the host
 // side shared with the CPU emulator (checks, tensors, launch order) in routing_host.h. What
 // is CUDA-specific lives here: the device guard, the current stream, the device's limits,
 // the <<<>>> launch with its error check, and the registration for the CUDA dispatch key.
@@ -25,6 +26,9 @@ struct CudaLauncher {
 
   template <typename Params>
   void operator()(KernelRef<Params> kernel, const KernelLaunch& config, const Params& params) const {
+    const int64_t threads = int64_t(config.block.x) * config.block.y * config.block.z;
+    TORCH_CHECK(threads <= kernel.launch_bound, "capsnet: internal error: ", kernel.name, " launched with ",
+        threads, " threads per block, above its __launch_bounds__ of ", kernel.launch_bound);
     kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -48,26 +52,25 @@ HostOptions cuda_options() {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(
-    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias, int64_t num_iterations) {
+    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& logit_prior, int64_t num_iterations, bool leaky, bool detach_routing,
+    bool return_couplings) {
   // u on a GPU before the guard (which needs one); the rest is checked against the
   // properties of u's device.
   TORCH_CHECK(u.is_cuda(), "capsnet: u must be a CUDA tensor, got one on ", u.device());
   const c10::cuda::CUDAGuard device_guard(u.device());
-  const HostOptions options = cuda_options();
-  check_forward_arguments(u, W, bias, num_iterations, options);
   const CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
-  return routing_forward_host(u, W, bias, num_iterations, options, launcher);
+  return routing_forward_host(
+      u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings, cuda_options(), launcher);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_backward_cuda(
-    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved,
-    const at::Tensor& couplings) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_cuda(
+    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& logit_prior,
+    const at::Tensor& s_saved, bool leaky, bool detach_routing) {
   TORCH_CHECK(u.is_cuda(), "capsnet: u must be a CUDA tensor, got one on ", u.device());
   const c10::cuda::CUDAGuard device_guard(u.device());
-  const HostOptions options = cuda_options();
-  check_backward_arguments(grad_v, u, W, s_saved, couplings, options);
   const CudaLauncher launcher{c10::cuda::getCurrentCUDAStream().stream()};
-  return routing_backward_host(grad_v, u, W, s_saved, couplings, options, launcher);
+  return routing_backward_host(grad_v, u, W, logit_prior, s_saved, leaky, detach_routing, cuda_options(), launcher);
 }
 
 }  // namespace

@@ -1,114 +1,187 @@
-// Sizes, tile classes and memory layouts of the CUDA routing kernels.
+// Tile classes, the partition of the work, and where every element of the CUDA kernels'
+// tensors and workspaces lives.
 //
-// Shared by the kernels (routing_kernel.cuh, compiled by nvcc and by the CPU emulator in
-// csrc/simt), the launch planner (routing_launch.h) and the host code (routing_host.h), so
-// that every party agrees on where each element lives and on the compile-time bounds.
+// Shared by the kernels (routing_forward.cuh, routing_backward.cuh; compiled by nvcc and by
+// the CPU emulator in csrc/simt), the launch planner (routing_launch.h) and the host code
+// (routing_host.h), so that every party agrees on the layouts and compile-time bounds.
 //
-// Notation (docs/CUDA.md):  B samples, I = N_in input capsules, J = N_out output capsules,
-// D = D_out, E = D_in, r routing iterations. Iterations are counted from 0 here (k = 0..r-1).
+// Notation (docs/CUDA.md): B samples, I = N_in input capsules, J = N_out output capsules,
+// D = D_out, E = D_in, r routing iterations counted from 0 (k = 0..r-1). The sizes are the
+// backend-neutral capsnet::RoutingShape (csrc/routing_math.h); the partition is ours.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 
+#include "routing_math.h"
+
 namespace capsnet::cuda {
 
 // ---------------------------------------------------------------------------------------
 // Tile classes: compile-time bounds of the per-thread vectors.
 //
-// The kernels keep one D_out-vector per (sample, output capsule) in registers, which needs
-// the bound at compile time. A tile class fixes those bounds; the planner picks the class
-// for a shape and the kernels are instantiated once per class.
+// A thread keeps D_out- and D_in-vectors in registers, which needs their bounds at compile
+// time; a tile class fixes them, the planner picks the class for a shape, and the kernels
+// are instantiated once per class.
 // ---------------------------------------------------------------------------------------
 
-// The CapsNet shape (D_in = 8, D_out = 16) and anything with D_in == 8, D_out <= 16: rows of
-// u and W are read as 16-byte vectors (they are 32 B for float), and the register budget of
-// 128 per thread (512 threads per block) holds the four D_out-vectors of the backward pass.
+// The CapsNet shape: D_in == 8 and D_out == 16, both exact, so that no loop needs a bound
+// check, and N_out <= 12. Rows of u and W (8 elements) are read as whole 16-byte vectors.
+// The routing kernels' blocks hold 16 samples (compile-time: the capsule exchange's
+// addresses are then constants) of every output capsule, at most 192 threads, and two such
+// blocks fit on an SM (up to 170 registers per thread), so that one block's barriers
+// overlap the other's work. A grad_weight thread owns 8 rows of dW[i, j] (64 accumulators).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
-  static constexpr bool kExactDimIn = true;  // D_in must equal kMaxDimIn
-  static constexpr int kMaxThreads = 512;    // __launch_bounds__ of the routing kernels
-  static constexpr int kGradWeightInputs = 8;  // inputs per block of grad_weight_kernel
+  static constexpr bool kExactDimIn = true;   // D_in must equal kMaxDimIn
+  static constexpr bool kExactDimOut = true;  // D_out must equal kMaxDimOut
+  static constexpr int kLanes = 16;           // samples per routing block
+  static constexpr int kMaxNumOut = 12;       // N_out
+  static constexpr int kMaxThreads = kLanes * kMaxNumOut;  // __launch_bounds__ of the routing kernels
+  static constexpr int kMinBlocks = 2;        // ... and the blocks per SM the compiler must fit
+  static constexpr int kGradWeightRows = 8;   // rows d of dW[i, j] per grad_weight thread
 };
 
-// Every other supported shape (D_in, D_out <= 32, N_out <= 1024). Correct, not tuned: its
-// register arrays spill to local memory when the dimensions are large.
+// Every other supported shape (D_in, D_out <= 32, N_out <= 1024). Correct, not tuned.
 struct GenericTile {
   static constexpr int kMaxDimOut = 32;
   static constexpr int kMaxDimIn = 32;
   static constexpr bool kExactDimIn = false;
+  static constexpr bool kExactDimOut = false;
+  static constexpr int kLanes = 0;  // samples per routing block: chosen at run time
+  static constexpr int kMaxNumOut = 0;  // N_out: at run time
   static constexpr int kMaxThreads = 1024;
-  static constexpr int kGradWeightInputs = 2;
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kGradWeightRows = 1;
 };
 
-// Threads per block of the kernels that give each thread one (j, d) column: the squash
-// kernels and grad_weight_kernel (whose launch bound allows 255 registers per thread).
+// Threads per block of the per-sample kernels (squash, backward squash) and of the
+// grad_weight and grad_bias kernels (their __launch_bounds__).
 constexpr int kColumnKernelMaxThreads = 256;
+constexpr int kGradWeightMaxThreads = 256;
+constexpr int kWarpSize = 32;
 
-// Shared memory of the routing kernels (routing_kernel.cuh), in elements:
-//  - CapsuleExchange: two buffers of [N_out][samples_per_block], used in turn;
-//  - CouplingStaging (forward only): [samples_per_block * N_out][coupling_run + 1], where
-//    the run is the number of consecutive inputs staged before a store: ideally those whose
-//    couplings fill one 32-byte memory sector (RoutingSizes::coupling_run).
-constexpr int kExchangeBuffers = 2;
-constexpr int kSectorBytes = 32;
 
-C10_HOST_DEVICE inline int64_t exchange_elements(int num_out, int samples_per_block) {
-  return int64_t(kExchangeBuffers) * num_out * samples_per_block;
+// Shared memory of the capsule exchange (CapsuleExchange, routing_device.cuh): one buffer per
+// kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per lane, padded
+// so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes of the banks
+// (the 16-byte loads of 8 lanes then hit different banks), else [J][lanes].
+constexpr int kExchangeKinds = 3;
+
+template <typename Tile>
+C10_HOST_DEVICE constexpr int exchange_row_stride(int acc_bytes) {
+  return Tile::kMaxNumOut + (acc_bytes == 4 ? 8 : 2);  // 12 floats + 8: 80 B; 12 doubles + 2: 112 B
 }
-C10_HOST_DEVICE inline int64_t staging_elements(int num_out, int samples_per_block, int coupling_run) {
-  return int64_t(num_out) * samples_per_block * (coupling_run + 1);
+
+template <typename Tile>
+C10_HOST_DEVICE inline int64_t exchange_elements(int64_t num_out, int64_t lanes, int acc_bytes) {
+  return Tile::kLanes > 0 ? int64_t(kExchangeKinds) * Tile::kLanes * exchange_row_stride<Tile>(acc_bytes)
+                          : int64_t(kExchangeKinds) * num_out * lanes;
+}
+
+// A thread's row of shared memory in the CapsNet tile's backward sweep (ThreadRow,
+// routing_device.cuh): kMaxDimOut entries, padded as the exchange's rows (an odd multiple
+// of 16 bytes modulo 128): 16 floats + 4, 16 doubles + 2.
+template <typename Tile>
+C10_HOST_DEVICE constexpr int thread_row_stride(int acc_bytes) {
+  return Tile::kMaxDimOut + (acc_bytes == 4 ? 4 : 2);
+}
+
+template <typename Tile>
+C10_HOST_DEVICE inline int64_t thread_row_elements(int64_t threads, int acc_bytes) {
+  return Tile::kLanes > 0 ? threads * thread_row_stride<Tile>(acc_bytes) : 0;
 }
 
 // ---------------------------------------------------------------------------------------
-// Sizes of one call, with the partition of the work chosen by the planner.
+// The partition of one call's work, chosen by the planner (routing_launch.h).
 // ---------------------------------------------------------------------------------------
-struct RoutingSizes {
-  int64_t batch;       // B
-  int64_t num_in;      // I
-  int num_out;         // J
-  int dim_out;         // D
-  int dim_in;          // E
-  int iterations;      // r
-  // Partition of the inputs (and samples) among the blocks of the routing kernels.
-  int64_t inputs_per_chunk;  // consecutive input capsules per block
-  int64_t num_chunks;        // ceil(I / inputs_per_chunk); each writes one partial sum
-  int samples_per_block;     // blockDim.x of the routing kernels (blockDim.y = J)
-  int coupling_run;          // inputs per staged store of the forward's couplings
+struct RoutingPartition {
+  // Routing kernels: grid (sample tiles, input chunks), block (samples_per_block, J).
+  int samples_per_block;
+  int64_t inputs_per_chunk;
+  int64_t num_chunks;
+  // grad_weight kernel: block (32 inputs, row groups, sample groups); the sample groups
+  // split the batch inside a block and are added in group order at the end.
+  int sample_groups;
+  // grad_input kernel: input dimensions summed over j per shared-memory round.
+  int grad_input_slice;
+  // Backward workspaces: product terms of dL/du_hat, coefficient slots (routing_backward.cuh).
+  int terms;
+  int coefficient_slots;
+};
 
-  C10_HOST_DEVICE int64_t columns() const { return int64_t(num_out) * dim_out; }
+// The backward's product terms. dL/du_hat[b, i, j, :] is a short sum of per-sample vectors
+// ([B, terms, J, D]) times per-(b, i, j) coefficients ([slots, I, J, B]):
+//   full:   sum_{k=0}^{r-1} c_k gs_k + sum_{m=1}^{r-1} G_m v_{m-1}
+//           term t = k < r: (c_k, gs_k); term t = r - 1 + m: (G_m, v_{m-1})
+//           coefficient of term t >= 1 in slot t - 1 (c_m in slot m - 1, G_m in slot r - 2 + m);
+//           G_0 (for grad_prior only) in slot 2r - 2
+//   detach_routing: c_{r-1} gs_{r-1}, one term; c_{r-1} in slot 0 (r > 1)
+// Term 0's coefficient with r = 1, or c_0 in the full form, is the initial coupling (uniform
+// or the prior's), which is never stored.
+struct BackwardTerms {
+  int64_t iterations;  // r
+  bool detach_routing;
+  bool has_prior;
+
+  C10_HOST_DEVICE int count() const { return detach_routing ? 1 : int(2 * iterations - 1); }
+  C10_HOST_DEVICE int slots() const {
+    if (detach_routing) {
+      return iterations > 1 ? 1 : 0;
+    }
+    return int(2 * (iterations - 1)) + (has_prior ? 1 : 0);
+  }
+  // Terms whose vector is a gs_k (their sum over samples is grad_bias).
+  C10_HOST_DEVICE int grad_s_count() const { return detach_routing ? 1 : int(iterations); }
+  C10_HOST_DEVICE int grad_s_term(int64_t k) const { return detach_routing ? 0 : int(k); }
+  C10_HOST_DEVICE int squashed_term(int64_t k) const { return int(iterations + k); }  // v_k, full only
+  C10_HOST_DEVICE bool stored_coefficient(int t) const { return t > 0 || (detach_routing && iterations > 1); }
+  C10_HOST_DEVICE int slot_of_term(int t) const { return detach_routing ? 0 : t - 1; }
+  C10_HOST_DEVICE int coupling_slot(int64_t m) const { return detach_routing ? 0 : int(m - 1); }
+  C10_HOST_DEVICE int logit_grad_slot(int64_t m) const {
+    return m == 0 ? int(2 * iterations - 2) : int(iterations - 2 + m);
+  }
+};
+
+// Everything a kernel needs to find an element: the op's sizes and the partition.
+struct RoutingGeometry {
+  RoutingShape shape;
+  RoutingPartition part;
+
+  C10_HOST_DEVICE int64_t columns() const { return shape.num_out * shape.dim_out; }  // J * D
 
   // u [B, I, E]: the row u[b, i, :].
-  C10_HOST_DEVICE int64_t input_row(int64_t b, int64_t i) const {
-    return (b * num_in + i) * dim_in;
-  }
+  C10_HOST_DEVICE int64_t input_row(int64_t b, int64_t i) const { return (b * shape.num_in + i) * shape.dim_in; }
   // W [I, J, D, E]: the matrix W[i, j] (D rows of E).
   C10_HOST_DEVICE int64_t weight_matrix(int64_t i, int64_t j) const {
-    return (i * num_out + j) * int64_t(dim_out) * dim_in;
+    return (i * shape.num_out + j) * shape.dim_out * shape.dim_in;
   }
-  // v and grad_v [B, J, D]: the vector v[b, j, :].
-  C10_HOST_DEVICE int64_t output_vector(int64_t b, int64_t j) const {
-    return (b * num_out + j) * dim_out;
-  }
-  // Per-iteration state [B, r, J, D] (s_saved, and the backward's grad_s and v): [b, k, j, :].
+  // logit_prior, and the couplings of the prior, [I, J]: element (i, j).
+  C10_HOST_DEVICE int64_t pair(int64_t i, int64_t j) const { return i * shape.num_out + j; }
+  // v, grad_v, the forward's running agreement vector [B, J, D]: v[b, j, :].
+  C10_HOST_DEVICE int64_t output_vector(int64_t b, int64_t j) const { return (b * shape.num_out + j) * shape.dim_out; }
+  // s_saved [B, r, J, D] and the backward's agreement vectors V_k [B, r, J, D]: [b, k, j, :].
   C10_HOST_DEVICE int64_t iteration_vector(int64_t b, int64_t k, int64_t j) const {
-    return ((b * iterations + k) * num_out + j) * dim_out;
+    return ((b * shape.iterations + k) * shape.num_out + j) * shape.dim_out;
   }
   // Partial sums over one input chunk [B, num_chunks, J, D]: [b, chunk, j, :].
   C10_HOST_DEVICE int64_t partial_vector(int64_t b, int64_t chunk, int64_t j) const {
-    return ((b * num_chunks + chunk) * num_out + j) * dim_out;
+    return ((b * part.num_chunks + chunk) * shape.num_out + j) * shape.dim_out;
   }
-  // The op's couplings [B, r, J, I] (the contract of csrc/routing.cpp): c_k[i, j].
-  C10_HOST_DEVICE int64_t coupling(int64_t b, int64_t k, int64_t j, int64_t i) const {
-    return ((b * iterations + k) * num_out + j) * num_in + i;
+  // The op's couplings output [B, I, J]: c[b, i, j].
+  C10_HOST_DEVICE int64_t coupling(int64_t b, int64_t i, int64_t j) const {
+    return (b * shape.num_in + i) * shape.num_out + j;
   }
-  // The backward's logit gradients G_m = dL/db_m, m = 1..r-1, in a workspace [r - 1, I, J, B]:
-  // sample fastest, so that a warp, whose lanes hold consecutive samples, touches
-  // consecutive words. (G_0 is never needed: b_0 = 0 is a constant.)
-  C10_HOST_DEVICE int64_t logit_grad(int64_t m, int64_t i, int64_t j, int64_t b) const {
-    return (((m - 1) * num_in + i) * num_out + j) * batch + b;
+  // Backward: the per-sample vectors of the product terms [B, terms, J, D]: [b, t, j, :].
+  C10_HOST_DEVICE int64_t term_vector(int64_t b, int64_t t, int64_t j) const {
+    return ((b * part.terms + t) * shape.num_out + j) * shape.dim_out;
+  }
+  // Backward: per-(b, i, j) coefficients [slots, I, J, B], sample fastest (a warp of the
+  // routing kernels holds consecutive samples, so its stores and loads are whole lines).
+  C10_HOST_DEVICE int64_t coefficient(int64_t slot, int64_t i, int64_t j, int64_t b) const {
+    return ((slot * shape.num_in + i) * shape.num_out + j) * shape.batch + b;
   }
 };
 

@@ -1,7 +1,8 @@
 // The routing op on the CPU emulation of CUDA, for the tests (tests/test_cuda_emulated.py
 // builds this with torch.utils.cpp_extension.load; it is not part of capsnet._C).
 //
-// It runs the CUDA build's own code: the kernels of csrc/cuda/routing_kernel.cuh, and the
+// It runs the CUDA build's own code: the kernels of csrc/cuda/routing_forward.cuh and
+// routing_backward.cuh, and the
 // host code of csrc/cuda/routing_host.h (checks, launch plan, launch order) that the CUDA
 // launcher runs, with a launcher that hands each kernel to simt instead of <<<>>>. Tensors
 // live on the CPU; outputs and workspaces start as NaN so that unwritten elements show.
@@ -35,7 +36,7 @@ struct EmulatedLauncher {
   void operator()(KernelRef<Params> kernel, const KernelLaunch& config, const Params& params) const {
     simt::launch(
         kernel.name, to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, options,
-        [&] { kernel.function(params); });
+        [&] { kernel.function(params); }, kernel.launch_bound);
   }
 };
 
@@ -56,41 +57,69 @@ EmulatedLauncher emulated_launcher(const HostOptions& host, const std::string& s
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward(
-    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias, int64_t num_iterations,
-    const std::string& schedule, uint64_t seed, int64_t multiprocessor_count) {
+    const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& logit_prior, int64_t num_iterations, bool leaky, bool detach_routing,
+    bool return_couplings, const std::string& schedule, uint64_t seed, int64_t multiprocessor_count) {
   const HostOptions host = emulated_host(multiprocessor_count);
-  capsnet::cuda::check_forward_arguments(u, W, bias, num_iterations, host);
-  return capsnet::cuda::routing_forward_host(u, W, bias, num_iterations, host, emulated_launcher(host, schedule, seed));
+  return capsnet::cuda::routing_forward_host(
+      u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings, host,
+      emulated_launcher(host, schedule, seed));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_backward(
-    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const at::Tensor& s_saved,
-    const at::Tensor& couplings, const std::string& schedule, uint64_t seed, int64_t multiprocessor_count) {
-  const HostOptions host = emulated_host(multiprocessor_count);
-  capsnet::cuda::check_backward_arguments(grad_v, u, W, s_saved, couplings, host);
-  return capsnet::cuda::routing_backward_host(
-      grad_v, u, W, s_saved, couplings, host, emulated_launcher(host, schedule, seed));
+// The backward's four gradients, and its coefficient workspace [slots, I, J, B] (the
+// recomputed couplings c_m and logit gradients G_m; see BackwardTerms in routing_layout.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward(
+    const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& logit_prior,
+    const at::Tensor& s_saved, bool leaky, bool detach_routing, const std::string& schedule, uint64_t seed,
+    int64_t multiprocessor_count) {
+  HostOptions host = emulated_host(multiprocessor_count);
+  at::Tensor coefficients;
+  host.coefficients_out = &coefficients;
+  auto [grad_u, grad_W, grad_bias, grad_prior] = capsnet::cuda::routing_backward_host(
+      grad_v, u, W, logit_prior, s_saved, leaky, detach_routing, host, emulated_launcher(host, schedule, seed));
+  return {grad_u, grad_W, grad_bias, grad_prior, coefficients.defined() ? coefficients : at::empty({0})};
 }
 
-// The launch plan for a shape, for tests that check which tile class and partition they cover.
+pybind11::dict launch_dict(const capsnet::cuda::KernelLaunch& launch) {
+  pybind11::dict out;
+  out["grid"] = pybind11::make_tuple(launch.grid.x, launch.grid.y, launch.grid.z);
+  out["block"] = pybind11::make_tuple(launch.block.x, launch.block.y, launch.block.z);
+  out["shared_bytes"] = launch.shared_bytes;
+  return out;
+}
+
+// The launch plan for a shape, for tests and for the static performance model
+// (benchmarks/cuda_model.py).
 pybind11::dict describe_plan(
     int64_t batch, int64_t num_in, int64_t num_out, int64_t dim_out, int64_t dim_in, int64_t num_iterations,
-    int64_t scalar_bytes, int64_t multiprocessor_count) {
+    int64_t acc_bytes, int64_t multiprocessor_count, bool has_prior, bool detach_routing) {
   const HostOptions host = emulated_host(multiprocessor_count);
-  const capsnet::cuda::RoutingPlan plan = capsnet::cuda::plan_routing(
-      batch, num_in, num_out, dim_out, dim_in, num_iterations, scalar_bytes, host.limits);
+  const capsnet::RoutingShape shape{batch, num_in, num_out, dim_out, dim_in, num_iterations};
+  const capsnet::cuda::RoutingPlan plan =
+      capsnet::cuda::plan_routing(shape, has_prior, detach_routing, acc_bytes, host.limits);
+  const capsnet::cuda::RoutingPartition& part = plan.geometry.part;
   pybind11::dict out;
   out["tile"] = capsnet::cuda::tile_name(plan.tile);
-  out["samples_per_block"] = plan.sizes.samples_per_block;
-  out["coupling_run"] = plan.sizes.coupling_run;
-  out["inputs_per_chunk"] = plan.sizes.inputs_per_chunk;
-  out["num_chunks"] = plan.sizes.num_chunks;
-  out["grad_weight_inputs"] = plan.grad_weight_inputs;
-  out["grad_input_slice"] = plan.grad_input_slice;
-  out["forward_workspace_elements"] = plan.partials_numel;
-  out["backward_workspace_elements"] = plan.partials_numel + 2 * plan.per_iteration_numel + plan.logit_grad_numel;
-  out["forward_shared_bytes"] = plan.forward_partial_sums.shared_bytes;
-  out["grad_input_shared_bytes"] = plan.grad_input.shared_bytes;
+  out["samples_per_block"] = part.samples_per_block;
+  out["inputs_per_chunk"] = part.inputs_per_chunk;
+  out["num_chunks"] = part.num_chunks;
+  out["sample_groups"] = part.sample_groups;
+  out["grad_input_slice"] = part.grad_input_slice;
+  out["terms"] = part.terms;
+  out["coefficient_slots"] = part.coefficient_slots;
+  out["forward_workspace_elements"] = plan.partials_numel + plan.forward_agreement_numel;
+  out["backward_workspace_elements"] =
+      plan.partials_numel + plan.backward_agreement_numel + plan.terms_numel + plan.coefficients_numel;
+  pybind11::dict launches;
+  launches["prior_coupling_kernel"] = launch_dict(plan.prior_coupling);
+  launches["forward_partial_sums_kernel"] = launch_dict(plan.forward_partial_sums);
+  launches["backward_partial_sums_kernel"] = launch_dict(plan.backward_partial_sums);
+  launches["forward_squash_kernel"] = launch_dict(plan.squash);
+  launches["backward_squash_kernel"] = launch_dict(plan.squash);
+  launches["grad_weight_kernel"] = launch_dict(plan.grad_weight);
+  launches["grad_input_kernel"] = launch_dict(plan.grad_input);
+  launches["grad_bias_kernel"] = launch_dict(plan.grad_bias);
+  out["launches"] = launches;
   return out;
 }
 
@@ -101,16 +130,20 @@ void register_simt_selftests(pybind11::module_& m);  // simt_selftest.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "capsnet routing kernels run on the CPU emulation of CUDA (csrc/simt), for tests";
   namespace py = pybind11;
-  m.def("routing_forward", &emulated_forward, py::arg("u"), py::arg("W"), py::arg("bias"),
-      py::arg("num_iterations"), py::arg("schedule") = "ascending", py::arg("seed") = 0,
-      py::arg("multiprocessor_count") = capsnet::cuda::kH100Limits.multiprocessor_count);
-  m.def("routing_backward", &emulated_backward, py::arg("grad_v"), py::arg("u"), py::arg("W"), py::arg("s_saved"),
-      py::arg("couplings"), py::arg("schedule") = "ascending", py::arg("seed") = 0,
-      py::arg("multiprocessor_count") = capsnet::cuda::kH100Limits.multiprocessor_count);
+  const int64_t h100_sms = capsnet::cuda::kH100Limits.multiprocessor_count;
+  m.def("routing_forward", &emulated_forward, py::arg("u"), py::arg("W"), py::arg("bias"), py::arg("logit_prior"),
+      py::arg("num_iterations"), py::arg("leaky") = false, py::arg("detach_routing") = false,
+      py::arg("return_couplings") = false, py::arg("schedule") = "ascending", py::arg("seed") = 0,
+      py::arg("multiprocessor_count") = h100_sms);
+  m.def("routing_backward", &emulated_backward, py::arg("grad_v"), py::arg("u"), py::arg("W"),
+      py::arg("logit_prior"), py::arg("s_saved"), py::arg("leaky") = false, py::arg("detach_routing") = false,
+      py::arg("schedule") = "ascending", py::arg("seed") = 0, py::arg("multiprocessor_count") = h100_sms);
   m.def("describe_plan", &describe_plan, py::arg("batch"), py::arg("num_in"), py::arg("num_out"),
-      py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("scalar_bytes"),
-      py::arg("multiprocessor_count") = capsnet::cuda::kH100Limits.multiprocessor_count);
+      py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
+      py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false);
   m.def("launch_log", [] { return simt::launch_log(); }, "kernel names launched since clear_launch_log()");
+  m.def("full_launch_log", [] { return simt::full_launch_log(); },
+      "the same launches, with template arguments as written in the launcher");
   m.def("clear_launch_log", &simt::clear_launch_log);
   register_simt_selftests(m);
 }

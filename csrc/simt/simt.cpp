@@ -9,6 +9,7 @@
 // emulator reports it instead of hanging.
 #include "simt.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -22,15 +23,41 @@
 #include <sstream>
 #include <stdexcept>
 
+// AddressSanitizer must be told when execution moves to another stack (make test-cuda-asan).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define SIMT_WITH_ASAN 1
+#else
+#define SIMT_WITH_ASAN 0
+#endif
+
 namespace simt {
 
 thread_local ThreadState current;
 
 namespace {
 
+// Where a fiber switch goes: ASan's bookkeeping around swapcontext (no-ops without ASan).
+struct StackSwitch {
+  void* fake_stack = nullptr;
+  void begin(const void* bottom, size_t size, bool leaving_for_good = false) {
+#if SIMT_WITH_ASAN
+    __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake_stack, bottom, size);
+#else
+    (void)bottom, (void)size, (void)leaving_for_good;
+#endif
+  }
+  void end(const void** from_bottom = nullptr, size_t* from_size = nullptr) {
+#if SIMT_WITH_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, from_bottom, from_size);
+#else
+    (void)from_bottom, (void)from_size;
+#endif
+  }
+};
+
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kCanaryBytes = 64;  // after the dynamic shared memory, checked after each block
-constexpr unsigned char kCanary = 0xA5;
+constexpr unsigned char kCanary = 0xA5;  // between the end of the shared memory and the guard page
 constexpr unsigned char kPoison = 0xFF;  // NaN in every byte position, for float and double
 
 // A fiber's stack, with an inaccessible guard page below it: an overflow faults instead of
@@ -111,19 +138,29 @@ class BlockRunner {
           unsigned(t % block_dim.x), unsigned((t / block_dim.x) % block_dim.y),
           unsigned(t / (size_t(block_dim.x) * block_dim.y)));
     }
-    const size_t allocation = ((shared_bytes + kCanaryBytes + 63) / 64) * 64;
-    shared_ = static_cast<unsigned char*>(std::aligned_alloc(64, allocation));
-    if (shared_ == nullptr) {
-      throw std::runtime_error("simt: cannot allocate shared memory");
+    // The dynamic shared memory ends (rounded up to 16 bytes, for vector accesses) right
+    // before an inaccessible page: an access past it faults. The < 16 bytes of rounding
+    // hold a canary, checked after each block.
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t rounded = (shared_bytes + 15) / 16 * 16;
+    const size_t data_pages = (rounded + page_ - 1) / page_ + 1;  // at least one before the guard
+    mapping_bytes_ = (data_pages + 1) * page_;
+    mapping_ = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapping_ == MAP_FAILED) {
+      throw std::runtime_error("simt: cannot map shared memory");
     }
+    unsigned char* guard = static_cast<unsigned char*>(mapping_) + data_pages * page_;
+    mprotect(guard, page_, PROT_NONE);
+    shared_ = guard - rounded;
+    canary_bytes_ = rounded - shared_bytes;
   }
-  ~BlockRunner() { std::free(shared_); }
+  ~BlockRunner() { munmap(mapping_, mapping_bytes_); }
 
   std::mt19937_64& rng() { return rng_; }
 
   void run_block(dim3 block_idx) {
     std::memset(shared_, kPoison, shared_bytes_);
-    std::memset(shared_ + shared_bytes_, kCanary, kCanaryBytes);
+    std::memset(shared_ + shared_bytes_, kCanary, canary_bytes_);
     current.block_idx = block_idx;
     current.dynamic_shared = shared_;
     for (Fiber& fiber : fibers_) {
@@ -143,10 +180,24 @@ class BlockRunner {
       throw;
     }
     active = outer;
-    for (size_t k = 0; k < kCanaryBytes; ++k) {
+    for (size_t k = 0; k < canary_bytes_; ++k) {
       if (shared_[shared_bytes_ + k] != kCanary) {
         fail("wrote past the end of its " + std::to_string(shared_bytes_) + " bytes of dynamic shared memory");
       }
+    }
+    if (!misaligned_.empty()) {
+      fail(misaligned_);
+    }
+  }
+
+  // A misaligned vector load, reported when the block ends (kernels cannot throw).
+  void record_misaligned(const void* pointer, const std::source_location& where) {
+    if (misaligned_.empty()) {
+      std::ostringstream out;
+      out << "thread (" << running_->index.x << ", " << running_->index.y << ", " << running_->index.z
+          << ") made a 16-byte vector load from " << pointer << ", which is not 16-byte aligned, at "
+          << describe(where) << " (a GPU faults: misaligned address)";
+      misaligned_ = out.str();
     }
   }
 
@@ -154,7 +205,10 @@ class BlockRunner {
   void arrive_at_barrier(const std::source_location& where) {
     running_->state = FiberState::kAtBarrier;
     running_->barrier = where;
+    StackSwitch to_scheduler;
+    to_scheduler.begin(scheduler_stack_bottom_, scheduler_stack_size_);
     swapcontext(&running_->context, &scheduler_);
+    to_scheduler.end();
   }
 
   static BlockRunner* active_runner() { return active; }
@@ -164,9 +218,13 @@ class BlockRunner {
 
   static void fiber_main() {
     BlockRunner* runner = active;
+    StackSwitch arrived;
+    arrived.end(&runner->scheduler_stack_bottom_, &runner->scheduler_stack_size_);
     runner->body_();
     runner->running_->state = FiberState::kFinished;
-    // Returning resumes uc_link, the scheduler.
+    // Returning resumes uc_link, the scheduler; this stack is done for this block.
+    StackSwitch leaving;
+    leaving.begin(runner->scheduler_stack_bottom_, runner->scheduler_stack_size_, /*leaving_for_good=*/true);
   }
 
   void run_rounds() {
@@ -178,7 +236,10 @@ class BlockRunner {
         }
         running_ = &fiber;
         current.thread_idx = fiber.index;
+        StackSwitch to_fiber;
+        to_fiber.begin(fiber.stack->bottom(), fiber.stack->size());
         swapcontext(&scheduler_, &fiber.context);
+        to_fiber.end();
       }
       running_ = nullptr;
       size_t finished = 0;
@@ -220,21 +281,30 @@ class BlockRunner {
   const std::function<void()>& body_;
   std::mt19937_64 rng_;
   std::vector<Fiber> fibers_;
+  size_t page_ = 0;
+  void* mapping_ = nullptr;
+  size_t mapping_bytes_ = 0;
   unsigned char* shared_ = nullptr;
+  size_t canary_bytes_ = 0;
+  std::string misaligned_;
   ucontext_t scheduler_;
+  const void* scheduler_stack_bottom_ = nullptr;
+  size_t scheduler_stack_size_ = 0;
   Fiber* running_ = nullptr;
 };
 
 thread_local BlockRunner* BlockRunner::active = nullptr;
 
 thread_local std::vector<std::string> launched;
+thread_local std::vector<std::string> launched_full;
 
 std::string base_name(const std::string& name) {
   return name.substr(0, name.find_first_of("<( "));
 }
 
 void check_configuration(
-    const std::string& kernel, dim3 grid, dim3 block, size_t shared_bytes, const LaunchOptions& options) {
+    const std::string& kernel, dim3 grid, dim3 block, size_t shared_bytes, const LaunchOptions& options,
+    int64_t launch_bound) {
   const int64_t threads = int64_t(block.x) * block.y * block.z;
   std::string problem;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0) {
@@ -244,6 +314,9 @@ void check_configuration(
   } else if (block.x > 1024 || block.y > 1024 || block.z > 64 || threads > options.max_threads_per_block) {
     problem = "block of " + std::to_string(threads) + " threads exceeds the limit of " +
         std::to_string(options.max_threads_per_block);
+  } else if (launch_bound > 0 && threads > launch_bound) {
+    problem = "block of " + std::to_string(threads) + " threads exceeds the kernel's __launch_bounds__ of " +
+        std::to_string(launch_bound) + " (a GPU refuses the launch: too many resources requested)";
   } else if (int64_t(shared_bytes) > options.max_shared_bytes) {
     problem = std::to_string(shared_bytes) + " bytes of dynamic shared memory exceed the limit of " +
         std::to_string(options.max_shared_bytes);
@@ -276,11 +349,23 @@ void sync_threads(const std::source_location& where) {
   runner->arrive_at_barrier(where);
 }
 
+void check_vector_alignment(const void* pointer, const std::source_location& where) {
+  if (reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0) {
+    return;
+  }
+  BlockRunner* runner = BlockRunner::active_runner();
+  if (runner == nullptr) {
+    throw std::runtime_error("simt: misaligned 16-byte vector load outside a kernel at " + describe(where));
+  }
+  runner->record_misaligned(pointer, where);
+}
+
 void launch(
     const std::string& name, dim3 grid, dim3 block, size_t shared_bytes, const LaunchOptions& options,
-    const std::function<void()>& body) {
-  check_configuration(name, grid, block, shared_bytes, options);
+    const std::function<void()>& body, int64_t launch_bound) {
+  check_configuration(name, grid, block, shared_bytes, options, launch_bound);
   launched.push_back(base_name(name));
+  launched_full.push_back(name);
   const ThreadState saved = current;
   current.block_dim = block;
   current.grid_dim = grid;
@@ -302,8 +387,13 @@ const std::vector<std::string>& launch_log() {
   return launched;
 }
 
+const std::vector<std::string>& full_launch_log() {
+  return launched_full;
+}
+
 void clear_launch_log() {
   launched.clear();
+  launched_full.clear();
 }
 
 }  // namespace simt

@@ -68,17 +68,30 @@ struct LaunchOptions {
 };
 
 // kernel<<<grid, block, shared_bytes>>>(...): runs body() once per CUDA thread. `name` is
-// recorded in the launch log (template arguments stripped). Errors (bad configuration, a
-// divergent __syncthreads, a write past the dynamic shared memory) throw std::runtime_error.
+// recorded in the launch log (template arguments stripped); `launch_bound` is the kernel's
+// __launch_bounds__ (0: none), which the block may not exceed. Errors (bad configuration, a
+// divergent __syncthreads, a write past the dynamic shared memory, a misaligned vector
+// load) throw std::runtime_error. A read or write well past the end of the dynamic shared
+// memory hits an inaccessible guard page and ends the process with SIGSEGV, as it faults
+// on a GPU.
 void launch(
     const std::string& name, dim3 grid, dim3 block, size_t shared_bytes, const LaunchOptions& options,
-    const std::function<void()>& body);
+    const std::function<void()>& body, int64_t launch_bound = 0);
+
+// Called by the kernels' 16-byte vector loads (CAPSNET_ASSERT_VECTOR_ALIGNED): a GPU faults on
+// a misaligned vector load, x86 does not, so the emulator records it and fails the launch.
+void check_vector_alignment(const void* pointer, const std::source_location& where);
 
 // Kernel names launched since the last clear_launch_log(), in launch order.
 const std::vector<std::string>& launch_log();
+// The same launches with the names as given to launch() (template arguments included).
+const std::vector<std::string>& full_launch_log();
 void clear_launch_log();
 
 }  // namespace simt
+
+#define CAPSNET_ASSERT_VECTOR_ALIGNED(pointer) \
+  ::simt::check_vector_alignment(pointer, std::source_location::current())
 
 // ---- Built-in variables and functions.
 #define threadIdx (::simt::current.thread_idx)

@@ -1,13 +1,16 @@
 // Kernels that test the emulator itself: that barriers and static shared memory work, that
 // running under several schedules exposes a missing barrier, and that a divergent barrier,
-// mismatched barriers or a shared-memory overflow raise an error instead of hanging or
-// passing silently. Used by tests/test_cuda_emulated.py.
+// mismatched barriers, a shared-memory overflow, a misaligned vector load or a block above
+// the launch bound raise an error (or, for an access past the shared memory's guard page,
+// fault) instead of hanging or passing silently. Used by tests/test_cuda_emulated.py.
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <string>
 
 #include "simt.h"
+// After simt.h: the kernels' vector load, with the emulator's alignment check.
+#include "cuda/routing_device.cuh"
 
 namespace {
 
@@ -48,6 +51,18 @@ __global__ void shared_overflow_kernel(int floats) {
   }
 }
 
+// Reads element `index` of the dynamic shared memory (past its end: the guard page faults).
+__global__ void read_shared_at_kernel(int index, float* out) {
+  volatile float* shared = dynamic_shared_memory<float>();
+  out[0] = shared[index];
+}
+
+// A 16-byte vector load `offset` floats into a 16-byte aligned buffer.
+__global__ void vector_load_kernel(const float* data, int offset, float* out) {
+  const capsnet::cuda::Vector16<float> v = capsnet::cuda::load_vector16(data + offset);
+  out[0] = v.values[0];
+}
+
 // Reads dynamic shared memory that nobody wrote: the emulator's poison (NaN).
 __global__ void read_unwritten_shared_kernel(float* out) {
   out[threadIdx.x] = dynamic_shared_memory<float>()[threadIdx.x];
@@ -82,10 +97,28 @@ void mismatched_barriers() {
       [] { mismatched_barriers_kernel(); });
 }
 
-void shared_overflow() {
-  const int floats = 16;
+void shared_overflow(int floats) {
   simt::launch("shared_overflow_kernel", dim3(1), dim3(32), floats * sizeof(float), options_for("ascending", 0),
       [&] { shared_overflow_kernel(floats); });
+}
+
+double read_shared_at(int floats, int index) {
+  float out = 0;
+  simt::launch("read_shared_at_kernel", dim3(1), dim3(1), floats * sizeof(float), options_for("ascending", 0),
+      [&] { read_shared_at_kernel(index, &out); });
+  return out;
+}
+
+double vector_load(int offset) {
+  alignas(16) float data[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  float out = -1;
+  simt::launch("vector_load_kernel", dim3(1), dim3(1), 0, options_for("ascending", 0),
+      [&] { vector_load_kernel(data, offset, &out); });
+  return out;
+}
+
+void launch_bounds(int threads) {
+  simt::launch("bounded_kernel", dim3(1), dim3(unsigned(threads)), 0, options_for("ascending", 0), [] {}, 64);
 }
 
 at::Tensor read_unwritten_shared() {
@@ -104,6 +137,9 @@ void register_simt_selftests(pybind11::module_& m) {
       py::arg("schedule") = "ascending", py::arg("seed") = 0);
   m.def("selftest_divergent_barrier", &divergent_barrier);
   m.def("selftest_mismatched_barriers", &mismatched_barriers);
-  m.def("selftest_shared_overflow", &shared_overflow);
+  m.def("selftest_shared_overflow", &shared_overflow, py::arg("floats"));
+  m.def("selftest_read_shared_at", &read_shared_at, py::arg("floats"), py::arg("index"));
+  m.def("selftest_vector_load", &vector_load, py::arg("offset"));
+  m.def("selftest_launch_bounds", &launch_bounds, py::arg("threads"));
   m.def("selftest_read_unwritten_shared", &read_unwritten_shared);
 }

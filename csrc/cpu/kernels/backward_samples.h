@@ -18,13 +18,13 @@ namespace CAPSNET_CPU_VARIANT {
 // Where phase 1 writes the terms of one sample.
 template <typename T>
 struct SampleTerms {
-  T* planes;   // [blocks, planes, N_out, L]
+  T* planes;   // the sample's planes of block 0: [planes, N_out, L], then every block_stride
   T* vectors;  // [terms + 1, N_out*D_out]
-  int64_t planes_per_block;
+  int64_t block_stride;
   int64_t plane_size;  // N_out * L
 
   T* plane(int64_t block, int64_t index) const {
-    return planes + (block * planes_per_block + index) * plane_size;
+    return planes + block * block_stride + index * plane_size;
   }
 };
 
@@ -85,8 +85,10 @@ void backward_sample(
     if (p.options.detach_routing) {
       // Only the last iteration's couplings, as constants.
       for (int64_t block = 0; block < blocks; ++block) {
-        block_couplings(
-            u_hat + block * out_size * kBlock, V_t, prior_of(block), out.plane(block, 0), num_out, dim_out, p.options);
+        T* c = out.plane(block, 0);
+        project_block<T, false>(u_hat + block * out_size * kBlock, V_t, nullptr, prior_of(block), c, nullptr, num_out,
+                                dim_out);
+        coupling_step_block(c, num_out, p.options);
       }
       break;
     }
@@ -97,24 +99,9 @@ void backward_sample(
     for (int64_t block = 0; block < blocks; ++block) {
       const T* u_hat_block = u_hat + block * out_size * kBlock;
       T* c = out.plane(block, c_term);
-      block_couplings(u_hat_block, V_t, prior_of(block), c, num_out, dim_out, p.options);
-      // dL/dc[i, j] = <u_hat[j|i], grad_s_t[j]>
-      for (int64_t j = 0; j < num_out; ++j) {
-        Vt acc[kNV];
-        for (int64_t q = 0; q < kNV; ++q) {
-          acc[q] = Vt(T(0));
-        }
-        for (int64_t d = 0; d < dim_out; ++d) {
-          const int64_t k = j * dim_out + d;
-          const Vt weight(ws.grad_s[k]);
-          for (int64_t q = 0; q < kNV; ++q) {
-            acc[q] = fma(Vt::load(u_hat_block + k * kBlock + q * kL), weight, acc[q]);
-          }
-        }
-        for (int64_t q = 0; q < kNV; ++q) {
-          acc[q].store(ws.grad_couplings + j * kBlock + q * kL);
-        }
-      }
+      // The logits exactly as the forward computed them, and dL/dc[i, j] = <u_hat[j|i], grad_s_t[j]>.
+      project_block<T, true>(u_hat_block, V_t, ws.grad_s, prior_of(block), c, ws.grad_couplings, num_out, dim_out);
+      coupling_step_block(c, num_out, p.options);
       T* Gb = out.plane(block, gb_index);
       const T* Gb_next = t + 1 < r ? out.plane(block, gb_next_index) : nullptr;
       for (int64_t q = 0; q < kNV; ++q) {
@@ -130,26 +117,14 @@ void backward_sample(
           (previous + grad_logit).store(Gb + j * kBlock + lane0);
         }
       }
-      if (t == 0) {
-        continue;
-      }
-      // grad v_{t-1} = sum_i Gb_t u_hat, lane-wise sums over the blocks first.
-      for (int64_t j = 0; j < num_out; ++j) {
-        for (int64_t d = 0; d < dim_out; ++d) {
-          const int64_t k = j * dim_out + d;
-          Vt acc = Vt::load(ws.lane_sums + k * kL);
-          for (int64_t q = 0; q < kNV; ++q) {
-            acc = fma(Vt::load(Gb + j * kBlock + q * kL), Vt::load(u_hat_block + k * kBlock + q * kL), acc);
-          }
-          acc.store(ws.lane_sums + k * kL);
-        }
+      if (t > 0) {
+        // grad v_{t-1} = sum_i Gb_t u_hat, lane-wise sums over the blocks first.
+        accumulate_weighted_sum(Gb, u_hat_block, ws.lane_sums, num_out, dim_out);
       }
     }
     if (t > 0) {
       copy(ws.outputs + (t - 1) * out_size, out_size, out.vectors + (c_term + 1) * out_size);
-      for (int64_t k = 0; k < out_size; ++k) {
-        ws.grad_v[k] = horizontal_sum(Vt::load(ws.lane_sums + k * kL));
-      }
+      finish_sums(ws.lane_sums, T(1), static_cast<const T*>(nullptr), ws.grad_v, out_size);
     }
   }
 }
@@ -158,15 +133,14 @@ template <typename T, int kDimIn>
 void backward_samples(const BackwardProblem<T>& p, int64_t chunk_begin, int64_t begin, int64_t end, T* workspace) {
   constexpr int64_t kBlock = capsule_block<T>();
   SampleWorkspace<T> ws(workspace, p.shape);
-  predict_samples<T, kDimIn>(p.u_blocked, p.W_blocked, begin, end, ws.u_hat, ws.u_hat_per_sample, p.shape);
-  const int64_t blocks = num_capsule_blocks(p.shape.num_in, kBlock);
+  predict_samples<T, kDimIn>(p.u_blocked, p.W_blocked, begin, end, ws.u_hat, ws.u_hat_per_sample, ws.u_gathered, p.shape);
   const int64_t plane_size = p.shape.num_out * kBlock;
   const int64_t planes = p.terms.planes();
   for (int64_t b = begin; b < end; ++b) {
     const int64_t n = b - chunk_begin;
     const SampleTerms<T> out{
-        p.planes + n * blocks * planes * plane_size, p.vectors + n * p.terms.vectors() * p.shape.out_size(),
-        planes, plane_size};
+        p.planes + n * planes * plane_size, p.vectors + n * p.terms.vectors() * p.shape.out_size(),
+        p.chunk_samples * planes * plane_size, plane_size};
     backward_sample(p, b, ws.u_hat + (b - begin) * ws.u_hat_per_sample, out, ws);
   }
 }

@@ -7,6 +7,12 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
 #include "cpu/kernels/variant.h"
 
 namespace capsnet {
@@ -15,10 +21,16 @@ namespace CAPSNET_CPU_VARIANT {
 
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
 #elif defined(__AVX__)
 constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kVectorBytes = 16;
+constexpr int kVectorRegisters = 32;
 #else
 constexpr int kVectorBytes = 16;
+constexpr int kVectorRegisters = 16;
 #endif
 
 template <typename T>
@@ -45,7 +57,9 @@ struct Vec {
   Raw raw;
 
   Vec() = default;
-  C10_ALWAYS_INLINE Vec(T x) : raw(Raw{} + x) {}  // every lane x  // NOLINT(google-explicit-constructor)
+  // Every lane x: x - 0 is x for every x (also -0 and NaN), so the compiler folds the
+  // subtraction and emits one broadcast (x + 0 would not fold: -0 + 0 is +0).
+  C10_ALWAYS_INLINE Vec(T x) : raw(x - Raw{}) {}  // NOLINT(google-explicit-constructor)
   static C10_ALWAYS_INLINE Vec of(Raw r) {
     Vec v;
     v.raw = r;
@@ -69,11 +83,42 @@ struct Vec {
   C10_ALWAYS_INLINE Vec& operator*=(Vec b) { return *this = *this * b; }
 };
 
-// a * b + c. Compiled with -ffp-contract=fast, a fused multiply-add where the instruction
-// set has one; either way the same instructions at every call, so results are reproducible.
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> fma(Vec<T> a, Vec<T> b, Vec<T> c) {
+// a * b + c, rounded once where the instruction set has a fused multiply-add (else a
+// multiply and an add). Explicit, never left to the compiler (the kernels are compiled
+// with -ffp-contract=off): an expression written the same way gives the same bits in
+// every function, which is how the backward recomputes the forward's couplings exactly.
+C10_ALWAYS_INLINE Vec<float> fma(Vec<float> a, Vec<float> b, Vec<float> c) {
+  using Raw = Vec<float>::Raw;
+#if defined(__AVX512F__)
+  return Vec<float>::of(reinterpret_cast<Raw>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a.raw), reinterpret_cast<__m512>(b.raw), reinterpret_cast<__m512>(c.raw))));
+#elif defined(__FMA__)
+  return Vec<float>::of(reinterpret_cast<Raw>(_mm256_fmadd_ps(
+      reinterpret_cast<__m256>(a.raw), reinterpret_cast<__m256>(b.raw), reinterpret_cast<__m256>(c.raw))));
+#elif defined(__aarch64__)
+  return Vec<float>::of(reinterpret_cast<Raw>(vfmaq_f32(
+      reinterpret_cast<float32x4_t>(c.raw), reinterpret_cast<float32x4_t>(a.raw),
+      reinterpret_cast<float32x4_t>(b.raw))));
+#else
   return a * b + c;
+#endif
+}
+
+C10_ALWAYS_INLINE Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
+  using Raw = Vec<double>::Raw;
+#if defined(__AVX512F__)
+  return Vec<double>::of(reinterpret_cast<Raw>(_mm512_fmadd_pd(
+      reinterpret_cast<__m512d>(a.raw), reinterpret_cast<__m512d>(b.raw), reinterpret_cast<__m512d>(c.raw))));
+#elif defined(__FMA__)
+  return Vec<double>::of(reinterpret_cast<Raw>(_mm256_fmadd_pd(
+      reinterpret_cast<__m256d>(a.raw), reinterpret_cast<__m256d>(b.raw), reinterpret_cast<__m256d>(c.raw))));
+#elif defined(__aarch64__)
+  return Vec<double>::of(reinterpret_cast<Raw>(vfmaq_f64(
+      reinterpret_cast<float64x2_t>(c.raw), reinterpret_cast<float64x2_t>(a.raw),
+      reinterpret_cast<float64x2_t>(b.raw))));
+#else
+  return a * b + c;
+#endif
 }
 
 // Lane-wise maximum; a NaN in `a` is kept (comparisons with NaN are false).

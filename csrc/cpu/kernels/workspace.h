@@ -5,8 +5,26 @@
 #include <cstdint>
 
 #include "cpu/kernel_interface.h"
+#include "cpu/kernels/memory.h"
 #include "cpu/kernels/predictions.h"
 #include "cpu/kernels/vec.h"
+
+namespace capsnet {
+namespace cpu {
+namespace CAPSNET_CPU_VARIANT {
+// Backward phase 2 (backward_block.h): samples per update of grad W, rows of grad u_hat
+// per step.
+#ifndef CAPSNET_GRAD_SAMPLES
+#define CAPSNET_GRAD_SAMPLES 8
+#endif
+constexpr int64_t kGradSamples = CAPSNET_GRAD_SAMPLES;
+#ifndef CAPSNET_ROW_CHUNK
+#define CAPSNET_ROW_CHUNK 16
+#endif
+constexpr int64_t kRowChunk = CAPSNET_ROW_CHUNK;
+}  // namespace CAPSNET_CPU_VARIANT
+}  // namespace cpu
+}  // namespace capsnet
 
 namespace capsnet {
 namespace cpu {
@@ -36,6 +54,9 @@ template <typename T>
 struct SampleWorkspace {
   int64_t u_hat_per_sample;  // [blocks, N_out*D_out, L]
   T* u_hat;                  // [kSamplesPerTask, u_hat_per_sample]
+  T* u_gathered;             // [kSamplesPerTask, D_in, L]: one block of the task's inputs
+  T* first_couplings;        // [blocks, N_out, L]: c_0 when there is a prior
+  T* first_lane_sums;        // [kSamplesPerTask, N_out*D_out, kLanes]: the first iteration's
   T* lane_sums;              // [N_out*D_out, kLanes]: sums over blocks, one per lane
   T* couplings;              // [N_out, L] of one block
   T* grad_couplings;         // [N_out, L] of one block
@@ -50,9 +71,14 @@ struct SampleWorkspace {
   SampleWorkspace(T* base, const RoutingShape& shape) {
     constexpr int64_t kBlock = capsule_block<T>();
     const int64_t out_size = shape.out_size();
-    u_hat_per_sample = num_capsule_blocks(shape.num_in, kBlock) * out_size * kBlock;
+    // Padded by 17 cache lines so that the samples' predictions do not start a multiple of
+    // 4 KB apart (which would put the streams of the samples of a task in the same L1 sets).
+    u_hat_per_sample = num_capsule_blocks(shape.num_in, kBlock) * out_size * kBlock + 17 * 64 / int64_t(sizeof(T));
     Carver<T> carve(base);
     u_hat = carve.take(kSamplesPerTask * u_hat_per_sample);
+    u_gathered = carve.take(kSamplesPerTask * shape.dim_in * kBlock);
+    first_couplings = carve.take(num_capsule_blocks(shape.num_in, kBlock) * shape.num_out * kBlock);
+    first_lane_sums = carve.take(kSamplesPerTask * out_size * kLanes<T>);
     lane_sums = carve.take(out_size * kLanes<T>);
     couplings = carve.take(shape.num_out * kBlock);
     grad_couplings = carve.take(shape.num_out * kBlock);
@@ -70,8 +96,8 @@ struct SampleWorkspace {
 template <typename T>
 struct BlockWorkspace {
   T* grad_W;      // [N_out*D_out, D_in, L]: the block's grad W summed over the chunk
-  T* grad_u_hat;  // [N_out*D_out, L] of one sample
-  T* grad_u;      // [D_in, L] of one sample
+  T* grad_u_hat;  // [kGradSamples, kRowChunk, L]: a chunk of rows
+  T* grad_u;      // [kGradSamples, D_in, L]
   T* grad_prior;  // [N_out, L]
   int64_t size;
 
@@ -79,32 +105,12 @@ struct BlockWorkspace {
     constexpr int64_t kBlock = capsule_block<T>();
     Carver<T> carve(base);
     grad_W = carve.take(shape.out_size() * shape.dim_in * kBlock);
-    grad_u_hat = carve.take(shape.out_size() * kBlock);
-    grad_u = carve.take(shape.dim_in * kBlock);
+    grad_u_hat = carve.take(kGradSamples * kRowChunk * kBlock);
+    grad_u = carve.take(kGradSamples * shape.dim_in * kBlock);
     grad_prior = carve.take(shape.num_out * kBlock);
     size = carve.used();
   }
 };
-
-// Loops instead of std::fill_n / std::copy_n: nothing from a library template is
-// instantiated in the kernel objects (see variant.h).
-template <typename T>
-C10_ALWAYS_INLINE void fill(T* x, int64_t n, T value) {
-  for (int64_t k = 0; k < n; ++k) {
-    x[k] = value;
-  }
-}
-
-template <typename T>
-C10_ALWAYS_INLINE void copy(const T* from, int64_t n, T* to) {
-  for (int64_t k = 0; k < n; ++k) {
-    to[k] = from[k];
-  }
-}
-
-C10_ALWAYS_INLINE int64_t min_of(int64_t a, int64_t b) {
-  return a < b ? a : b;
-}
 
 }  // namespace CAPSNET_CPU_VARIANT
 }  // namespace cpu

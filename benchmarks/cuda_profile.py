@@ -1,0 +1,135 @@
+"""Per-kernel GPU times of the fused routing (torch.profiler) beside the static model's estimates.
+
+    python -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out benchmarks/results/gpu-check
+    python -m benchmarks.cuda_profile --dry-run      # no GPU: the model's side only, to check the script
+
+For each batch size: a CapsNet-shape float32 forward+backward (r = 3), warmed up, then
+``--steps`` steps under torch.profiler; each CUDA kernel's device time per step, grouped as
+benchmarks/cuda_model.py groups them (``forward_partial_sums_kernel<first>``, ...), beside the
+model's estimate for the architecture of the device (sm_90 without a GPU) and the ratio.
+Writes ``cuda-kernels.md`` and ``.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from benchmarks import cuda_model
+
+CAPSNET = cuda_model.CAPSNET_SHAPE
+
+
+def model_key(kernel_name: str) -> str | None:
+    """'void capsnet::cuda::forward_partial_sums_kernel<float, capsnet::cuda::CapsNetTile, true>(...)'
+    -> 'forward_partial_sums_kernel<first>', as cuda_model names its rows; None for other kernels."""
+    m = re.search(r"capsnet::cuda::(\w+_kernel)<([^()]*)>", kernel_name)
+    if not m:
+        return None
+    name, arguments = m.groups()
+    if name == "forward_partial_sums_kernel" and re.search(r"\btrue\b|\(bool\)1", arguments):
+        return name + "<first>"
+    for value, label in (("0", "kLogitGrads"), ("1", "kPriorGrads"), ("2", "kCouplingsOnly")):
+        if name == "backward_partial_sums_kernel" and (label in arguments or f"SweepPass)" + value in arguments):
+            return f"{name}<{label}>"
+    return name
+
+
+def measure(batch: int, steps: int) -> dict[str, float]:
+    """Microseconds per forward+backward step, per kernel (model keys)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from capsnet import dynamic_routing
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(batch, CAPSNET["num_in"], CAPSNET["dim_in"], generator=gen).cuda().requires_grad_()
+    W = (0.05 * torch.randn(CAPSNET["num_in"], CAPSNET["num_out"], CAPSNET["dim_out"], CAPSNET["dim_in"], generator=gen)).cuda().requires_grad_()
+    grad_v = torch.randn(batch, CAPSNET["num_out"], CAPSNET["dim_out"], generator=gen).cuda()
+
+    def step():
+        v = dynamic_routing(u, W, None, 3, backend="fused")
+        torch.autograd.grad(v, (u, W), grad_v)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        key = model_key(event.key)
+        if key is not None:
+            device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+            times[key] = times.get(key, 0.0) + device_us / steps
+    return times
+
+
+def device_arch() -> str:
+    if not torch.cuda.is_available():
+        return "sm_90"
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    return arch if arch in cuda_model.GPUS else "sm_90"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 1024])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: the model's estimates only")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("cuda_profile: no CUDA GPU is visible (use --dry-run to check the script without one)")
+    arch = device_arch()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
+    lines = [
+        f"Per-kernel times of one CapsNet-shape float32 forward+backward (r = 3) on {device}, "
+        f"beside benchmarks/cuda_model.py's estimates for {arch}.",
+        "",
+        "| B | kernel | measured us | model us | measured / model |",
+        "|---|---|---|---|---|",
+    ]
+    records = []
+    for batch in args.batch_sizes:
+        model_args = argparse.Namespace(arch=arch, batch=batch, dtype="float32", iterations=3, detach_routing=False)
+        forward, backward, _, _ = cuda_model.estimate(model_args)
+        estimates = {row.kernel: row.microseconds for row in forward + backward}
+        measured = {} if args.dry_run else measure(batch, args.steps)
+        for kernel in list(estimates) + [k for k in measured if k not in estimates]:
+            m, e = measured.get(kernel), estimates.get(kernel)
+            ratio = f"{m / e:.2f}" if m is not None and e else "n/a"
+            lines.append(
+                f"| {batch} | {kernel} | {'n/a' if m is None else f'{m:.1f}'} | {'n/a' if e is None else f'{e:.1f}'} | {ratio} |"
+            )
+            records.append(dict(batch=batch, kernel=kernel, measured_us=m, model_us=e))
+        total_m = sum(measured.values()) if measured else None
+        total_e = sum(estimates.values())
+        lines.append(
+            f"| {batch} | **total** | {'n/a' if total_m is None else f'{total_m:.1f}'} | {total_e:.1f} | "
+            f"{f'{total_m / total_e:.2f}' if total_m else 'n/a'} |"
+        )
+        print(f"B={batch}: model {total_e:.1f} us" + ("" if total_m is None else f", measured {total_m:.1f} us"), flush=True)
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cuda-kernels.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "cuda-kernels.json"), "w") as f:
+        json.dump(dict(device=device, arch=arch, dry_run=args.dry_run, rows=records), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# make gpu-check: everything a GPU can tell about the CUDA kernels, in one command, offline.
+#
+# For someone with a GPU for half an hour and no network: uses the Python that already has
+# torch (no venv, no downloads), builds the extension in place, runs the CUDA tests with
+# CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024}, the
+# per-kernel profile beside the static model's estimates, and a short MNIST training on the
+# full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
+#
+#   PYTHON         the interpreter with torch (default: python3)
+#   DATA_DIR       MNIST in torchvision's layout (DATA_DIR/MNIST/raw; default ../shared/data)
+#   EPOCHS         training epochs (default 2)
+#   DRY_RUN=1      no GPU needed: print every command, run the parts that need no GPU
+#                  (the static model's side of the profile), skip the rest
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+DATA_DIR=${DATA_DIR:-../shared/data}
+EPOCHS=${EPOCHS:-2}
+DRY_RUN=${DRY_RUN:-0}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+gpu_name() {
+  if [ "$DRY_RUN" = 1 ]; then echo "dry-run"; return; fi
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
+}
+SLUG=$(gpu_name | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+OUT=benchmarks/results/gpu-check-${SLUG:-unknown}
+mkdir -p "$OUT"
+STATUS=0
+
+# step NAME COMMAND...: runs (or, dry, prints) one step, timed, its output in $OUT/NAME.log.
+step() {
+  local name=$1; shift
+  echo "== $name: $*"
+  if [ "$DRY_RUN" = 1 ] && [ "${NEEDS_GPU:-1}" = 1 ]; then
+    echo "   (dry run: skipped, needs the GPU)"
+    return 0
+  fi
+  local start=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local seconds=$(( $(date +%s) - start ))
+  echo "   exit $rc after ${seconds}s (log: $OUT/$name.log)"
+  echo "| $name | $rc | $seconds |" >> "$OUT/steps.md"
+  tail -5 "$OUT/$name.log" | sed 's/^/   | /'
+  [ $rc -eq 0 ] || STATUS=1
+}
+
+echo "| step | exit | seconds |" > "$OUT/steps.md"
+echo "|---|---|---|" >> "$OUT/steps.md"
+
+NEEDS_GPU=1 step environment bash -c "
+  nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
+  $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'
+  $CUDA_HOME/bin/nvcc --version | tail -2"
+
+NEEDS_GPU=1 step build env CAPSNET_FORCE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+
+NEEDS_GPU=1 step tests env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m pytest tests -m needs_cuda -q -p no:cacheprovider \
+  --junitxml="$OUT/tests-junit.xml"
+
+NEEDS_GPU=1 step benchmark "$PYTHON" -m benchmarks.bench_routing --device cuda --batch-sizes 32 128 512 1024 \
+  --name "gpu-check-${SLUG}/benchmark"
+
+NEEDS_GPU=0 step kernels "$PYTHON" -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out "$OUT" \
+  $([ "$DRY_RUN" = 1 ] && echo --dry-run)
+
+NEEDS_GPU=1 step training "$PYTHON" train_mnist.py --data-dir "$DATA_DIR" --out-dir "$OUT/training" \
+  --epochs "$EPOCHS" --device cuda --no-progress --overwrite
+
+echo
+cat "$OUT/steps.md"
+echo "results in $OUT (commit them)"
+exit $STATUS
