@@ -48,7 +48,9 @@ struct ForwardProblem {
 // Backward runs in two phases over chunks of samples (see routing_cpu.cpp). Phase 1 (per
 // sample) writes what phase 2 (per block of input capsules) needs to rebuild the gradient
 // of u_hat:  grad u_hat[j|i] = constant[j] + sum_k plane_k[i, j] * vector_k[j]  (vectors
-// over D_out), a short sum of per-(i, j) coefficients times per-j vectors.
+// over D_out), a short sum of per-(i, j) coefficients times per-j vectors. The vectors are
+// stored interleaved, [N_out*D_out, terms + 1] (the constant last), so that phase 2 finds
+// all of a row's values together.
 struct BackwardTerms {
   int64_t terms;     // coefficient planes that multiply a vector
   bool prior_plane;  // one more plane: the sample's gradient of the logit prior
@@ -86,7 +88,7 @@ struct BackwardProblem {
   // sequential sweep.
   int64_t chunk_samples;
   T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]
-  T* vectors;  // [chunk, terms.vectors(), N_out*D_out]
+  T* vectors;  // [chunk, N_out*D_out, terms.vectors()]
   T* grad_s_sum;  // [B, N_out*D_out]: sum over iterations of grad s (the bias gradient per sample)
   // Phase 2's outputs, natural layouts; the first chunk writes them, later chunks add.
   T* grad_u;               // [B, N_in, D_in]

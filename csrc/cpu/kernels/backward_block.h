@@ -27,8 +27,9 @@ constexpr int64_t kGradWColumns = 4;
 
 // G[s][k - k0, :] = constant_s[k] + sum_t plane_t[j, :] vector_t[k], j = k / D_out, rows
 // [k0, k1), for the samples of a tile: grad u_hat rebuilt from phase 1's terms.
-// G [samples, kRowChunk, L]. kTerms: the number of terms as a compile-time constant (the
-// loop over them unrolled, its broadcasts shared by the block's vectors), or -1 for any.
+// G [samples, kRowChunk, L]; vectors[s] [N_out*D_out, terms + 1]. kTerms: the number of
+// terms as a compile-time constant (the loops over them unrolled, a row's broadcasts shared
+// by the block's vectors), or -1 for any.
 template <typename T, int kTerms>
 C10_ALWAYS_INLINE void rebuild_grad_u_hat(
     int64_t count, int64_t k0, int64_t k1, const T* const* planes, const T* const* vectors, int64_t terms, T* G,
@@ -37,44 +38,49 @@ C10_ALWAYS_INLINE void rebuild_grad_u_hat(
   constexpr int64_t kL = kLanes<T>;
   constexpr int64_t kNV = kBlockVectors<T>;
   constexpr int64_t kBlock = capsule_block<T>();
-  const int64_t out_size = shape.out_size();
+  constexpr int64_t kMaxTerms = kTerms > 0 ? kTerms : 1;
   const int64_t plane_size = shape.num_out * kBlock;
+  const int64_t stride = terms + 1;  // of the interleaved vectors
   for (int64_t s = 0; s < count; ++s) {
-    const T* constant = vectors[s] + terms * out_size;
-    T* G_s = G + s * kRowChunk * kBlock;
-    int64_t j = k0 / shape.dim_out;
-    int64_t d = k0 - j * shape.dim_out;
-    for (int64_t k = k0; k < k1; ++k) {
-      const T* coefficient = planes[s] + j * kBlock;
-      T* out = G_s + (k - k0) * kBlock;
+    T* out = G + s * kRowChunk * kBlock;
+    for (int64_t j = k0 / shape.dim_out; j * shape.dim_out < k1; ++j) {
+      const int64_t row_begin = j * shape.dim_out > k0 ? j * shape.dim_out : k0;
+      const int64_t row_end = min_of((j + 1) * shape.dim_out, k1);
       if constexpr (kTerms >= 0) {
-        Vt x[kTerms > 0 ? kTerms : 1];
+        const T* coefficient[kMaxTerms];
 #pragma GCC unroll 16
         for (int64_t term = 0; term < kTerms; ++term) {
-          x[term] = Vt(vectors[s][term * out_size + k]);
+          coefficient[term] = planes[s] + term * plane_size + j * kBlock;
         }
-        const Vt c(constant[k]);
-#pragma GCC unroll 16
-        for (int64_t q = 0; q < kNV; ++q) {
-          Vt acc = c;
+        for (int64_t k = row_begin; k < row_end; ++k) {
+          const T* row = vectors[s] + k * (kTerms + 1);
+          Vt x[kMaxTerms];
 #pragma GCC unroll 16
           for (int64_t term = 0; term < kTerms; ++term) {
-            acc = fma(Vt::load(coefficient + term * plane_size + q * kL), x[term], acc);
+            x[term] = Vt(row[term]);
           }
-          acc.store(out + q * kL);
+          const Vt c(row[kTerms]);
+#pragma GCC unroll 16
+          for (int64_t q = 0; q < kNV; ++q) {
+            Vt acc = c;
+#pragma GCC unroll 16
+            for (int64_t term = 0; term < kTerms; ++term) {
+              acc = fma(Vt::load(coefficient[term] + q * kL), x[term], acc);
+            }
+            acc.store(out + (k - k0) * kBlock + q * kL);
+          }
         }
       } else {
-        for (int64_t q = 0; q < kNV; ++q) {
-          Vt acc(constant[k]);
-          for (int64_t term = 0; term < terms; ++term) {
-            acc = fma(Vt::load(coefficient + term * plane_size + q * kL), Vt(vectors[s][term * out_size + k]), acc);
+        for (int64_t k = row_begin; k < row_end; ++k) {
+          const T* row = vectors[s] + k * stride;
+          for (int64_t q = 0; q < kNV; ++q) {
+            Vt acc(row[terms]);
+            for (int64_t term = 0; term < terms; ++term) {
+              acc = fma(Vt::load(planes[s] + term * plane_size + j * kBlock + q * kL), Vt(row[term]), acc);
+            }
+            acc.store(out + (k - k0) * kBlock + q * kL);
           }
-          acc.store(out + q * kL);
         }
-      }
-      if (++d == shape.dim_out) {
-        d = 0;
-        ++j;
       }
     }
   }
@@ -125,11 +131,11 @@ C10_ALWAYS_INLINE void grad_u_tile(
     Vt g[kS];
 #pragma GCC unroll 16
     for (int64_t s = 0; s < kS; ++s) {
-      g[s] = Vt::load(G_q + ((s0 + s) * kRowChunk + k) * kBlock);
+      g[s] = in_register(Vt::load(G_q + ((s0 + s) * kRowChunk + k) * kBlock));
     }
 #pragma GCC unroll 16
     for (int64_t e = 0; e < kE; ++e) {
-      const Vt w = Vt::load(W_q + (k * dim_in + e0 + e) * kBlock);
+      const Vt w = in_register(Vt::load(W_q + (k * dim_in + e0 + e) * kBlock));
 #pragma GCC unroll 16
       for (int64_t s = 0; s < kS; ++s) {
         acc[s][e] = fma(w, g[s], acc[s][e]);
@@ -166,11 +172,11 @@ C10_ALWAYS_INLINE void grad_W_tile(
     Vt x[kE];
 #pragma GCC unroll 16
     for (int64_t e = 0; e < kE; ++e) {
-      x[e] = Vt::load(u_q + s * u_stride + (e0 + e) * kBlock);
+      x[e] = in_register(Vt::load(u_q + s * u_stride + (e0 + e) * kBlock));
     }
 #pragma GCC unroll 16
     for (int64_t k = 0; k < kK; ++k) {
-      const Vt g = Vt::load(G_q + (s * kRowChunk + k0 + k) * kBlock);
+      const Vt g = in_register(Vt::load(G_q + (s * kRowChunk + k0 + k) * kBlock));
 #pragma GCC unroll 16
       for (int64_t e = 0; e < kE; ++e) {
         acc[k][e] = fma(x[e], g, acc[k][e]);

@@ -77,11 +77,11 @@ C10_ALWAYS_INLINE void predict_rows(
     Vt x[kCount];
 #pragma GCC unroll 16
     for (int n = 0; n < kCount; ++n) {
-      x[n] = Vt::load(u[n] + e * kBlock);
+      x[n] = in_register(Vt::load(u[n] + e * kBlock));
     }
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kRows; ++r) {
-      const Vt w = Vt::load(W_k + (r * dim_in + e) * kBlock);
+      const Vt w = in_register(Vt::load(W_k + (r * dim_in + e) * kBlock));
 #pragma GCC unroll 16
       for (int n = 0; n < kCount; ++n) {
         acc[n][r] = fma(w, x[n], acc[n][r]);

@@ -121,6 +121,20 @@ C10_ALWAYS_INLINE Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
 #endif
 }
 
+// Loads x into a register for good: the compiler may no longer fold the load into each
+// instruction that uses x (it treats a memory operand as free, so a vector used by four
+// multiply-adds would be loaded four times, and the loads, not the multiply-adds, would
+// bound the register-tiled loops).
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> in_register(Vec<T> x) {
+#if defined(__x86_64__)
+  asm("" : "+v"(x.raw));
+#elif defined(__aarch64__)
+  asm("" : "+w"(x.raw));
+#endif
+  return x;
+}
+
 // Lane-wise maximum; a NaN in `a` is kept (comparisons with NaN are false).
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> max(Vec<T> a, Vec<T> b) {
