@@ -101,8 +101,8 @@ struct BackwardProblem {
 template <typename T>
 struct RoutingKernels {
   // Samples handled by one task of the forward and of backward phase 1 (they share one
-  // sweep over W for their predictions).
-  int64_t samples_per_task;
+  // sweep over W for their predictions); a function of the shape alone.
+  int64_t (*samples_per_task)(const RoutingShape& shape);
   int64_t (*sample_workspace_size)(const RoutingShape& shape);
   // Forward of samples [begin, end).
   void (*forward)(const ForwardProblem<T>& problem, int64_t begin, int64_t end, T* workspace);

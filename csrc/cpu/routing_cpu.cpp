@@ -38,7 +38,7 @@ namespace cpu {
 namespace {
 
 // Upper bound of the backward's per-chunk coefficient planes.
-constexpr int64_t kChunkBudgetBytes = int64_t(128) << 20;
+constexpr int64_t kChunkBudgetBytes = int64_t(256) << 20;
 
 template <typename T>
 const RoutingKernels<T>& kernels_of(const KernelVariant& variant);
@@ -87,7 +87,7 @@ void run_forward(
       s_saved.mutable_data_ptr<T>(),
       couplings.defined() ? couplings.mutable_data_ptr<T>() : nullptr,
   };
-  const int64_t per_task = kernels.samples_per_task;
+  const int64_t per_task = kernels.samples_per_task(shape);
   const int64_t tasks = (shape.batch + per_task - 1) / per_task;
   parallel_tasks<T>(tasks, kernels.sample_workspace_size(shape), [&](int64_t task, T* workspace) {
     const int64_t begin = task * per_task;
@@ -168,7 +168,7 @@ void run_backward(
       grad_W.mutable_data_ptr<T>(),
       grad_prior_blocked.defined() ? grad_prior_blocked.mutable_data_ptr<T>() : nullptr,
   };
-  const int64_t per_task = kernels.samples_per_task;
+  const int64_t per_task = kernels.samples_per_task(shape);
   const int64_t sample_workspace = kernels.sample_workspace_size(shape);
   const int64_t block_workspace = kernels.block_workspace_size(shape);
   for (int64_t chunk_begin = 0; chunk_begin < shape.batch; chunk_begin += chunk) {

@@ -15,11 +15,22 @@ namespace cpu {
 namespace CAPSNET_CPU_VARIANT {
 
 // Samples whose predictions share one sweep over W (5.9 MB for CapsNet): each vector of W
-// loaded is used for all of them.
-#ifndef CAPSNET_SAMPLES_PER_TASK
-#define CAPSNET_SAMPLES_PER_TASK 4
-#endif
-constexpr int64_t kSamplesPerTask = CAPSNET_SAMPLES_PER_TASK;
+// loaded is used for all of them. Four: fewer sweep W too often, more leave too few
+// registers for the tile below (measured on AVX2 and AVX-512).
+constexpr int64_t kSamplesPerTask = 4;
+// But no more than fit this much memory with their predictions (a task holds them all): a
+// shape such as 3872 x 196 capsules has 48 MB of predictions per sample.
+constexpr int64_t kTaskPredictionBytes = int64_t(64) << 20;
+
+// Samples per task for a shape: a function of the shape alone, and the predictions of a
+// sample do not depend on it (each is the same chain of multiply-adds in any tile).
+template <typename T>
+int64_t samples_per_task(const RoutingShape& shape) {
+  const int64_t per_sample =
+      num_capsule_blocks(shape.num_in, capsule_block<T>()) * shape.out_size() * capsule_block<T>() * int64_t(sizeof(T));
+  const int64_t fitting = kTaskPredictionBytes / per_sample;
+  return fitting < 1 ? 1 : (fitting > kSamplesPerTask ? kSamplesPerTask : fitting);
+}
 
 // Rows k of u_hat computed at once per sample: kSamplesPerTask * kPredictionRows
 // accumulators, and kSamplesPerTask vectors of u, live in registers.

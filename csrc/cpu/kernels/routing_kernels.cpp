@@ -63,7 +63,7 @@ int64_t block_workspace_size(const RoutingShape& shape) {
 
 template <typename T>
 constexpr RoutingKernels<T> kernels_for() {
-  return {kSamplesPerTask, &sample_workspace_size<T>, &forward_any<T>, &backward_samples_any<T>,
+  return {&samples_per_task<T>, &sample_workspace_size<T>, &forward_any<T>, &backward_samples_any<T>,
           &block_workspace_size<T>, &backward_block_any<T>};
 }
 
