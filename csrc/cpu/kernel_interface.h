@@ -64,12 +64,8 @@ struct BackwardTerms {
 // Terms, in the order phase 1 writes them: for t = r-1 .. 1 the pair (c_t, grad_s_t),
 // (Gb_t, v_{t-1}); then (c_0, grad_s_0) when there is a prior. Without a prior c_0 is the
 // uniform coupling, a constant: its term is the constant vector. The prior plane is Gb_0.
-// detach_routing: the single term (c_{r-1}, grad_s_{r-1}), or the constant when r = 1 and
-// there is no prior.
-inline BackwardTerms backward_terms(const RoutingShape& shape, const RoutingOptions& options, bool has_prior) {
-  if (options.detach_routing) {
-    return {(shape.iterations > 1 || has_prior) ? 1 : 0, false};
-  }
+// (detach_routing takes its own path, see RoutingKernels::detached_block.)
+inline BackwardTerms backward_terms(const RoutingShape& shape, bool has_prior) {
   return {2 * (shape.iterations - 1) + (has_prior ? 1 : 0), has_prior};
 }
 
@@ -87,8 +83,8 @@ struct BackwardProblem {
   // Block-major, so that phase 2 reads one block's planes of all the chunk's samples in one
   // sequential sweep.
   int64_t chunk_samples;
-  T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]
-  T* vectors;  // [chunk, N_out*D_out, terms.vectors()]
+  T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]; unused by detach_routing
+  T* vectors;  // [chunk, N_out*D_out, terms.vectors()]; detach_routing: [B, 2, N_out*D_out]
   T* grad_s_sum;  // [B, N_out*D_out]: sum over iterations of grad s (the bias gradient per sample)
   // Phase 2's outputs, natural layouts; the first chunk writes them, later chunks add.
   T* grad_u;               // [B, N_in, D_in]
@@ -114,6 +110,11 @@ struct RoutingKernels {
   void (*backward_block)(
       const BackwardProblem<T>& problem, int64_t block, int64_t begin, int64_t end, bool first_chunk,
       T* workspace);
+  // detach_routing, in one chunk: the per-sample vectors of samples [begin, end) (a workspace
+  // of N_out*D_out elements), then everything else per block of input capsules.
+  void (*detached_samples)(const BackwardProblem<T>& problem, int64_t begin, int64_t end, T* workspace);
+  int64_t (*detached_block_workspace_size)(const RoutingShape& shape);
+  void (*detached_block)(const BackwardProblem<T>& problem, int64_t block, T* workspace);
 };
 
 struct KernelVariant {

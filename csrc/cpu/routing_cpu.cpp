@@ -134,40 +134,53 @@ int64_t backward_chunk_samples(
   return std::max<int64_t>(1, std::min(shape.batch, kChunkBudgetBytes / per_sample));
 }
 
+// The layouts and pointers of a backward call; the phases fill in the rest.
 template <typename T>
-void run_backward(
-    const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& grad_v, const at::Tensor& u,
-    const at::Tensor& W, const at::Tensor& prior, const at::Tensor& s_saved, at::Tensor& grad_u,
-    at::Tensor& grad_W, at::Tensor& grad_bias, at::Tensor& grad_prior_blocked) {
-  const RoutingKernels<T>& kernels = kernels_of<T>(chosen_kernel_variant());
+struct BackwardInputs {
+  at::Tensor u_blocked, W_blocked, prior_blocked;
+  BackwardProblem<T> problem;
+
+  BackwardInputs(
+      const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& grad_v, const at::Tensor& u,
+      const at::Tensor& W, const at::Tensor& prior, const at::Tensor& s_saved, at::Tensor& grad_u,
+      at::Tensor& grad_W, at::Tensor& grad_prior_blocked) {
+    constexpr int64_t kBlock = capsule_block<T>();
+    u_blocked = block_inputs(u, kBlock);
+    W_blocked = block_weights(W, kBlock);
+    prior_blocked = prior.defined() ? block_prior(prior, kBlock) : at::Tensor();
+    problem = BackwardProblem<T>{
+        shape,
+        options,
+        backward_terms(shape, prior.defined()),
+        u_blocked.const_data_ptr<T>(),
+        W_blocked.const_data_ptr<T>(),
+        prior_blocked.defined() ? prior_blocked.const_data_ptr<T>() : nullptr,
+        s_saved.const_data_ptr<T>(),
+        grad_v.const_data_ptr<T>(),
+        0,
+        nullptr,
+        nullptr,
+        nullptr,
+        grad_u.mutable_data_ptr<T>(),
+        grad_W.mutable_data_ptr<T>(),
+        grad_prior_blocked.defined() ? grad_prior_blocked.mutable_data_ptr<T>() : nullptr,
+    };
+  }
+};
+
+// The full backward: two phases per chunk of samples.
+template <typename T>
+void run_backward_phases(const RoutingKernels<T>& kernels, BackwardProblem<T>& problem, const at::TensorOptions& scratch) {
+  const RoutingShape& shape = problem.shape;
   constexpr int64_t kBlock = capsule_block<T>();
   const int64_t blocks = num_capsule_blocks(shape.num_in, kBlock);
-  const BackwardTerms terms = backward_terms(shape, options, prior.defined());
+  const BackwardTerms& terms = problem.terms;
   const int64_t chunk = backward_chunk_samples(shape, terms, kBlock, sizeof(T));
-  const at::Tensor u_blocked = block_inputs(u, kBlock);
-  const at::Tensor W_blocked = block_weights(W, kBlock);
-  const at::Tensor prior_blocked = prior.defined() ? block_prior(prior, kBlock) : at::Tensor();
-  const at::TensorOptions scratch = u.options();
   at::Tensor planes = at::empty({chunk * blocks * terms.planes() * shape.num_out * kBlock}, scratch);
   at::Tensor vectors = at::empty({chunk * terms.vectors() * shape.out_size()}, scratch);
-  at::Tensor grad_s_sum = at::empty({shape.batch, shape.out_size()}, scratch);
-  BackwardProblem<T> problem{
-      shape,
-      options,
-      terms,
-      u_blocked.const_data_ptr<T>(),
-      W_blocked.const_data_ptr<T>(),
-      prior_blocked.defined() ? prior_blocked.const_data_ptr<T>() : nullptr,
-      s_saved.const_data_ptr<T>(),
-      grad_v.const_data_ptr<T>(),
-      chunk,
-      planes.mutable_data_ptr<T>(),
-      vectors.mutable_data_ptr<T>(),
-      grad_s_sum.mutable_data_ptr<T>(),
-      grad_u.mutable_data_ptr<T>(),
-      grad_W.mutable_data_ptr<T>(),
-      grad_prior_blocked.defined() ? grad_prior_blocked.mutable_data_ptr<T>() : nullptr,
-  };
+  problem.chunk_samples = chunk;
+  problem.planes = planes.mutable_data_ptr<T>();
+  problem.vectors = vectors.mutable_data_ptr<T>();
   const int64_t per_task = kernels.samples_per_task(shape);
   const int64_t sample_workspace = kernels.sample_workspace_size(shape);
   const int64_t block_workspace = kernels.block_workspace_size(shape);
@@ -181,6 +194,40 @@ void run_backward(
     parallel_tasks<T>(blocks, block_workspace, [&](int64_t block, T* workspace) {
       kernels.backward_block(problem, block, chunk_begin, chunk_end, chunk_begin == 0, workspace);
     });
+  }
+}
+
+// detach_routing: two vectors per sample, then one pass per block over the whole batch.
+template <typename T>
+void run_backward_detached(const RoutingKernels<T>& kernels, BackwardProblem<T>& problem, const at::TensorOptions& scratch) {
+  const RoutingShape& shape = problem.shape;
+  constexpr int64_t kVectorSamplesPerTask = 16;
+  at::Tensor vectors = at::empty({shape.batch * 2 * shape.out_size()}, scratch);
+  problem.chunk_samples = shape.batch;
+  problem.vectors = vectors.mutable_data_ptr<T>();
+  parallel_tasks<T>((shape.batch + kVectorSamplesPerTask - 1) / kVectorSamplesPerTask, shape.out_size(), [&](int64_t task, T* workspace) {
+    const int64_t begin = task * kVectorSamplesPerTask;
+    kernels.detached_samples(problem, begin, std::min(begin + kVectorSamplesPerTask, shape.batch), workspace);
+  });
+  parallel_tasks<T>(
+      num_capsule_blocks(shape.num_in, capsule_block<T>()), kernels.detached_block_workspace_size(shape),
+      [&](int64_t block, T* workspace) { kernels.detached_block(problem, block, workspace); });
+}
+
+template <typename T>
+void run_backward(
+    const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& grad_v, const at::Tensor& u,
+    const at::Tensor& W, const at::Tensor& prior, const at::Tensor& s_saved, at::Tensor& grad_u,
+    at::Tensor& grad_W, at::Tensor& grad_bias, at::Tensor& grad_prior_blocked) {
+  const RoutingKernels<T>& kernels = kernels_of<T>(chosen_kernel_variant());
+  BackwardInputs<T> inputs(shape, options, grad_v, u, W, prior, s_saved, grad_u, grad_W, grad_prior_blocked);
+  BackwardProblem<T>& problem = inputs.problem;
+  at::Tensor grad_s_sum = at::empty({shape.batch, shape.out_size()}, u.options());
+  problem.grad_s_sum = grad_s_sum.mutable_data_ptr<T>();
+  if (options.detach_routing) {
+    run_backward_detached(kernels, problem, u.options());
+  } else {
+    run_backward_phases(kernels, problem, u.options());
   }
   // grad bias = sum over samples of their sum over iterations of grad s, samples in order.
   const T* per_sample = grad_s_sum.const_data_ptr<T>();

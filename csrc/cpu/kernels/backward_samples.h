@@ -91,16 +91,6 @@ void backward_sample(
     const T* V_t = t > 0 ? ws.sums + t * out_size : nullptr;
     const int64_t c_term = 2 * (r - 1 - t);  // see BackwardTerms
     out.set_vector(c_term, ws.grad_s, out_size);
-    if (p.options.detach_routing) {
-      // Only the last iteration's couplings, as constants.
-      for (int64_t block = 0; block < blocks; ++block) {
-        T* c = out.plane(block, 0);
-        project_block<T, false>(u_hat + block * out_size * kBlock, V_t, nullptr, prior_of(block), c, nullptr, num_out,
-                                dim_out);
-        coupling_step_block(c, num_out, p.options);
-      }
-      break;
-    }
     // Gb_t (or, at t = 0, the prior's gradient) = Gb_{t+1} + dL/db_t, Gb_r = 0.
     const int64_t gb_index = t > 0 ? c_term + 1 : p.terms.terms;
     const int64_t gb_next_index = c_term - 1;  // Gb_{t+1}, when t + 1 < r

@@ -88,7 +88,7 @@ struct Vec {
 // with -ffp-contract=off): an expression written the same way gives the same bits in
 // every function, which is how the backward recomputes the forward's couplings exactly.
 C10_ALWAYS_INLINE Vec<float> fma(Vec<float> a, Vec<float> b, Vec<float> c) {
-  using Raw = Vec<float>::Raw;
+  using Raw [[maybe_unused]] = Vec<float>::Raw;
 #if defined(__AVX512F__)
   return Vec<float>::of(reinterpret_cast<Raw>(_mm512_fmadd_ps(
       reinterpret_cast<__m512>(a.raw), reinterpret_cast<__m512>(b.raw), reinterpret_cast<__m512>(c.raw))));
@@ -105,7 +105,7 @@ C10_ALWAYS_INLINE Vec<float> fma(Vec<float> a, Vec<float> b, Vec<float> c) {
 }
 
 C10_ALWAYS_INLINE Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
-  using Raw = Vec<double>::Raw;
+  using Raw [[maybe_unused]] = Vec<double>::Raw;
 #if defined(__AVX512F__)
   return Vec<double>::of(reinterpret_cast<Raw>(_mm512_fmadd_pd(
       reinterpret_cast<__m512d>(a.raw), reinterpret_cast<__m512d>(b.raw), reinterpret_cast<__m512d>(c.raw))));
