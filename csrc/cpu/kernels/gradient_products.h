@@ -122,7 +122,11 @@ C10_ALWAYS_INLINE void grad_u_of_chunk(
     }
   }
   for (; s < count; ++s) {
-    for (int64_t e = 0; e < dim_in; ++e) {
+    int64_t e = 0;
+    for (; e + kGradUColumns <= dim_in; e += kGradUColumns) {
+      grad_u_tile<T, 1, kGradUColumns>(s, e, rows, W_q, G_q, g_stride, grad_u_q, dim_in);
+    }
+    for (; e < dim_in; ++e) {
       grad_u_tile<T, 1, 1>(s, e, rows, W_q, G_q, g_stride, grad_u_q, dim_in);
     }
   }

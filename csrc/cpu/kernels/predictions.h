@@ -32,8 +32,8 @@ int64_t samples_per_task(const RoutingShape& shape) {
   return fitting < 1 ? 1 : (fitting > kSamplesPerTask ? kSamplesPerTask : fitting);
 }
 
-// Rows k of u_hat computed at once per sample: kSamplesPerTask * kPredictionRows
-// accumulators, and kSamplesPerTask vectors of u, live in registers.
+// Rows k of u_hat computed at once per sample, for kCount samples: kCount * rows
+// accumulators, and kCount vectors of u, live in registers.
 constexpr int64_t largest_power_of_two_at_most(int64_t n) {
   int64_t p = 1;
   while (2 * p <= n) {
@@ -41,8 +41,8 @@ constexpr int64_t largest_power_of_two_at_most(int64_t n) {
   }
   return p;
 }
-constexpr int64_t kPredictionRows =
-    largest_power_of_two_at_most((kVectorRegisters - kSamplesPerTask - 2) / kSamplesPerTask);
+template <int kCount>
+constexpr int64_t kPredictionRows = largest_power_of_two_at_most((kVectorRegisters - kCount - 2) / kCount);
 
 // D_in as a compile-time constant for the CapsNet shape (8), so that the sum over it is
 // unrolled; 0 = known at run time only.
@@ -156,8 +156,8 @@ C10_ALWAYS_INLINE void predict_block(
   const int64_t dim_in = dim_in_of<kDimIn>(shape);
   const int64_t out_size = shape.out_size();
   int64_t k = 0;
-  for (; k + kPredictionRows <= out_size; k += kPredictionRows) {
-    predict_row_group<T, kDimIn, kCount, kPredictionRows, kFirst>(
+  for (; k + kPredictionRows<kCount> <= out_size; k += kPredictionRows<kCount>) {
+    predict_row_group<T, kDimIn, kCount, kPredictionRows<kCount>, kFirst>(
         k, W, u_block, u_hat_block, c0_block, first_lane_sums, shape, dim_in);
   }
   for (; k < out_size; ++k) {
