@@ -17,7 +17,9 @@
 //   phase 2, per block of input capsules (in parallel), samples in order: rebuild grad u_hat
 //     and accumulate grad u, grad W and grad logit_prior.
 // The chunk's planes are the only batch-proportional scratch; the chunk is sized so that
-// they stay within kChunkBudgetBytes.
+// they stay within kChunkBudgetBytes. Under detach_routing the couplings are constants: two
+// vectors per sample, then one pass per block of input capsules (kernels/backward_detached.h).
+// Scratch comes from a cache kept between calls (scratch.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -12,17 +12,11 @@
 namespace capsnet {
 namespace cpu {
 namespace CAPSNET_CPU_VARIANT {
+
 // Backward phase 2 (backward_block.h): samples per update of grad W, and rows of grad
 // u_hat rebuilt per step (with the matching rows of W and grad W they fit in L1).
 constexpr int64_t kGradSamples = 8;
 constexpr int64_t kRowChunk = 16;
-}  // namespace CAPSNET_CPU_VARIANT
-}  // namespace cpu
-}  // namespace capsnet
-
-namespace capsnet {
-namespace cpu {
-namespace CAPSNET_CPU_VARIANT {
 
 // Hands out consecutive pieces of a buffer, each starting on a 64-byte boundary (the
 // buffer itself is 64-byte aligned). With a null base it only counts.
@@ -54,7 +48,7 @@ struct SampleWorkspace {
   T* lane_sums;              // [N_out*D_out, kLanes]: sums over blocks, one per lane
   T* couplings;              // [N_out, L] of one block
   T* grad_couplings;         // [N_out, L] of one block
-  T* V;                      // [N_out*D_out] running sum of outputs
+  T* V;                      // [N_out*D_out] running sum of outputs (forward; scratch in backward)
   T* v;                      // [N_out*D_out]
   T* outputs;                // [r, N_out*D_out]  v_t         (backward)
   T* sums;                   // [r, N_out*D_out]  V_t         (backward)
