@@ -212,9 +212,10 @@ def check_kernel_object(path: str, variant: str) -> None:
         print(f"capsnet: nm not found, the symbols of the {variant} CPU kernels are not checked")
         return
     listing = subprocess.run([nm, "--defined-only", path], check=True, capture_output=True, text=True).stdout
-    # Mangled names in capsnet::cpu::<variant> (functions, const member functions, data).
+    # Mangled names in capsnet::cpu::<variant> (functions, const member functions, data), and
+    # local entities of its functions (_ZZ: e.g. a lambda's operator()).
     scope = f"7capsnet3cpu{len(variant)}{variant}"
-    allowed = (f"_ZN{scope}", f"_ZNK{scope}")
+    allowed = (f"_ZN{scope}", f"_ZNK{scope}", f"_ZZN{scope}", f"_ZZNK{scope}")
     problems = []
     for line in listing.splitlines():
         parts = line.split()

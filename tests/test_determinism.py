@@ -71,9 +71,10 @@ def test_thread_count_does_not_change_results(case, options):
 
 
 def test_large_batch_in_several_backward_chunks_is_thread_independent():
-    """A shape whose backward needs several chunks of samples (its per-sample scratch is
-    large): the chunking depends on the shape only, so thread counts still agree."""
-    case = RoutingCase(batch=12, num_in=3872, num_out=196, dim_out=4, dim_in=2, iterations=2)
+    """A shape whose backward needs several chunks of samples (24 MB of phase-1 planes per
+    sample, 256 MB per chunk in csrc/cpu/routing_cpu.cpp): the chunking depends on the shape
+    only, so thread counts still agree."""
+    case = RoutingCase(batch=12, num_in=3872, num_out=196, dim_out=4, dim_in=2, iterations=4)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

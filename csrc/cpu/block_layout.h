@@ -1,48 +1,64 @@
-// The block-major layouts of the CPU kernels (see kernel_interface.h), made with ATen ops:
-// the input capsule axis is zero-padded to whole blocks of L and moved innermost within
-// each block.
+// The block-major layouts of the CPU kernels (see kernel_interface.h): the input capsule
+// axis is zero-padded to whole blocks of L and moved innermost within each block. Each is a
+// transpose per block, run on every call (for W, on every element of W: at batch 1 most
+// of the work), written with contiguous writes.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
 
 namespace capsnet {
 namespace cpu {
 
-// x with dimension `dim` (the input capsules) zero-padded to a multiple of `block`.
-inline at::Tensor pad_capsules(const at::Tensor& x, int64_t dim, int64_t block) {
-  const int64_t count = x.size(dim);
-  const int64_t padded = (count + block - 1) / block * block;
-  if (padded == count) {
-    return x;
-  }
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes[dim] = padded;
-  at::Tensor out = at::zeros(sizes, x.options());
-  out.narrow(dim, 0, count).copy_(x);
-  return out;
+// out[b, block, x, lane] = in[b, block * L + lane, x] (0 past `count` rows), for
+// in [outer, count, row] and out [outer, blocks, row, L]: the common form of the layouts.
+template <typename T>
+void transpose_blocks(const T* in, T* out, int64_t outer, int64_t count, int64_t row, int64_t block) {
+  const int64_t blocks = (count + block - 1) / block;
+  at::parallel_for(0, outer * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / blocks;
+      const int64_t first = (index % blocks) * block;
+      const int64_t width = std::min(block, count - first);
+      const T* src = in + (b * count + first) * row;
+      T* dst = out + index * row * block;
+      for (int64_t x = 0; x < row; ++x) {
+        for (int64_t lane = 0; lane < block; ++lane) {
+          dst[x * block + lane] = lane < width ? src[lane * row + x] : T(0);
+        }
+      }
+    }
+  });
 }
 
 // u [B, N_in, D_in] -> [B, blocks, D_in, L]
-inline at::Tensor block_inputs(const at::Tensor& u, int64_t block) {
-  const at::Tensor padded = pad_capsules(u, 1, block);
-  return padded.reshape({u.size(0), -1, block, u.size(2)}).permute({0, 1, 3, 2}).contiguous();
+template <typename T>
+void block_inputs(const T* u, T* out, int64_t batch, int64_t num_in, int64_t dim_in, int64_t block) {
+  transpose_blocks(u, out, batch, num_in, dim_in, block);
 }
 
 // W [N_in, N_out, D_out, D_in] -> [blocks, N_out*D_out, D_in, L]
-inline at::Tensor block_weights(const at::Tensor& W, int64_t block) {
-  const at::Tensor padded = pad_capsules(W, 0, block);
-  return padded.reshape({-1, block, W.size(1) * W.size(2), W.size(3)}).permute({0, 2, 3, 1}).contiguous();
+template <typename T>
+void block_weights(const T* W, T* out, int64_t num_in, int64_t row, int64_t block) {
+  transpose_blocks(W, out, 1, num_in, row, block);
 }
 
 // logit_prior [N_in, N_out] -> [blocks, N_out, L]
-inline at::Tensor block_prior(const at::Tensor& prior, int64_t block) {
-  const at::Tensor padded = pad_capsules(prior, 0, block);
-  return padded.reshape({-1, block, prior.size(1)}).permute({0, 2, 1}).contiguous();
+template <typename T>
+void block_prior(const T* prior, T* out, int64_t num_in, int64_t num_out, int64_t block) {
+  transpose_blocks(prior, out, 1, num_in, num_out, block);
 }
 
 // The inverse of block_prior: [blocks, N_out, L] -> [N_in, N_out]
-inline at::Tensor unblock_prior(const at::Tensor& blocked, int64_t num_in) {
-  return blocked.permute({0, 2, 1}).reshape({-1, blocked.size(1)}).narrow(0, 0, num_in).contiguous();
+template <typename T>
+void unblock_prior(const T* blocked, T* prior, int64_t num_in, int64_t num_out, int64_t block) {
+  for (int64_t i = 0; i < num_in; ++i) {
+    for (int64_t j = 0; j < num_out; ++j) {
+      prior[i * num_out + j] = blocked[((i / block) * num_out + j) * block + i % block];
+    }
+  }
 }
 
 }  // namespace cpu

@@ -48,7 +48,9 @@ struct ForwardProblem {
 // Backward runs in two phases over chunks of samples (see routing_cpu.cpp). Phase 1 (per
 // sample) writes what phase 2 (per block of input capsules) needs to rebuild the gradient
 // of u_hat:  grad u_hat[j|i] = constant[j] + sum_k plane_k[i, j] * vector_k[j]  (vectors
-// over D_out), a short sum of per-(i, j) coefficients times per-j vectors.
+// over D_out), a short sum of per-(i, j) coefficients times per-j vectors. The vectors are
+// stored interleaved, [N_out*D_out, terms + 1] (the constant last), so that phase 2 finds
+// all of a row's values together.
 struct BackwardTerms {
   int64_t terms;     // coefficient planes that multiply a vector
   bool prior_plane;  // one more plane: the sample's gradient of the logit prior
@@ -62,12 +64,8 @@ struct BackwardTerms {
 // Terms, in the order phase 1 writes them: for t = r-1 .. 1 the pair (c_t, grad_s_t),
 // (Gb_t, v_{t-1}); then (c_0, grad_s_0) when there is a prior. Without a prior c_0 is the
 // uniform coupling, a constant: its term is the constant vector. The prior plane is Gb_0.
-// detach_routing: the single term (c_{r-1}, grad_s_{r-1}), or the constant when r = 1 and
-// there is no prior.
-inline BackwardTerms backward_terms(const RoutingShape& shape, const RoutingOptions& options, bool has_prior) {
-  if (options.detach_routing) {
-    return {(shape.iterations > 1 || has_prior) ? 1 : 0, false};
-  }
+// (detach_routing takes its own path, see RoutingKernels::detached_block.)
+inline BackwardTerms backward_terms(const RoutingShape& shape, bool has_prior) {
   return {2 * (shape.iterations - 1) + (has_prior ? 1 : 0), has_prior};
 }
 
@@ -85,8 +83,8 @@ struct BackwardProblem {
   // Block-major, so that phase 2 reads one block's planes of all the chunk's samples in one
   // sequential sweep.
   int64_t chunk_samples;
-  T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]
-  T* vectors;  // [chunk, terms.vectors(), N_out*D_out]
+  T* planes;   // [blocks, chunk_samples, terms.planes(), N_out, L]; unused by detach_routing
+  T* vectors;  // [chunk, N_out*D_out, terms.vectors()]; detach_routing: [B, 2, N_out*D_out]
   T* grad_s_sum;  // [B, N_out*D_out]: sum over iterations of grad s (the bias gradient per sample)
   // Phase 2's outputs, natural layouts; the first chunk writes them, later chunks add.
   T* grad_u;               // [B, N_in, D_in]
@@ -99,8 +97,8 @@ struct BackwardProblem {
 template <typename T>
 struct RoutingKernels {
   // Samples handled by one task of the forward and of backward phase 1 (they share one
-  // sweep over W for their predictions).
-  int64_t samples_per_task;
+  // sweep over W for their predictions); a function of the shape alone.
+  int64_t (*samples_per_task)(const RoutingShape& shape);
   int64_t (*sample_workspace_size)(const RoutingShape& shape);
   // Forward of samples [begin, end).
   void (*forward)(const ForwardProblem<T>& problem, int64_t begin, int64_t end, T* workspace);
@@ -112,6 +110,11 @@ struct RoutingKernels {
   void (*backward_block)(
       const BackwardProblem<T>& problem, int64_t block, int64_t begin, int64_t end, bool first_chunk,
       T* workspace);
+  // detach_routing, in one chunk: the per-sample vectors of samples [begin, end) (a workspace
+  // of N_out*D_out elements), then everything else per block of input capsules.
+  void (*detached_samples)(const BackwardProblem<T>& problem, int64_t begin, int64_t end, T* workspace);
+  int64_t (*detached_block_workspace_size)(const RoutingShape& shape);
+  void (*detached_block)(const BackwardProblem<T>& problem, int64_t block, T* workspace);
 };
 
 struct KernelVariant {

@@ -17,7 +17,9 @@
 //   phase 2, per block of input capsules (in parallel), samples in order: rebuild grad u_hat
 //     and accumulate grad u, grad W and grad logit_prior.
 // The chunk's planes are the only batch-proportional scratch; the chunk is sized so that
-// they stay within kChunkBudgetBytes.
+// they stay within kChunkBudgetBytes. Under detach_routing the couplings are constants: two
+// vectors per sample, then one pass per block of input capsules (kernels/backward_detached.h).
+// Scratch comes from a cache kept between calls (scratch.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,6 +32,7 @@
 #include "cpu/block_layout.h"
 #include "cpu/kernel_dispatch.h"
 #include "cpu/kernel_interface.h"
+#include "cpu/scratch.h"
 #include "routing_checks.h"
 #include "routing_math.h"
 
@@ -38,7 +41,7 @@ namespace cpu {
 namespace {
 
 // Upper bound of the backward's per-chunk coefficient planes.
-constexpr int64_t kChunkBudgetBytes = int64_t(128) << 20;
+constexpr int64_t kChunkBudgetBytes = int64_t(256) << 20;
 
 template <typename T>
 const RoutingKernels<T>& kernels_of(const KernelVariant& variant);
@@ -51,14 +54,19 @@ const RoutingKernels<double>& kernels_of<double>(const KernelVariant& variant) {
   return variant.f64;
 }
 
+template <typename T>
+constexpr at::ScalarType scalar_type_of() {
+  return c10::CppTypeToScalarType<T>::value;
+}
+
 // Runs task(index, workspace) for index in [0, count) over ATen's threads, with one
 // workspace of `workspace_size` elements per thread.
 template <typename T, typename Task>
 void parallel_tasks(int64_t count, int64_t workspace_size, const Task& task) {
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor workspace = at::empty({workspace_size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    const Scratch workspace(workspace_size, scalar_type_of<T>());
     for (int64_t index = begin; index < end; ++index) {
-      task(index, workspace.mutable_data_ptr<T>());
+      task(index, workspace.data<T>());
     }
   });
 }
@@ -67,27 +75,50 @@ at::Tensor compute_contiguous(const at::Tensor& t, at::ScalarType compute_dtype)
   return t.to(compute_dtype).contiguous();
 }
 
+// The inputs in the kernels' block layouts (block_layout.h), for one call.
+template <typename T>
+struct BlockedInputs {
+  Scratch u, W, prior;
+  bool has_prior;
+
+  BlockedInputs(const RoutingShape& shape, const at::Tensor& u_in, const at::Tensor& W_in, const at::Tensor& prior_in)
+      : u(shape.batch * blocks(shape) * shape.dim_in * capsule_block<T>(), scalar_type_of<T>()),
+        W(blocks(shape) * shape.out_size() * shape.dim_in * capsule_block<T>(), scalar_type_of<T>()),
+        prior(prior_in.defined() ? blocks(shape) * shape.num_out * capsule_block<T>() : 0, scalar_type_of<T>()),
+        has_prior(prior_in.defined()) {
+    constexpr int64_t kBlock = capsule_block<T>();
+    block_inputs(u_in.const_data_ptr<T>(), u.data<T>(), shape.batch, shape.num_in, shape.dim_in, kBlock);
+    block_weights(W_in.const_data_ptr<T>(), W.data<T>(), shape.num_in, shape.out_size() * shape.dim_in, kBlock);
+    if (has_prior) {
+      block_prior(prior_in.const_data_ptr<T>(), prior.data<T>(), shape.num_in, shape.num_out, kBlock);
+    }
+  }
+  static int64_t blocks(const RoutingShape& shape) {
+    return num_capsule_blocks(shape.num_in, capsule_block<T>());
+  }
+  const T* prior_or_null() const {
+    return has_prior ? prior.data<T>() : nullptr;
+  }
+};
+
 template <typename T>
 void run_forward(
     const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& u, const at::Tensor& W,
     const at::Tensor& bias, const at::Tensor& prior, at::Tensor& v, at::Tensor& s_saved, at::Tensor& couplings) {
   const RoutingKernels<T>& kernels = kernels_of<T>(chosen_kernel_variant());
-  constexpr int64_t kBlock = capsule_block<T>();
-  const at::Tensor u_blocked = block_inputs(u, kBlock);
-  const at::Tensor W_blocked = block_weights(W, kBlock);
-  const at::Tensor prior_blocked = prior.defined() ? block_prior(prior, kBlock) : at::Tensor();
+  const BlockedInputs<T> blocked(shape, u, W, prior);
   ForwardProblem<T> problem{
       shape,
       options,
-      u_blocked.const_data_ptr<T>(),
-      W_blocked.const_data_ptr<T>(),
+      blocked.u.template data<T>(),
+      blocked.W.template data<T>(),
       bias.defined() ? bias.const_data_ptr<T>() : nullptr,
-      prior_blocked.defined() ? prior_blocked.const_data_ptr<T>() : nullptr,
+      blocked.prior_or_null(),
       v.mutable_data_ptr<T>(),
       s_saved.mutable_data_ptr<T>(),
       couplings.defined() ? couplings.mutable_data_ptr<T>() : nullptr,
   };
-  const int64_t per_task = kernels.samples_per_task;
+  const int64_t per_task = kernels.samples_per_task(shape);
   const int64_t tasks = (shape.batch + per_task - 1) / per_task;
   parallel_tasks<T>(tasks, kernels.sample_workspace_size(shape), [&](int64_t task, T* workspace) {
     const int64_t begin = task * per_task;
@@ -134,41 +165,20 @@ int64_t backward_chunk_samples(
   return std::max<int64_t>(1, std::min(shape.batch, kChunkBudgetBytes / per_sample));
 }
 
+// The full backward: two phases per chunk of samples.
 template <typename T>
-void run_backward(
-    const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& grad_v, const at::Tensor& u,
-    const at::Tensor& W, const at::Tensor& prior, const at::Tensor& s_saved, at::Tensor& grad_u,
-    at::Tensor& grad_W, at::Tensor& grad_bias, at::Tensor& grad_prior_blocked) {
-  const RoutingKernels<T>& kernels = kernels_of<T>(chosen_kernel_variant());
+void run_backward_phases(const RoutingKernels<T>& kernels, BackwardProblem<T>& problem) {
+  const RoutingShape& shape = problem.shape;
   constexpr int64_t kBlock = capsule_block<T>();
   const int64_t blocks = num_capsule_blocks(shape.num_in, kBlock);
-  const BackwardTerms terms = backward_terms(shape, options, prior.defined());
+  const BackwardTerms& terms = problem.terms;
   const int64_t chunk = backward_chunk_samples(shape, terms, kBlock, sizeof(T));
-  const at::Tensor u_blocked = block_inputs(u, kBlock);
-  const at::Tensor W_blocked = block_weights(W, kBlock);
-  const at::Tensor prior_blocked = prior.defined() ? block_prior(prior, kBlock) : at::Tensor();
-  const at::TensorOptions scratch = u.options();
-  at::Tensor planes = at::empty({chunk * blocks * terms.planes() * shape.num_out * kBlock}, scratch);
-  at::Tensor vectors = at::empty({chunk * terms.vectors() * shape.out_size()}, scratch);
-  at::Tensor grad_s_sum = at::empty({shape.batch, shape.out_size()}, scratch);
-  BackwardProblem<T> problem{
-      shape,
-      options,
-      terms,
-      u_blocked.const_data_ptr<T>(),
-      W_blocked.const_data_ptr<T>(),
-      prior_blocked.defined() ? prior_blocked.const_data_ptr<T>() : nullptr,
-      s_saved.const_data_ptr<T>(),
-      grad_v.const_data_ptr<T>(),
-      chunk,
-      planes.mutable_data_ptr<T>(),
-      vectors.mutable_data_ptr<T>(),
-      grad_s_sum.mutable_data_ptr<T>(),
-      grad_u.mutable_data_ptr<T>(),
-      grad_W.mutable_data_ptr<T>(),
-      grad_prior_blocked.defined() ? grad_prior_blocked.mutable_data_ptr<T>() : nullptr,
-  };
-  const int64_t per_task = kernels.samples_per_task;
+  const Scratch planes(chunk * blocks * terms.planes() * shape.num_out * kBlock, scalar_type_of<T>());
+  const Scratch vectors(chunk * terms.vectors() * shape.out_size(), scalar_type_of<T>());
+  problem.chunk_samples = chunk;
+  problem.planes = planes.data<T>();
+  problem.vectors = vectors.data<T>();
+  const int64_t per_task = kernels.samples_per_task(shape);
   const int64_t sample_workspace = kernels.sample_workspace_size(shape);
   const int64_t block_workspace = kernels.block_workspace_size(shape);
   for (int64_t chunk_begin = 0; chunk_begin < shape.batch; chunk_begin += chunk) {
@@ -182,8 +192,57 @@ void run_backward(
       kernels.backward_block(problem, block, chunk_begin, chunk_end, chunk_begin == 0, workspace);
     });
   }
+}
+
+// detach_routing: two vectors per sample, then one pass per block over the whole batch.
+template <typename T>
+void run_backward_detached(const RoutingKernels<T>& kernels, BackwardProblem<T>& problem) {
+  const RoutingShape& shape = problem.shape;
+  constexpr int64_t kVectorSamplesPerTask = 16;
+  const Scratch vectors(shape.batch * 2 * shape.out_size(), scalar_type_of<T>());
+  problem.chunk_samples = shape.batch;
+  problem.vectors = vectors.data<T>();
+  parallel_tasks<T>((shape.batch + kVectorSamplesPerTask - 1) / kVectorSamplesPerTask, shape.out_size(), [&](int64_t task, T* workspace) {
+    const int64_t begin = task * kVectorSamplesPerTask;
+    kernels.detached_samples(problem, begin, std::min(begin + kVectorSamplesPerTask, shape.batch), workspace);
+  });
+  parallel_tasks<T>(
+      num_capsule_blocks(shape.num_in, capsule_block<T>()), kernels.detached_block_workspace_size(shape),
+      [&](int64_t block, T* workspace) { kernels.detached_block(problem, block, workspace); });
+}
+
+template <typename T>
+void run_backward(
+    const RoutingShape& shape, const RoutingOptions& options, const at::Tensor& grad_v, const at::Tensor& u,
+    const at::Tensor& W, const at::Tensor& prior, const at::Tensor& s_saved, at::Tensor& grad_u,
+    at::Tensor& grad_W, at::Tensor& grad_bias, T* grad_prior_blocked) {
+  const RoutingKernels<T>& kernels = kernels_of<T>(chosen_kernel_variant());
+  const BlockedInputs<T> blocked(shape, u, W, prior);
+  const Scratch grad_s_sum(shape.batch * shape.out_size(), scalar_type_of<T>());
+  BackwardProblem<T> problem{
+      shape,
+      options,
+      backward_terms(shape, blocked.has_prior),
+      blocked.u.template data<T>(),
+      blocked.W.template data<T>(),
+      blocked.prior_or_null(),
+      s_saved.const_data_ptr<T>(),
+      grad_v.const_data_ptr<T>(),
+      /*chunk_samples=*/0,
+      /*planes=*/nullptr,
+      /*vectors=*/nullptr,
+      grad_s_sum.data<T>(),
+      grad_u.mutable_data_ptr<T>(),
+      grad_W.mutable_data_ptr<T>(),
+      grad_prior_blocked,
+  };
+  if (options.detach_routing) {
+    run_backward_detached(kernels, problem);
+  } else {
+    run_backward_phases(kernels, problem);
+  }
   // grad bias = sum over samples of their sum over iterations of grad s, samples in order.
-  const T* per_sample = grad_s_sum.const_data_ptr<T>();
+  const T* per_sample = grad_s_sum.data<T>();
   T* total = grad_bias.mutable_data_ptr<T>();
   const int64_t out_size = shape.out_size();
   std::fill_n(total, out_size, T(0));
@@ -215,14 +274,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_cpu(
     const at::Tensor s_saved = s_saved_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES(compute_dtype, "capsnet_routing_backward_cpu", [&] {
       constexpr int64_t kBlock = capsule_block<scalar_t>();
-      at::Tensor grad_prior_blocked =
-          prior_gradient
-          ? at::empty({num_capsule_blocks(shape.num_in, kBlock), shape.num_out, kBlock}, compute)
-          : at::Tensor();
+      const Scratch grad_prior_blocked(
+          prior_gradient ? num_capsule_blocks(shape.num_in, kBlock) * shape.num_out * kBlock : 0, compute_dtype);
       run_backward<scalar_t>(
-          shape, options, grad_v, u, W, prior, s_saved, grad_u, grad_W, grad_bias, grad_prior_blocked);
+          shape, options, grad_v, u, W, prior, s_saved, grad_u, grad_W, grad_bias,
+          prior_gradient ? grad_prior_blocked.data<scalar_t>() : nullptr);
       if (prior_gradient) {
-        grad_prior = unblock_prior(grad_prior_blocked, shape.num_in);
+        unblock_prior(
+            grad_prior_blocked.data<scalar_t>(), grad_prior.mutable_data_ptr<scalar_t>(), shape.num_in, shape.num_out,
+            kBlock);
       }
     });
   }

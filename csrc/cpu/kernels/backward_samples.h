@@ -19,9 +19,17 @@ namespace CAPSNET_CPU_VARIANT {
 template <typename T>
 struct SampleTerms {
   T* planes;   // the sample's planes of block 0: [planes, N_out, L], then every block_stride
-  T* vectors;  // [terms + 1, N_out*D_out]
+  T* vectors;  // [N_out*D_out, terms + 1]
   int64_t block_stride;
   int64_t plane_size;  // N_out * L
+  int64_t vector_count;  // terms + 1
+
+  // vector `index` (the constant: index terms) = values [N_out*D_out]
+  void set_vector(int64_t index, const T* values, int64_t out_size) const {
+    for (int64_t k = 0; k < out_size; ++k) {
+      vectors[k * vector_count + index] = values[k];
+    }
+  }
 
   T* plane(int64_t block, int64_t index) const {
     return planes + block * block_stride + index * plane_size;
@@ -50,7 +58,6 @@ void backward_sample(
   const bool has_prior = p.prior_blocked != nullptr;
   const T* s = p.s_saved + b * r * out_size;
   T* grad_s_sum = p.grad_s_sum + b * out_size;
-  T* constant = out.vectors + p.terms.terms * out_size;
 
   // v_t and V_t exactly as the forward computed them from the same s_t.
   fill(ws.sums, out_size, T(0));  // V_0
@@ -62,7 +69,8 @@ void backward_sample(
   const auto prior_of = [&](int64_t block) {
     return has_prior ? p.prior_blocked + block * num_out * kBlock : nullptr;
   };
-  fill(constant, out_size, T(0));
+  fill(ws.V, out_size, T(0));
+  out.set_vector(p.terms.terms, ws.V, out_size);  // the constant: 0 unless set below
 
   copy(p.grad_v + b * out_size, out_size, ws.grad_v);
   fill(grad_s_sum, out_size, T(0));
@@ -75,23 +83,14 @@ void backward_sample(
       // c_0 is the uniform coupling: its term is a constant.
       const T c0 = uniform_coupling<T>(num_out, p.options);
       for (int64_t k = 0; k < out_size; ++k) {
-        constant[k] = c0 * ws.grad_s[k];
+        ws.V[k] = c0 * ws.grad_s[k];
       }
+      out.set_vector(p.terms.terms, ws.V, out_size);
       break;
     }
     const T* V_t = t > 0 ? ws.sums + t * out_size : nullptr;
     const int64_t c_term = 2 * (r - 1 - t);  // see BackwardTerms
-    copy(ws.grad_s, out_size, out.vectors + c_term * out_size);
-    if (p.options.detach_routing) {
-      // Only the last iteration's couplings, as constants.
-      for (int64_t block = 0; block < blocks; ++block) {
-        T* c = out.plane(block, 0);
-        project_block<T, false>(u_hat + block * out_size * kBlock, V_t, nullptr, prior_of(block), c, nullptr, num_out,
-                                dim_out);
-        coupling_step_block(c, num_out, p.options);
-      }
-      break;
-    }
+    out.set_vector(c_term, ws.grad_s, out_size);
     // Gb_t (or, at t = 0, the prior's gradient) = Gb_{t+1} + dL/db_t, Gb_r = 0.
     const int64_t gb_index = t > 0 ? c_term + 1 : p.terms.terms;
     const int64_t gb_next_index = c_term - 1;  // Gb_{t+1}, when t + 1 < r
@@ -123,7 +122,7 @@ void backward_sample(
       }
     }
     if (t > 0) {
-      copy(ws.outputs + (t - 1) * out_size, out_size, out.vectors + (c_term + 1) * out_size);
+      out.set_vector(c_term + 1, ws.outputs + (t - 1) * out_size, out_size);
       finish_sums(ws.lane_sums, T(1), static_cast<const T*>(nullptr), ws.grad_v, out_size);
     }
   }
@@ -140,7 +139,7 @@ void backward_samples(const BackwardProblem<T>& p, int64_t chunk_begin, int64_t 
     const int64_t n = b - chunk_begin;
     const SampleTerms<T> out{
         p.planes + n * planes * plane_size, p.vectors + n * p.terms.vectors() * p.shape.out_size(),
-        p.chunk_samples * planes * plane_size, plane_size};
+        p.chunk_samples * planes * plane_size, plane_size, p.terms.vectors()};
     backward_sample(p, b, ws.u_hat + (b - begin) * ws.u_hat_per_sample, out, ws);
   }
 }

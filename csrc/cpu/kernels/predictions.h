@@ -15,14 +15,25 @@ namespace cpu {
 namespace CAPSNET_CPU_VARIANT {
 
 // Samples whose predictions share one sweep over W (5.9 MB for CapsNet): each vector of W
-// loaded is used for all of them.
-#ifndef CAPSNET_SAMPLES_PER_TASK
-#define CAPSNET_SAMPLES_PER_TASK 4
-#endif
-constexpr int64_t kSamplesPerTask = CAPSNET_SAMPLES_PER_TASK;
+// loaded is used for all of them. Four: fewer sweep W too often, more leave too few
+// registers for the tile below (measured on AVX2 and AVX-512).
+constexpr int64_t kSamplesPerTask = 4;
+// But no more than fit this much memory with their predictions (a task holds them all): a
+// shape such as 3872 x 196 capsules has 48 MB of predictions per sample.
+constexpr int64_t kTaskPredictionBytes = int64_t(64) << 20;
 
-// Rows k of u_hat computed at once per sample: kSamplesPerTask * kPredictionRows
-// accumulators, and kSamplesPerTask vectors of u, live in registers.
+// Samples per task for a shape: a function of the shape alone, and the predictions of a
+// sample do not depend on it (each is the same chain of multiply-adds in any tile).
+template <typename T>
+int64_t samples_per_task(const RoutingShape& shape) {
+  const int64_t per_sample =
+      num_capsule_blocks(shape.num_in, capsule_block<T>()) * shape.out_size() * capsule_block<T>() * int64_t(sizeof(T));
+  const int64_t fitting = kTaskPredictionBytes / per_sample;
+  return fitting < 1 ? 1 : (fitting > kSamplesPerTask ? kSamplesPerTask : fitting);
+}
+
+// Rows k of u_hat computed at once per sample, for kCount samples: kCount * rows
+// accumulators, and kCount vectors of u, live in registers.
 constexpr int64_t largest_power_of_two_at_most(int64_t n) {
   int64_t p = 1;
   while (2 * p <= n) {
@@ -30,8 +41,8 @@ constexpr int64_t largest_power_of_two_at_most(int64_t n) {
   }
   return p;
 }
-constexpr int64_t kPredictionRows =
-    largest_power_of_two_at_most((kVectorRegisters - kSamplesPerTask - 2) / kSamplesPerTask);
+template <int kCount>
+constexpr int64_t kPredictionRows = largest_power_of_two_at_most((kVectorRegisters - kCount - 2) / kCount);
 
 // D_in as a compile-time constant for the CapsNet shape (8), so that the sum over it is
 // unrolled; 0 = known at run time only.
@@ -77,11 +88,11 @@ C10_ALWAYS_INLINE void predict_rows(
     Vt x[kCount];
 #pragma GCC unroll 16
     for (int n = 0; n < kCount; ++n) {
-      x[n] = Vt::load(u[n] + e * kBlock);
+      x[n] = in_register(Vt::load(u[n] + e * kBlock));
     }
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kRows; ++r) {
-      const Vt w = Vt::load(W_k + (r * dim_in + e) * kBlock);
+      const Vt w = in_register(Vt::load(W_k + (r * dim_in + e) * kBlock));
 #pragma GCC unroll 16
       for (int n = 0; n < kCount; ++n) {
         acc[n][r] = fma(w, x[n], acc[n][r]);
@@ -145,8 +156,8 @@ C10_ALWAYS_INLINE void predict_block(
   const int64_t dim_in = dim_in_of<kDimIn>(shape);
   const int64_t out_size = shape.out_size();
   int64_t k = 0;
-  for (; k + kPredictionRows <= out_size; k += kPredictionRows) {
-    predict_row_group<T, kDimIn, kCount, kPredictionRows, kFirst>(
+  for (; k + kPredictionRows<kCount> <= out_size; k += kPredictionRows<kCount>) {
+    predict_row_group<T, kDimIn, kCount, kPredictionRows<kCount>, kFirst>(
         k, W, u_block, u_hat_block, c0_block, first_lane_sums, shape, dim_in);
   }
   for (; k < out_size; ++k) {

@@ -8,6 +8,7 @@
 
 #include "cpu/kernel_interface.h"
 #include "cpu/kernels/backward_block.h"
+#include "cpu/kernels/backward_detached.h"
 #include "cpu/kernels/backward_samples.h"
 #include "cpu/kernels/forward.h"
 #include "cpu/kernels/variant.h"
@@ -52,6 +53,20 @@ void backward_block_any(
 }
 
 template <typename T>
+void detached_block_any(const BackwardProblem<T>& p, int64_t block, T* workspace) {
+  if (p.shape.dim_in == 8) {
+    detached_block<T, 8>(p, block, workspace);
+  } else {
+    detached_block<T, 0>(p, block, workspace);
+  }
+}
+
+template <typename T>
+int64_t detached_block_workspace_size(const RoutingShape& shape) {
+  return DetachedWorkspace<T>(nullptr, shape).size;
+}
+
+template <typename T>
 int64_t sample_workspace_size(const RoutingShape& shape) {
   return SampleWorkspace<T>(nullptr, shape).size;
 }
@@ -63,8 +78,15 @@ int64_t block_workspace_size(const RoutingShape& shape) {
 
 template <typename T>
 constexpr RoutingKernels<T> kernels_for() {
-  return {kSamplesPerTask, &sample_workspace_size<T>, &forward_any<T>, &backward_samples_any<T>,
-          &block_workspace_size<T>, &backward_block_any<T>};
+  return {&samples_per_task<T>,
+          &sample_workspace_size<T>,
+          &forward_any<T>,
+          &backward_samples_any<T>,
+          &block_workspace_size<T>,
+          &backward_block_any<T>,
+          &detached_sample_vectors<T>,
+          &detached_block_workspace_size<T>,
+          &detached_block_any<T>};
 }
 
 // Constant-initialised (no code runs at load time in this object).

@@ -88,7 +88,7 @@ struct Vec {
 // with -ffp-contract=off): an expression written the same way gives the same bits in
 // every function, which is how the backward recomputes the forward's couplings exactly.
 C10_ALWAYS_INLINE Vec<float> fma(Vec<float> a, Vec<float> b, Vec<float> c) {
-  using Raw = Vec<float>::Raw;
+  using Raw [[maybe_unused]] = Vec<float>::Raw;
 #if defined(__AVX512F__)
   return Vec<float>::of(reinterpret_cast<Raw>(_mm512_fmadd_ps(
       reinterpret_cast<__m512>(a.raw), reinterpret_cast<__m512>(b.raw), reinterpret_cast<__m512>(c.raw))));
@@ -105,7 +105,7 @@ C10_ALWAYS_INLINE Vec<float> fma(Vec<float> a, Vec<float> b, Vec<float> c) {
 }
 
 C10_ALWAYS_INLINE Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
-  using Raw = Vec<double>::Raw;
+  using Raw [[maybe_unused]] = Vec<double>::Raw;
 #if defined(__AVX512F__)
   return Vec<double>::of(reinterpret_cast<Raw>(_mm512_fmadd_pd(
       reinterpret_cast<__m512d>(a.raw), reinterpret_cast<__m512d>(b.raw), reinterpret_cast<__m512d>(c.raw))));
@@ -119,6 +119,20 @@ C10_ALWAYS_INLINE Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
 #else
   return a * b + c;
 #endif
+}
+
+// Loads x into a register for good: the compiler may no longer fold the load into each
+// instruction that uses x (it treats a memory operand as free, so a vector used by four
+// multiply-adds would be loaded four times, and the loads, not the multiply-adds, would
+// bound the register-tiled loops).
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> in_register(Vec<T> x) {
+#if defined(__x86_64__)
+  asm("" : "+v"(x.raw));
+#elif defined(__aarch64__)
+  asm("" : "+w"(x.raw));
+#endif
+  return x;
 }
 
 // Lane-wise maximum; a NaN in `a` is kept (comparisons with NaN are false).

@@ -12,23 +12,11 @@
 namespace capsnet {
 namespace cpu {
 namespace CAPSNET_CPU_VARIANT {
-// Backward phase 2 (backward_block.h): samples per update of grad W, rows of grad u_hat
-// per step.
-#ifndef CAPSNET_GRAD_SAMPLES
-#define CAPSNET_GRAD_SAMPLES 8
-#endif
-constexpr int64_t kGradSamples = CAPSNET_GRAD_SAMPLES;
-#ifndef CAPSNET_ROW_CHUNK
-#define CAPSNET_ROW_CHUNK 16
-#endif
-constexpr int64_t kRowChunk = CAPSNET_ROW_CHUNK;
-}  // namespace CAPSNET_CPU_VARIANT
-}  // namespace cpu
-}  // namespace capsnet
 
-namespace capsnet {
-namespace cpu {
-namespace CAPSNET_CPU_VARIANT {
+// Backward phase 2 (backward_block.h): samples per update of grad W, and rows of grad
+// u_hat rebuilt per step (with the matching rows of W and grad W they fit in L1).
+constexpr int64_t kGradSamples = 8;
+constexpr int64_t kRowChunk = 16;
 
 // Hands out consecutive pieces of a buffer, each starting on a 64-byte boundary (the
 // buffer itself is 64-byte aligned). With a null base it only counts.
@@ -53,14 +41,14 @@ class Carver {
 template <typename T>
 struct SampleWorkspace {
   int64_t u_hat_per_sample;  // [blocks, N_out*D_out, L]
-  T* u_hat;                  // [kSamplesPerTask, u_hat_per_sample]
+  T* u_hat;                  // [samples_per_task, u_hat_per_sample]
   T* u_gathered;             // [kSamplesPerTask, D_in, L]: one block of the task's inputs
   T* first_couplings;        // [blocks, N_out, L]: c_0 when there is a prior
   T* first_lane_sums;        // [kSamplesPerTask, N_out*D_out, kLanes]: the first iteration's
   T* lane_sums;              // [N_out*D_out, kLanes]: sums over blocks, one per lane
   T* couplings;              // [N_out, L] of one block
   T* grad_couplings;         // [N_out, L] of one block
-  T* V;                      // [N_out*D_out] running sum of outputs
+  T* V;                      // [N_out*D_out] running sum of outputs (forward; scratch in backward)
   T* v;                      // [N_out*D_out]
   T* outputs;                // [r, N_out*D_out]  v_t         (backward)
   T* sums;                   // [r, N_out*D_out]  V_t         (backward)
@@ -75,7 +63,7 @@ struct SampleWorkspace {
     // 4 KB apart (which would put the streams of the samples of a task in the same L1 sets).
     u_hat_per_sample = num_capsule_blocks(shape.num_in, kBlock) * out_size * kBlock + 17 * 64 / int64_t(sizeof(T));
     Carver<T> carve(base);
-    u_hat = carve.take(kSamplesPerTask * u_hat_per_sample);
+    u_hat = carve.take(samples_per_task<T>(shape) * u_hat_per_sample);
     u_gathered = carve.take(kSamplesPerTask * shape.dim_in * kBlock);
     first_couplings = carve.take(num_capsule_blocks(shape.num_in, kBlock) * shape.num_out * kBlock);
     first_lane_sums = carve.take(kSamplesPerTask * out_size * kLanes<T>);
