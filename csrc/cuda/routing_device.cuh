@@ -140,6 +140,54 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64
   }
 }
 
+// A D_out-row of a tensor in the storage type (bias [J, D], grad_v and v [B, J, D]) into
+// registers, zero beyond `count`: 16-byte loads in the CapsNet tile (the host aligns these
+// tensors; rows are D_out = 16 elements, a multiple of 16 bytes for every dtype).
+template <typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_output_row(const scalar_t* __restrict__ row, int64_t count, acc_t (&out)[Tile::kMaxDimOut]) {
+  if constexpr (Tile::kExactDimOut) {
+    constexpr int kWidth = Vector16<scalar_t>::kWidth;
+    static_assert(Tile::kMaxDimOut % kWidth == 0, "rows must be whole 16-byte vectors");
+#pragma unroll
+    for (int k = 0; k < Tile::kMaxDimOut / kWidth; ++k) {
+      const Vector16<scalar_t> chunk = load_vector16(row + k * kWidth);
+#pragma unroll
+      for (int e = 0; e < kWidth; ++e) {
+        out[k * kWidth + e] = static_cast<acc_t>(chunk.values[e]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      out[d] = d < count ? static_cast<acc_t>(row[d]) : acc_t(0);
+    }
+  }
+}
+
+// ... and back, converted to the storage type.
+template <typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_output_row(const acc_t (&values)[Tile::kMaxDimOut], int64_t count, scalar_t* __restrict__ row) {
+  if constexpr (Tile::kExactDimOut) {
+    constexpr int kWidth = Vector16<scalar_t>::kWidth;
+#pragma unroll
+    for (int k = 0; k < Tile::kMaxDimOut / kWidth; ++k) {
+      Vector16<scalar_t> chunk;
+#pragma unroll
+      for (int e = 0; e < kWidth; ++e) {
+        chunk.values[e] = static_cast<scalar_t>(values[k * kWidth + e]);
+      }
+      store_vector16(chunk, row + k * kWidth);
+    }
+  } else {
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      if (d < count) {
+        row[d] = static_cast<scalar_t>(values[d]);
+      }
+    }
+  }
+}
+
 // `count` values of an op-math workspace into registers, zero beyond. kExact: count == kMax
 // and the source is 16-byte aligned (the workspaces' vectors are D_out = 16 elements apart),
 // so whole 16-byte vectors are loaded.

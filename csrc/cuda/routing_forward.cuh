@@ -139,13 +139,6 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     if constexpr (kStep == ForwardStep::kUniformFirst) {
       // Every c_0 is the same: sum u_hat, scaled once at the end.
       add_prediction<Tile>(p.W + W_offset, u_i, dim_out, dim_in, sums);
-#pragma unroll
-      for (int s = 0; s < kSamples; ++s) {
-        if (couplings != nullptr && t.active[s]) {  // r = 1
-          couplings[coupling[s]] = static_cast<scalar_t>(uniform_coupling<acc_t>(n.num_out, p.options));
-        }
-        coupling[s] += num_out;
-      }
     } else {
       acc_t u_hat[kSamples][kDim];
       predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
@@ -176,6 +169,17 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     W_offset += W_step;
     pair += num_out;
   }
+  if (kStep == ForwardStep::kUniformFirst && couplings != nullptr) {  // r = 1: the couplings are 1/J
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      if (t.active[s]) {
+#pragma unroll 1
+        for (int i = 0; i < t.inputs; ++i) {  // model-loop: inputs_per_chunk
+          couplings[coupling[s] + i * num_out] = static_cast<scalar_t>(uniform_coupling<acc_t>(n.num_out, p.options));
+        }
+      }
+    }
+  }
 
   // The tail works from the thread's place located again: cheaper to recompute than to
   // keep in registers across the loop.
@@ -188,12 +192,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
   acc_t bias[kDim];
   fill(bias, acc_t(0));
   if (p.bias != nullptr) {
-#pragma unroll
-    for (int d = 0; d < kDim; ++d) {
-      if (kExact || d < dim_out) {
-        bias[d] = static_cast<acc_t>(p.bias[here.j * dim_out + d]);
-      }
-    }
+    load_output_row<Tile>(p.bias + here.j * dim_out, dim_out, bias);
   }
   const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
   const Rows rows{
@@ -218,13 +217,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     } else {
       acc_t v[kDim];
       squash_capsule(sums[s], dim_out, v);
-      scalar_t* out = p.v + g.output_vector(here.b[s], here.j);
-#pragma unroll
-      for (int d = 0; d < kDim; ++d) {
-        if (kExact || d < dim_out) {
-          out[d] = static_cast<scalar_t>(v[d]);
-        }
-      }
+      store_output_row<Tile>(v, dim_out, p.v + g.output_vector(here.b[s], here.j));
     }
   }
 }

@@ -13,32 +13,30 @@
 namespace capsnet::cuda {
 
 // x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
-// term by term in order. coefficients[coefficient] is (slot 0, i, j, b), the next slots
-// follow slot_stride apart; vectors[vector] is (b, term 0, j, row), the next terms
-// term_stride apart; `initial` is c_0[i, j], term 0's coefficient unless it is stored.
-// 32-bit offsets: the planner keeps every workspace below 2^31 elements.
+// term by term in order. `coefficients` points at (slot 0, i, j, b), the next slots follow
+// slot_stride apart; `vectors` at (b, term 0, j, row), the next terms term_stride apart;
+// `initial` is c_0[i, j], term 0's coefficient unless it is stored.
 template <bool kExact, int kRows, typename acc_t>
 __device__ __forceinline__ void grad_prediction(
-    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int coefficient, int slot_stride,
-    acc_t initial, const acc_t* __restrict__ vectors, int vector, int term_stride, int rows, acc_t (&x)[kRows]) {
-  fill(x, acc_t(0));
-  acc_t scale = initial;
-  if (terms.stored_coefficient(0)) {
-    scale = coefficients[coefficient];
-    coefficient += slot_stride;
+    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int slot_stride, acc_t initial,
+    const acc_t* __restrict__ vectors, int term_stride, int rows, acc_t (&x)[kRows]) {
+  acc_t values[kRows];
+  load_vector<kExact>(vectors, rows, values);
+  const acc_t scale = terms.stored_coefficient(0) ? coefficients[0] : initial;
+#pragma unroll
+  for (int d = 0; d < kRows; ++d) {
+    x[d] = scale * values[d];
   }
+  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2.
 #pragma unroll 1
-  for (int term = 0; term < count; ++term) {  // model-loop: terms
-    acc_t values[kRows];
-    load_vector<kExact>(vectors + vector, rows, values);
+  for (int term = 1; term < count; ++term) {  // model-loop: terms - 1
+    vectors += term_stride;
+    load_vector<kExact>(vectors, rows, values);
+    const acc_t coefficient = *coefficients;
+    coefficients += slot_stride;
 #pragma unroll
     for (int d = 0; d < kRows; ++d) {
-      x[d] = fused_multiply_add(scale, values[d], x[d]);
-    }
-    if (term + 1 < count) {
-      scale = coefficients[coefficient];
-      coefficient += slot_stride;
-      vector += term_stride;
+      x[d] = fused_multiply_add(coefficient, values[d], x[d]);
     }
   }
 }
@@ -56,23 +54,31 @@ __device__ __forceinline__ void put_gradient(scalar_t* out, acc_t* sum, bool fir
 
 // dL/dbias[column] = sum_b sum over the gs terms of gs_k[b, column] (the bias enters every
 // s_k; with detach_routing only s_{r-1}), column = (j, d), for the columns block, block +
-// blocks, ...: each thread sums the (sample, term) pairs thread, thread + threads, ...; the
-// block adds the threads' sums in a fixed order (16 strided partial sums, then those). Every
-// thread of the block calls it; `shared` holds one value per thread.
+// blocks, ...: thread t sums the terms of samples t, t + threads, ...; the block adds the
+// threads' sums in a fixed order (16 strided partial sums, then those). Every thread of the
+// block calls it; `shared` holds threads + 16 values.
 template <typename scalar_t, typename acc_t>
 __device__ void bias_gradient(const BackwardParams<scalar_t>& p, int block, int blocks, int thread, int threads, acc_t* shared) {
   const RoutingGeometry& g = p.geometry;
-  const int64_t columns = g.columns();
-  const int pairs = int(g.shape.batch) * p.terms_of.grad_s_count();
+  const int columns = int(g.columns());
+  const int batch = int(g.shape.batch);
+  const int count = p.terms_of.grad_s_count();  // terms 0 .. count - 1 are the gs_k
+  const int sample_stride = int(g.part.terms * g.columns());
+  const int term_stride = columns;
   constexpr int kFirstLevel = 16;
 #pragma unroll 1
-  for (int64_t column = block; column < columns; column += blocks) {  // model-loop: ceil(num_out * dim_out / gradient_blocks)
-    const int64_t j = column / g.shape.dim_out, d = column % g.shape.dim_out;
+  for (int column = block; column < columns; column += blocks) {  // model-loop: ceil(num_out * dim_out / gradient_blocks)
     acc_t total = 0;
+    const acc_t* sample = p.terms + thread * sample_stride + column;
 #pragma unroll 1
-    for (int pair = thread; pair < pairs; pair += threads) {  // model-loop: ceil(batch * grad_s_terms / gradient_threads)
-      const int b = pair / p.terms_of.grad_s_count(), k = pair % p.terms_of.grad_s_count();
-      total += p.terms[g.term_vector(b, p.terms_of.grad_s_term(k), j) + d];
+    for (int b = thread; b < batch; b += threads) {  // model-loop: ceil(batch / gradient_threads)
+      const acc_t* term = sample;
+#pragma unroll 1
+      for (int k = 0; k < count; ++k) {  // model-loop: grad_s_terms
+        total += *term;
+        term += term_stride;
+      }
+      sample += threads * sample_stride;
     }
     shared[thread] = total;
     __syncthreads();
@@ -166,26 +172,32 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   acc_t grad_prior = 0;
   const bool sums_prior = p.grad_prior != nullptr && row_group == 0;
 
+  // This group's samples [first, end), walked with pointers: u[b, i], the term vectors
+  // (b, term 0, j, rows), the coefficients (slot 0, i, j, b).
   const int group_samples = int(g.part.gradient_group_samples);
   const int first = group * group_samples;
   const int end = int(smaller(int64_t(first + group_samples), n.batch));
   const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
-  const int coefficient = int(g.coefficient(0, read_i, j, 0));
+  const acc_t* coefficients = p.coefficients + g.coefficient(0, read_i, j, first);
+  const acc_t* vectors = p.terms + g.term_vector(first, 0, j) + row;
+  const scalar_t* u_row = p.u + g.input_row(first, read_i);
+  const int vector_step = int(g.part.terms * g.columns());
+  const int u_step = int(n.num_in * kDimIn);
   const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
   const int term_stride = int(g.columns());
   const int count = g.part.terms;
   const acc_t initial = initial_coupling(p.prior_couplings, g, read_i, j, p.options);
+  acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
 #pragma unroll 1
-  for (int round = 0; round < g.part.gradient_rounds; ++round) {  // model-loop: gradient_rounds
+  for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
 #pragma unroll
     for (int q = 0; q < kRound; ++q) {
-      const int b = first + round * kRound + q;
-      if (active && b < end) {
+      if (active && b + q < end) {
         acc_t x[kRows];
-        grad_prediction<true>(terms, count, p.coefficients, coefficient + b, slot_stride, initial, p.terms,
-            int(g.term_vector(b, 0, j)) + row, term_stride, kRows, x);
+        grad_prediction<true>(terms, count, coefficients + q, slot_stride, initial, vectors + q * vector_step, term_stride,
+            kRows, x);
         acc_t u_i[kDimIn];
-        load_row<Tile>(p.u + g.input_row(b, i), kDimIn, u_i);
+        load_row<Tile>(u_row + q * u_step, kDimIn, u_i);
         acc_t partial[kDimIn];
         fill(partial, acc_t(0));
 #pragma unroll
@@ -197,25 +209,26 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
           }
         }
         if (sums_prior) {
-          grad_prior += p.coefficients[coefficient + prior_slot + b];
+          grad_prior += coefficients[q + prior_slot];
         }
-        acc_t* mine = shared + ((q * kSlots + slot) * kDimIn) * kContributors + contributor;
 #pragma unroll
         for (int e = 0; e < kDimIn; ++e) {
-          mine[e * kContributors] = partial[e];
+          mine[(q * kSlots * kDimIn + e) * kContributors] = partial[e];
         }
       }
     }
+    coefficients += kRound;
+    vectors += kRound * vector_step;
+    u_row += kRound * u_step;
     __syncthreads();
     // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
 #pragma unroll 1
     for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
       const int e = r % kDimIn;
       const int their_slot = (r / kDimIn) % kSlots;
-      const int q = r / (kDimIn * kSlots);
-      const int their_group = their_slot / inputs_per_block;
-      const int their_i = int(blockIdx.x) * inputs_per_block + their_slot % inputs_per_block;
-      const int b = their_group * group_samples + round * kRound + q;
+      const int their_group = their_slot >> g.part.gradient_input_shift;
+      const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
+      const int their_b = their_group * group_samples + (b - first) + r / (kDimIn * kSlots);
       const acc_t* entries = shared + r * kContributors;
       acc_t total = 0;
 #pragma unroll
@@ -226,8 +239,8 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
           total += chunk.values[v];
         }
       }
-      if (their_i < n.num_in && b < n.batch && b < their_group * group_samples + group_samples) {
-        p.grad_u[g.input_row(b, their_i) + e] = static_cast<scalar_t>(total);
+      if (their_i < n.num_in && their_b < n.batch && their_b - their_group * group_samples < group_samples) {
+        p.grad_u[(int64_t(their_b) * n.num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);
       }
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them
@@ -326,7 +339,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
     const int term_stride = int(g.columns());
     for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: ceil(batch / sample_groups)
       acc_t x[kRows];
-      grad_prediction<kExact>(terms, count, p.coefficients, coefficient, slot_stride, initial, p.terms, vector, term_stride, rows, x);
+      grad_prediction<kExact>(terms, count, p.coefficients + coefficient, slot_stride, initial, p.terms + vector, term_stride, rows, x);
       acc_t u_i[kDimIn];
       load_row<Tile>(p.u + u_row, n.dim_in, u_i);
 #pragma unroll
@@ -435,8 +448,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_inpu
   for (int step = 0; step < t.inputs; ++step) {  // model-loop: inputs_per_chunk
     acc_t x[Tile::kMaxDimOut];
     grad_prediction<kExact>(
-        p.terms_of, count, p.coefficients, coefficient, slot_stride, initial != nullptr ? *initial : uniform, p.terms,
-        vector, term_stride, dim_out, x);
+        p.terms_of, count, p.coefficients + coefficient, slot_stride, initial != nullptr ? *initial : uniform,
+        p.terms + vector, term_stride, dim_out, x);
     initial = initial != nullptr ? initial + n.num_out : nullptr;
     // This capsule's term of dL/du[b, i]: W[i, j]^T dL/du_hat[j|i].
     acc_t term[Tile::kMaxDimIn];

@@ -97,8 +97,10 @@ inline RoutingShape check_backward_arguments(
 // Tensors.
 // ---------------------------------------------------------------------------------------
 
-// Contiguous, and 16-byte aligned: the CapsNet tile reads rows of u and W as 16-byte
+// Contiguous, and 16-byte aligned: the CapsNet tile reads rows of u, W and bias as 16-byte
 // vectors. A contiguous view into the middle of a storage may be misaligned; copy it then.
+// (The outputs, v included, which the CapsNet tile writes as 16-byte vectors, are fresh
+// allocations: aligned.)
 inline at::Tensor kernel_input(const at::Tensor& t) {
   at::Tensor contiguous = t.contiguous();
   if (reinterpret_cast<std::uintptr_t>(contiguous.data_ptr()) % 16 != 0) {
@@ -109,6 +111,10 @@ inline at::Tensor kernel_input(const at::Tensor& t) {
 
 inline std::optional<at::Tensor> optional_input(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+inline std::optional<at::Tensor> optional_kernel_input(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(kernel_input(*t)) : std::nullopt;
 }
 
 inline at::Tensor new_buffer(at::IntArrayRef shape, at::ScalarType dtype, const at::Tensor& like, const HostOptions& options) {
@@ -244,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
   const RoutingShape shape = check_forward_arguments(u_arg, W_arg, bias_arg, prior_arg, num_iterations, options);
   const at::Tensor u = kernel_input(u_arg);
   const at::Tensor W = kernel_input(W_arg);
-  const std::optional<at::Tensor> bias = optional_input(bias_arg);
+  const std::optional<at::Tensor> bias = optional_kernel_input(bias_arg);
   const std::optional<at::Tensor> logit_prior = optional_input(prior_arg);
   const at::ScalarType acc_dtype = saved_state_dtype(u.scalar_type());
   const RoutingOptions routing{leaky, detach_routing};

@@ -270,6 +270,7 @@ inline RoutingPlan plan_routing(
     }
     part.sample_groups = groups;
     part.gradient_inputs_per_block = int(kGradientInputGroups / groups);
+    part.gradient_input_shift = plan_detail::bit_length(part.gradient_inputs_per_block - 1);
     part.gradient_group_samples = ceil_div(ceil_div(batch, groups), vector_values) * vector_values;
     part.gradient_rounds = int(part.gradient_group_samples / vector_values);
     part.gradient_group_levels = plan_detail::bit_length(groups - 1);

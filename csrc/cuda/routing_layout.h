@@ -127,6 +127,7 @@ struct RoutingPartition {
   // group_levels levels. Generic tile's grad_weight kernel: block (32 inputs, row groups,
   // sample_groups), group z walks samples z, z + sample_groups, ...
   int gradient_inputs_per_block;
+  int gradient_input_shift;  // log2(gradient_inputs_per_block)
   int sample_groups;
   int64_t gradient_group_samples;
   int gradient_rounds;
