@@ -438,8 +438,9 @@ def enum_values(root: pathlib.Path = CSRC) -> dict[str, list[str]]:
     name of an instantiation holds an enumerator's index)."""
     enums = {}
     for path in (root / "cuda").glob("*.cuh"):
-        for name, body in re.findall(r"enum class (\w+)\s*\{([^}]*)\}", path.read_text()):
-            enums[name] = re.findall(r"^\s*(k\w+)", re.sub(r"//[^\n]*", "", body), flags=re.M)
+        code = re.sub(r"//[^\n]*", "", path.read_text())  # comments may hold braces
+        for name, body in re.findall(r"enum class (\w+)\s*\{([^}]*)\}", code):
+            enums[name] = re.findall(r"^\s*(k\w+)", body, flags=re.M)
     return enums
 
 

@@ -589,8 +589,8 @@ struct RoutingThread {
     t.lane = threadIdx.x;
     t.j = threadIdx.y;
     t.tile = blockIdx.x;
-#pragma unroll
     const int lanes = Tile::kLanes > 0 ? Tile::kLanes : g.part.lanes;
+#pragma unroll
     for (int s = 0; s < kSamples; ++s) {
       t.b[s] = int(blockIdx.x) * g.part.samples_per_block + s * lanes + t.lane;
       t.active[s] = t.b[s] < g.shape.batch;

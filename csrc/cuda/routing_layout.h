@@ -119,7 +119,7 @@ struct RoutingPartition {
   int64_t inputs_per_chunk;
   int64_t num_chunks;
   // The chunks' partial sums of a sample tile are added pairwise in a binary tree of this
-  // many levels, ceil(log2(num_chunks)) (ChunkTree, routing_device.cuh).
+  // many levels, ceil(log2(num_chunks)) (ChunkTree, routing_tree.cuh).
   int chunk_levels;
   // CapsNet tile's gradient kernel: block (row groups x inputs_per_block, J,
   // sample_groups); group z walks samples [z * group_samples, + group_samples) in `rounds`

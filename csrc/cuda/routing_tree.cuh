@@ -67,6 +67,11 @@ struct ChunkTree {
     __shared__ int arrived_first;
     const int chunks = int(g.part.num_chunks);
     const int dim = kExact ? kDim : int(g.shape.dim_out);
+    // Offsets of partial_vector in 32 bits (the planner keeps every workspace below 2^31
+    // elements): a few integer instructions per vector instead of 64-bit index arithmetic.
+    const int vector_stride = int(g.shape.num_out * g.shape.dim_out);  // between chunks
+    const int capsule_offset = t.j * int(g.shape.dim_out);
+    const auto slot = [&](int b, int chunk) { return (b * chunks + chunk) * vector_stride + capsule_offset; };
     int node = t.chunk;
 #pragma unroll 1
     for (int level = 0; level < g.part.chunk_levels; ++level) {  // model-loop: chunk_levels
@@ -76,7 +81,7 @@ struct ChunkTree {
 #pragma unroll
         for (int s = 0; s < kSamples; ++s) {
           if (t.active[s]) {
-            store_vector<kExact>(values[s], dim, partials + g.partial_vector(t.b[s], node << level, t.j));
+            store_vector<kExact>(values[s], dim, partials + slot(t.b[s], node << level));
           }
         }
         __threadfence();  // the sums are visible to every block before the counter moves
@@ -98,7 +103,7 @@ struct ChunkTree {
         for (int s = 0; s < kSamples; ++s) {
           if (t.active[s]) {
             acc_t sibling[kDim];
-            load_published_vector<kExact>(partials + g.partial_vector(t.b[s], (node ^ 1) << level, t.j), dim, sibling);
+            load_published_vector<kExact>(partials + slot(t.b[s], (node ^ 1) << level), dim, sibling);
 #pragma unroll
             for (int d = 0; d < kDim; ++d) {
               values[s][d] += sibling[d];
