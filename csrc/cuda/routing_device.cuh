@@ -140,9 +140,9 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64
   }
 }
 
-// A D_out-row of a tensor in the storage type (bias [J, D], grad_v and v [B, J, D]) into
-// registers, zero beyond `count`: 16-byte loads in the CapsNet tile (the host aligns these
-// tensors; rows are D_out = 16 elements, a multiple of 16 bytes for every dtype).
+// A D_out-row of a tensor in the storage type (the bias [J, D]) into registers, zero beyond
+// `count`: 16-byte loads in the CapsNet tile (the host aligns the bias, kernel_input; rows
+// are D_out = 16 elements, a multiple of 16 bytes for every dtype).
 template <typename Tile, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_output_row(const scalar_t* __restrict__ row, int64_t count, acc_t (&out)[Tile::kMaxDimOut]) {
   if constexpr (Tile::kExactDimOut) {
@@ -164,7 +164,7 @@ __device__ __forceinline__ void load_output_row(const scalar_t* __restrict__ row
   }
 }
 
-// ... and back, converted to the storage type.
+// ... and back (v [B, J, D], a fresh allocation: aligned), converted to the storage type.
 template <typename Tile, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_output_row(const acc_t (&values)[Tile::kMaxDimOut], int64_t count, scalar_t* __restrict__ row) {
   if constexpr (Tile::kExactDimOut) {
