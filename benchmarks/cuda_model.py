@@ -6,38 +6,51 @@
 
 What it does, step by step:
 
-1. Compiles the kernels (``csrc/cuda/routing_forward.cuh``, ``routing_backward.cuh``) for one
-   architecture with nvcc, every instantiation the launch order of the chosen call uses, with
-   ``-lineinfo``; reads registers, spills, shared memory and barriers from ``ptxas -v``.
-2. Disassembles the cubin (nvdisasm) and classifies every SASS instruction: FFMA (and FMUL/
-   FADD), DFMA, integer/address arithmetic, global loads/stores (with their width), shared
-   loads/stores, barriers, local memory (spills), special functions, control.
+1. Compiles the kernels (``csrc/cuda/routing_forward.cuh``, ``routing_backward.cuh``,
+   ``routing_gradients.cuh``) for one architecture with nvcc, every instantiation the launch
+   order of the chosen call uses, with ``-lineinfo``; reads registers, spills, shared memory
+   and barriers from ``ptxas -v``.
+2. Disassembles the cubin (nvdisasm, with the chain of inlined calls of every instruction)
+   and classifies every SASS instruction: FFMA, other FP32 arithmetic, FP32 comparisons,
+   FP64, integer/address, uniform-datapath, global loads/stores (with their width), shared
+   loads/stores, barriers, local memory (spills), special functions, conversions, control.
 3. Finds the loops (a branch back to an earlier address) and gives each its trip count: the
    source line of the back edge carries a comment ``// model-loop: <expression>`` whose
    expression is evaluated with the launch plan's numbers (``inputs_per_chunk``, ``num_out``,
    ...); ``// model-loop: <expression>; unroll U`` marks a loop written with
    ``#pragma unroll U``. Other run-time loops carry ``#pragma unroll 1``, so that the compiled
-   loop is the source loop. An unrolled loop runs ``trips // U`` times, and its remainder
-   loop (the next loop on the same line, if any) ``trips % U``; without a declared U, U is
-   guessed from the ratio of the two bodies' loads and arithmetic. An instruction's weight is the product of the trip
+   loop is the source loop (each copy of it, where an enclosing loop is unrolled, runs the
+   full trips). An unrolled loop runs ``trips // U`` times, and its remainder loop (the next
+   loop on the same line, if any) ``trips % U``. A loop that no line of its inlining chain
+   marks stops the model with an error. An instruction's weight is the product of the trip
    counts of the loops around it; the sum of the weights is the instructions one warp issues.
    Branches are counted as taken both ways (an upper bound) except the work the kernels
-   select at compile time (``kFirst``, ``SweepPass``).
+   select at compile time (template arguments) and the rare branches between
+   ``// model-cold-begin`` and ``// model-cold-end`` (the squash's rescaling for huge or tiny
+   |s|): a basic block is not counted when every instruction in it comes from such a region,
+   directly or through the functions it calls (the inlining chain); code the compiler runs
+   unconditionally (predicated, or selected) stays counted.
 4. Takes the launch plan and the launch order from the code that launches the kernels (the
    CPU emulation module, ``benchmarks/emulator.py``, runs the real planner ``routing_launch.h``
-   and the real launch order ``routing_host.h``).
-5. Per launch: blocks per SM from the real register count, shared memory, threads and the
-   per-SM limits; the busiest SM gets ceil(blocks / SMs) blocks; it issues
-   ``blocks x warps per block x instructions per warp`` warp-instructions at 4 per clock (one
-   per scheduler), or proportionally fewer when fewer than 2 warps per scheduler are
-   resident; float64 FMAs issue at half rate. Time = cycles / clock + a fixed launch gap.
+   and the real launch order ``routing_host.h``), memsets included.
+5. Per launch: blocks per SM from the real register count (registers are allocated per SM
+   quarter: 16384 per quarter, warps rounded to 256 registers, as ``cuda_occupancy.h``),
+   shared memory, threads and the per-SM limits; the busiest SM gets ceil(blocks / SMs)
+   blocks. Its cycles are the larger of the issue time, ``warp-instructions / (4 per clock
+   x efficiency)`` (one instruction per scheduler and clock, proportionally fewer when fewer
+   than 2 warps per scheduler are resident), and each execution pipe's time, ``its
+   warp-instructions / its rate`` (warp-instructions per clock per SM, from the CUDA
+   Programming Guide's throughput table: FP32 arithmetic 4 on sm_90, 2 on sm_80/sm_75;
+   integer and FP32 compare/min/max 2; FP64 2, 1, 1/16; special functions and conversions
+   1/2; loads and stores 1). Time = cycles / clock + a fixed gap per launch (a memset too).
 
-Assumptions (stated, not measured): issue-limited kernels, that is, the working set (W, u,
-the workspaces: 40 MB at B=128) is served from the 50 MB L2 fast enough, memory latency is
-hidden by the resident warps and by independent instructions, barriers cost nothing beyond
-their issue slot; clock 1.98 GHz (H100 SXM boost) or 1.41 GHz (A100); 1 us between dependent
-launches in one stream. The last line is ``<arch> B=<batch> fwd+bwd estimate: <N> us``.
-Measured GPU times go beside the estimates in docs/CUDA.md (``make gpu-check`` prints both).
+Assumptions (stated, not measured): the working set (W, u, the workspaces: 40 MB at
+B=128) is served from the 50 MB L2 fast enough, memory latency is hidden by the resident
+warps and by independent instructions, barriers and the chunk trees' fences cost nothing
+beyond their issue slots, shared memory has no bank conflicts; clock 1.98 GHz (H100 SXM
+boost) or 1.41 GHz (A100); 1 us between dependent launches in one stream. The last line is
+``<arch> B=<batch> fwd+bwd estimate: <N> us``. Measured GPU times go beside the estimates in
+docs/CUDA.md (``make gpu-check`` prints both).
 """
 
 from __future__ import annotations
@@ -59,12 +72,21 @@ CSRC = REPO / "csrc"
 CAPSNET_SHAPE = dict(num_in=1152, num_out=10, dim_out=16, dim_in=8)
 
 
+# Warp-instructions per clock per SM of each execution pipe (the CUDA Programming Guide's
+# arithmetic throughput table divided by 32; loads and stores: 32 LD/ST units per SM).
+PIPES_SM90 = {"fp32": 4.0, "alu": 2.0, "fp64": 2.0, "mufu": 0.5, "convert": 0.5, "lsu": 1.0}
+PIPES_SM80 = {"fp32": 2.0, "alu": 2.0, "fp64": 1.0, "mufu": 0.5, "convert": 0.5, "lsu": 1.0}
+PIPES_SM75 = {"fp32": 2.0, "alu": 2.0, "fp64": 1.0 / 16, "mufu": 0.5, "convert": 0.5, "lsu": 1.0}
+
+
 @dataclass(frozen=True)
 class Gpu:
     name: str
     multiprocessors: int
     clock_ghz: float
+    pipes: dict
     registers_per_sm: int = 65536
+    sub_partitions: int = 4  # SM quarters: a scheduler and a quarter of the register file each
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
     shared_bytes_per_sm: int = 228 * 1024
@@ -73,9 +95,9 @@ class Gpu:
 
 
 GPUS = {
-    "sm_90": Gpu("H100 SXM", 132, 1.98),
-    "sm_80": Gpu("A100 SXM", 108, 1.41, shared_bytes_per_sm=164 * 1024),
-    "sm_75": Gpu("T4", 40, 1.59, max_warps_per_sm=32, max_blocks_per_sm=16, shared_bytes_per_sm=64 * 1024),
+    "sm_90": Gpu("H100 SXM", 132, 1.98, PIPES_SM90),
+    "sm_80": Gpu("A100 SXM", 108, 1.41, PIPES_SM80, shared_bytes_per_sm=164 * 1024),
+    "sm_75": Gpu("T4", 40, 1.59, PIPES_SM75, max_warps_per_sm=32, max_blocks_per_sm=16, shared_bytes_per_sm=64 * 1024),
 }
 
 DTYPES = {"float32": ("float", 4), "float64": ("double", 8), "float16": ("c10::Half", 4), "bfloat16": ("c10::BFloat16", 4)}
@@ -120,7 +142,8 @@ class Resources:
 
 
 def instantiation_source(instantiations: list[str]) -> str:
-    lines = ['#include "cuda/routing_backward.cuh"', "namespace capsnet::cuda {"]
+    header = "routing_gradients.cuh" if (CSRC / "cuda" / "routing_gradients.cuh").exists() else "routing_backward.cuh"
+    lines = [f'#include "cuda/{header}"', "namespace capsnet::cuda {"]
     lines += [f"template __global__ void {name};" for name in instantiations]
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -171,7 +194,7 @@ def _compile(source_text: str, arch: str, workdir: str, include_dir: pathlib.Pat
             current.barriers = int(b.group(1)) if b else 0
             s = re.search(r"(\d+) bytes smem", line)
             current.static_shared = int(s.group(1)) if s else 0
-    sass = subprocess.run([find_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([find_tool("nvdisasm"), "-gi", "-c", cubin], capture_output=True, text=True, check=True).stdout
     return resources, sass
 
 
@@ -179,20 +202,26 @@ def _compile(source_text: str, arch: str, workdir: str, include_dir: pathlib.Pat
 class Instruction:
     opcode: str
     text: str
-    location: tuple[str, int] | None
+    location: tuple[str, int] | None  # the innermost source line
+    chain: tuple = ()  # (file, line) from the innermost to the outermost inlined call
 
 
 def parse_sass(sass: str) -> dict[str, tuple[list[Instruction], dict[str, int]]]:
+    """{function: (instructions, {label: index})} from nvdisasm -gi (or -g) output."""
     functions = {}
     parts = re.split(r"\n\s*\.text\.(\S+):\n", sass)
     for k in range(1, len(parts), 2):
-        location = None
+        chain: list = []
+        reading_chain = False
         instructions: list[Instruction] = []
         labels: dict[str, int] = {}
         for raw in parts[k + 1].split("\n"):
             m = re.match(r'\s*//## File "([^"]+)", line (\d+)', raw)
             if m:
-                location = (os.path.basename(m.group(1)), int(m.group(2)))
+                if not reading_chain:
+                    chain = []
+                    reading_chain = True
+                chain.append((os.path.basename(m.group(1)), int(m.group(2))))
                 continue
             m = re.match(r"^\s*\.(L_x_\d+):", raw)
             if m:
@@ -200,11 +229,16 @@ def parse_sass(sass: str) -> dict[str, tuple[list[Instruction], dict[str, int]]]
                 continue
             m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", raw)
             if m:
+                reading_chain = False
                 text = m.group(1)
                 body = re.sub(r"^@!?U?P\w+\s+", "", text)
-                instructions.append(Instruction(body.split()[0] if body else "", text, location))
+                instructions.append(Instruction(body.split()[0] if body else "", text, chain[0] if chain else None, tuple(chain)))
         functions[parts[k]] = (instructions, labels)
     return functions
+
+
+FP32_ARITHMETIC = ("FMUL", "FADD", "FMUL32I", "FADD32I", "FFMA32I", "HFMA2", "HADD2", "HMUL2")
+FP32_COMPARE = ("FMNMX", "FSETP", "FSEL", "FCHK", "FSET")
 
 
 def instruction_class(instruction: Instruction) -> str:
@@ -212,15 +246,17 @@ def instruction_class(instruction: Instruction) -> str:
     base = op.split(".")[0]
     if base in ("FFMA", "FFMA2"):
         return "ffma"
-    if base in ("FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "FCHK", "FSET"):
+    if base in FP32_ARITHMETIC:
         return "fp32 other"
+    if base in FP32_COMPARE:
+        return "fp32 compare"
     if base in ("DFMA", "DMUL", "DADD", "DSETP", "DMNMX"):
         return "fp64"
     if base in ("LDG", "LD", "LDC", "ULDC"):
         if base in ("LDC", "ULDC"):
             return "constant"
         return "ldg.128" if ".128" in op else "ldg"
-    if base in ("STG", "ST", "RED", "ATOM", "ATOMG"):
+    if base in ("STG", "ST", "RED", "ATOM", "ATOMG", "REDG"):
         return "stg"
     if base == "LDS":
         return "lds"
@@ -228,15 +264,25 @@ def instruction_class(instruction: Instruction) -> str:
         return "sts"
     if base in ("LDL", "STL"):
         return "local"
-    if base in ("BAR", "BSYNC", "BSSY", "WARPSYNC"):
+    if base in ("BAR", "BSYNC", "BSSY", "WARPSYNC", "MEMBAR", "ERRBAR", "CGAERRBAR", "CCTL", "DEPBAR"):
         return "barrier" if base == "BAR" else "control"
     if base in ("BRA", "EXIT", "RET", "CALL", "JMP", "BRX", "NOP", "YIELD"):
         return "control"
     if base == "MUFU":
         return "mufu"
-    if base in ("F2F", "F2I", "I2F", "HADD2", "HMUL2", "HFMA2", "PRMT", "F2FP"):
+    if base in ("F2F", "F2I", "I2F", "F2FP", "I2FP", "F2IP"):
         return "convert"
+    if base.startswith("U") or base in ("S2UR", "R2UR", "VOTEU"):
+        return "uniform"
     return "integer"
+
+
+# The execution pipe of each class ("issue": an issue slot only).
+PIPE_OF_CLASS = {
+    "ffma": "fp32", "fp32 other": "fp32", "fp32 compare": "alu", "integer": "alu", "fp64": "fp64", "mufu": "mufu",
+    "convert": "convert", "ldg": "lsu", "ldg.128": "lsu", "stg": "lsu", "lds": "lsu", "sts": "lsu", "local": "lsu",
+    "constant": "issue", "uniform": "issue", "barrier": "issue", "control": "issue",
+}
 
 
 @dataclass
@@ -271,13 +317,37 @@ def source_markers(root: pathlib.Path = CSRC) -> dict[tuple[str, int], str]:
 COLD = "<cold>"
 
 
-def body_signature(instructions: list[Instruction], start: int, end: int) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ins in instructions[start : end + 1]:
-        cls = instruction_class(ins)
-        if cls not in ("control", "integer"):
-            counts[cls] = counts.get(cls, 0) + 1
-    return counts
+def loop_marker(loop: Loop, instructions: list[Instruction], markers: dict):
+    """The '// model-loop:' expression of a loop: on the source line of its back edge, or of
+    a call that inlined it."""
+    back_edge = instructions[loop.end]
+    for frame in back_edge.chain or ((loop.location,) if loop.location else ()):
+        expression = markers.get(frame)
+        if expression is not None and expression != COLD:
+            return expression
+    return None
+
+
+def cold_instructions(instructions: list[Instruction], labels: dict[str, int], markers: dict) -> list[bool]:
+    """Per instruction: inside a cold region. A basic block is cold when each of its
+    instructions (control flow aside) comes from a cold region, directly or through an
+    inlined call; an instruction of a block that also runs other code is not (the compiler
+    issues it with the block)."""
+    from_cold = [any(markers.get(frame) == COLD for frame in ins.chain) for ins in instructions]
+    leaders = {0, *labels.values()}
+    for index, ins in enumerate(instructions):
+        if ins.opcode.split(".")[0] in ("BRA", "EXIT", "RET", "JMP", "BRX"):
+            leaders.add(index + 1)
+    starts = sorted(x for x in leaders if x < len(instructions))
+    cold = [False] * len(instructions)
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(instructions)
+        block = range(start, end)
+        work = [i for i in block if instruction_class(instructions[i]) != "control"]
+        if work and all(from_cold[i] for i in work):
+            for i in block:
+                cold[i] = True
+    return cold
 
 
 def loop_weights(
@@ -293,42 +363,36 @@ def loop_weights(
         if target is None or target > index or (target == index and not ins.text.startswith("@")):
             continue  # a forward branch, or the trap loop after EXIT
         loops.append(Loop(target, index, ins.location))
+    cold = cold_instructions(instructions, labels, markers)
     # Trip counts from the markers; an unrolled loop is a main loop and a remainder loop
     # with the same back-edge line, one after the other.
     assigned: set[int] = set()
     for k, loop in enumerate(loops):
         if k in assigned:
             continue
-        expression = markers.get(loop.location) if loop.location else None
+        if cold[loop.end]:
+            loop.trips = 0.0
+            continue
+        expression = loop_marker(loop, instructions, markers)
         if expression is None:
             raise SystemExit(
                 f"cuda_model: {name}: loop at {loop.location} has no '// model-loop: <trips>' comment in the source"
             )
         declared_unroll = None
-        if expression != COLD and ";" in expression:  # "<trips>; unroll <U>": a #pragma unroll U loop
+        if ";" in expression:  # "<trips>; unroll <U>": a #pragma unroll U loop
             expression, _, clause = expression.partition(";")
             declared_unroll = int(clause.split()[-1])
-        if expression == COLD:
-            trips = 0.0
-        else:
-            trips = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
+        trips = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
         later = loops[k + 1] if k + 1 < len(loops) else None
-        if later is not None and later.location == loop.location and later.start > loop.end:
-            if declared_unroll is not None:
-                unroll = declared_unroll
-            else:
-                main = body_signature(instructions, loop.start, loop.end)
-                rest = body_signature(instructions, later.start, later.end)
-                common = [c for c in rest if c in main]
-                unroll = max(1, round(main[common[0]] / rest[common[0]])) if common else 1
-            loop.trips = float(trips // unroll)
-            later.trips = float(trips % unroll)
+        if declared_unroll is not None and later is not None and later.location == loop.location and later.start > loop.end:
+            loop.trips = float(trips // declared_unroll)
+            later.trips = float(trips % declared_unroll)
             assigned.add(k + 1)
         else:
             # Without a remainder loop the leftover iterations are peeled outside the loop,
             # where they are counted once.
             loop.trips = float(trips // declared_unroll) if declared_unroll else trips
-    weights = [0.0 if markers.get(ins.location) == COLD else 1.0 for ins in instructions]
+    weights = [0.0 if c else 1.0 for c in cold]
     for loop in loops:
         for index in range(loop.start, loop.end + 1):
             weights[index] *= loop.trips
@@ -350,10 +414,14 @@ def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, 
         batch, shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms,
         False, detach,
     )
-    # The launch order depends on r and the options only: run a tiny call of the same kind.
+    # The launch order depends on r, the options and whether the chunks are added up in a
+    # tree (a memset of its counters) only: run a tiny call of the same kind.
     tiny = torch.Generator().manual_seed(0)
-    u = torch.randn(1, 2, shape["dim_in"], generator=tiny)
-    W = torch.randn(2, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny)
+    num_in = 8 if plan.get("chunk_levels", 0) > 0 else 2
+    tiny_plan = simt.describe_plan(1, num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms)
+    assert (tiny_plan.get("chunk_levels", 0) > 0) == (plan.get("chunk_levels", 0) > 0), "the tiny call must use the same launches"
+    u = torch.randn(1, num_in, shape["dim_in"], generator=tiny)
+    W = torch.randn(num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny)
     simt.clear_launch_log()
     _, s_saved, _ = simt.routing_forward(u, W, None, None, iterations, False, detach, False)
     forward_count = len(simt.full_launch_log())
@@ -362,29 +430,61 @@ def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, 
     return plan, launches[:forward_count], launches[forward_count:]
 
 
+MEMSET = "cudaMemsetAsync"  # a stream operation in the launch log that is not a kernel: a launch gap
+
+
+def enum_values(root: pathlib.Path = CSRC) -> dict[str, list[str]]:
+    """{enum class name: its enumerators in order} from the kernel sources (the mangled
+    name of an instantiation holds an enumerator's index)."""
+    enums = {}
+    for path in (root / "cuda").glob("*.cuh"):
+        code = re.sub(r"//[^\n]*", "", path.read_text())  # comments may hold braces
+        for name, body in re.findall(r"enum class (\w+)\s*\{([^}]*)\}", code):
+            enums[name] = re.findall(r"^\s*(k\w+)", body, flags=re.M)
+    return enums
+
+
 def instantiation_of(launch: str, scalar: str, tile: str) -> str:
-    """'forward_partial_sums_kernel<scalar_t, Tile, true>' -> explicit instantiation declaration."""
+    """'forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater>' -> explicit instantiation
+    declaration."""
     name, _, arguments = launch.partition("<")
-    arguments = arguments.rstrip(">").replace("scalar_t", scalar).replace("Tile", tile).replace("SweepPass::", "capsnet::cuda::SweepPass::")
+    arguments = arguments.rstrip(">").replace("scalar_t", scalar).replace("Tile", tile)
+    arguments = re.sub(r"\b(\w+)::(k\w+)", r"capsnet::cuda::\1::\2", arguments)
     params = "PriorParams" if name.startswith("prior") else ("ForwardParams" if name.startswith("forward") else "BackwardParams")
     return f"{name}<{arguments}>(const {params}<{scalar}>)"
 
 
-def mangled_match(mangled: dict, instantiation: str):
+def mangled_match(mangled: dict, instantiation: str, enums: dict | None = None):
+    """The mangled name of an explicit instantiation: its name, and its bool and enum
+    template arguments in order (Lb1E, L...<enum>E<index>E)."""
+    enums = enum_values() if enums is None else enums
     name = instantiation.split("<")[0]
-    arguments = instantiation.split("<", 1)[1]
+    arguments = instantiation.split("<", 1)[1].split(">(", 1)[0]
     flags = []
-    if "true" in arguments:
-        flags.append("Lb1E")
-    if "false" in arguments:
-        flags.append("Lb0E")
-    for code, enum_value in enumerate(("kLogitGrads", "kPriorGrads", "kCouplingsOnly")):
-        if enum_value in arguments:
-            flags.append(f"SweepPassE{code}E")
-    candidates = [m for m in mangled if f"{len(name)}{name}" in m and all(f in m for f in flags)]
+    for argument in arguments.split(","):
+        argument = argument.strip()
+        if argument in ("true", "false"):
+            flags.append("Lb1E" if argument == "true" else "Lb0E")
+        m = re.search(r"(\w+)::(k\w+)$", argument)
+        if m:
+            enum, value = m.groups()
+            flags.append(f"{len(enum)}{enum}E{enums[enum].index(value)}E")
+    pattern = ".*".join(re.escape(f) for f in flags)
+    candidates = [m for m in mangled if f"{len(name)}{name}I" in m and re.search(pattern, m.split(f"{len(name)}{name}I", 1)[1])]
     if len(candidates) != 1:
         raise SystemExit(f"cuda_model: cannot find {instantiation} among {list(mangled)}")
     return candidates[0]
+
+
+def row_key(launch: str) -> str:
+    """How the tables name a launch: the kernel, and its compile-time step or pass."""
+    name = launch.split("<")[0]
+    if name == MEMSET:
+        return MEMSET
+    if "<" in launch and re.search(r"\btrue\b", launch) and name.startswith("forward_partial_sums"):
+        return name + "<first>"  # the kernels before the rework
+    m = re.search(r"::(k\w+)", launch)
+    return f"{name}<{m.group(1)}>" if m else name
 
 
 @dataclass
@@ -399,12 +499,17 @@ class KernelEstimate:
     warp_instructions: float = 0.0
     classes: dict = field(default_factory=dict)
     microseconds: float = 0.0
+    bound: str = ""
 
 
 def blocks_per_sm(gpu: Gpu, registers: int, threads: int, shared: int) -> int:
+    """Resident blocks per SM, as cuda_occupancy.h computes them: registers are allocated
+    per warp in units of 256, and each SM quarter holds as many warps as fit its quarter of
+    the register file."""
     warps = math.ceil(threads / 32)
     regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
-    by_regs = gpu.registers_per_sm // (regs_per_warp * warps)
+    warps_by_regs = (gpu.registers_per_sm // gpu.sub_partitions // regs_per_warp) * gpu.sub_partitions
+    by_regs = warps_by_regs // warps
     by_warps = gpu.max_warps_per_sm // warps
     by_shared = gpu.shared_bytes_per_sm // (shared + gpu.shared_reserved_per_block) if shared else gpu.max_blocks_per_sm
     return max(0, min(by_regs, by_warps, by_shared, gpu.max_blocks_per_sm))
@@ -417,10 +522,11 @@ class LaunchCost:
     resident: int  # blocks per SM
     per_warp: float  # warp-instructions one warp issues
     microseconds: float
+    bound: str  # what limits it: "issue" or a pipe
 
 
 def cost_of_launch(gpu: Gpu, res: Resources, classes: dict, config: dict) -> LaunchCost:
-    """The issue-limited time of one launch (the module docstring gives the arithmetic)."""
+    """The time of one launch (the module docstring gives the arithmetic)."""
     blocks = math.prod(config["grid"])
     threads = math.prod(config["block"])
     warps = math.ceil(threads / 32)
@@ -429,10 +535,31 @@ def cost_of_launch(gpu: Gpu, res: Resources, classes: dict, config: dict) -> Lau
         raise SystemExit(f"cuda_model: a launch with {threads} threads and {res.registers} registers cannot run")
     busiest = math.ceil(blocks / gpu.multiprocessors)
     concurrent = min(resident, busiest)
-    efficiency = min(1.0, concurrent * warps / 4 / 2)  # 2 warps per scheduler hide dependent issue
+    efficiency = min(1.0, concurrent * warps / gpu.sub_partitions / 2)  # 2 warps per scheduler hide dependent issue
     per_warp = sum(classes.values())
-    cycles = busiest * warps * (per_warp + classes.get("fp64", 0.0)) / (4 * efficiency)
-    return LaunchCost(blocks, warps, resident, per_warp, cycles / (gpu.clock_ghz * 1e3) + gpu.launch_gap_us)
+    warps_on_busiest = busiest * warps
+    cycles = {"issue": warps_on_busiest * per_warp / (gpu.sub_partitions * efficiency)}
+    for pipe, rate in gpu.pipes.items():
+        count = sum(n for cls, n in classes.items() if PIPE_OF_CLASS.get(cls) == pipe)
+        cycles[pipe] = warps_on_busiest * count / rate
+    bound = max(cycles, key=cycles.get)
+    return LaunchCost(blocks, warps, resident, per_warp, cycles[bound] / (gpu.clock_ghz * 1e3) + gpu.launch_gap_us, bound)
+
+
+def plan_env(plan: dict, shape: dict, detach: bool) -> dict:
+    """The names a '// model-loop:' expression may use: the shape, the plan's numbers and a
+    few derived from them."""
+    env = dict(shape)
+    env.update({key: value for key, value in plan.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    env["grad_s_terms"] = 1 if detach else shape["iterations"]
+    if plan.get("grad_input_slice"):
+        env["input_slices"] = math.ceil(shape["dim_in"] / plan["grad_input_slice"])
+    gradient = plan["launches"].get("gradient_kernel") if plan.get("tile") == "CapsNetTile" else plan["launches"].get("grad_weight_kernel")
+    if gradient is not None:
+        env["gradient_blocks"] = math.prod(gradient["grid"])
+        env["gradient_threads"] = math.prod(gradient["block"])
+        env["gradient_round_rows"] = (16 // env.get("acc_bytes", 4)) * 8 * shape["dim_in"]
+    return env
 
 
 def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, dict]:
@@ -442,19 +569,13 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
         args.batch, CAPSNET_SHAPE, args.iterations, acc_bytes, gpu.multiprocessors, args.detach_routing
     )
     tile = plan["tile"]
-    instantiations = sorted({instantiation_of(launch, scalar, tile) for launch in forward + backward})
+    kernels = [launch for launch in forward + backward if launch != MEMSET]
+    instantiations = sorted({instantiation_of(launch, scalar, tile) for launch in kernels})
     with tempfile.TemporaryDirectory() as workdir:
         resources, sass = compile_kernels(instantiation_source(instantiations), args.arch, workdir)
     functions = parse_sass(sass)
     shape = dict(CAPSNET_SHAPE, batch=args.batch, iterations=args.iterations)
-    env = dict(
-        batch=args.batch, num_in=shape["num_in"], num_out=shape["num_out"], dim_out=shape["dim_out"],
-        dim_in=shape["dim_in"], iterations=args.iterations, inputs_per_chunk=plan["inputs_per_chunk"],
-        num_chunks=plan["num_chunks"], terms=plan["terms"], sample_groups=plan["sample_groups"],
-        grad_input_slice=plan["grad_input_slice"],
-        input_slices=math.ceil(shape["dim_in"] / plan["grad_input_slice"]),
-        grad_s_terms=1 if args.detach_routing else args.iterations,
-    )
+    env = plan_env(plan, dict(shape, acc_bytes=acc_bytes), args.detach_routing)
     per_function = {}
     markers = source_markers()
     for mangled, (instructions, labels) in functions.items():
@@ -464,22 +585,25 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
             cls = instruction_class(ins)
             classes[cls] = classes.get(cls, 0.0) + weight
         per_function[mangled] = classes
+    enums = enum_values()
 
     def run(launches):
         rows: dict[str, KernelEstimate] = {}
         for launch in launches:
+            key = row_key(launch)
+            row = rows.setdefault(key, KernelEstimate(key))
+            row.launches += 1
+            if launch == MEMSET:
+                row.microseconds += gpu.launch_gap_us
+                row.bound = "gap"
+                continue
             name = launch.split("<")[0]
-            mangled = mangled_match(resources, instantiation_of(launch, scalar, tile))
+            mangled = mangled_match(resources, instantiation_of(launch, scalar, tile), enums)
             config = plan["launches"][name]
             res = resources[mangled]
             classes = per_function[mangled]
             launch_cost = cost_of_launch(gpu, res, classes, config)
             blocks, resident, per_warp, warps = launch_cost.blocks, launch_cost.resident, launch_cost.per_warp, launch_cost.warps
-            key = name + ("<first>" if "true" in launch else "") + (
-                "<" + launch.split("SweepPass::")[1].rstrip(">") + ">" if "SweepPass::" in launch else ""
-            )
-            row = rows.setdefault(key, KernelEstimate(key))
-            row.launches += 1
             row.registers, row.spill_bytes = res.registers, res.spill_bytes
             row.blocks, row.blocks_per_sm = blocks, resident
             row.waves = blocks / (resident * gpu.multiprocessors)
@@ -487,6 +611,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
             for cls, count in classes.items():
                 row.classes[cls] = row.classes.get(cls, 0.0) + blocks * warps * count
             row.microseconds += launch_cost.microseconds
+            row.bound = launch_cost.bound
         return list(rows.values())
 
     return run(forward), run(backward), plan, resources
@@ -495,20 +620,23 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
 def format_table(title: str, rows: list[KernelEstimate]) -> str:
     lines = [
         f"{title}",
-        "| kernel | launches | regs | spill B | blocks | blocks/SM | waves | warp-instr (M) | FFMA share | LDG | LDS+STS | BAR | est. us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | launches | regs | spill B | blocks | blocks/SM | waves | warp-instr (M) | FFMA share | LDG | LDS+STS | BAR | bound | est. us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         total = row.warp_instructions or 1.0
         ffma = row.classes.get("ffma", 0.0) + row.classes.get("fp64", 0.0)
         ldg = row.classes.get("ldg", 0.0) + row.classes.get("ldg.128", 0.0)
         lds = row.classes.get("lds", 0.0) + row.classes.get("sts", 0.0)
+        if row.kernel == MEMSET:
+            lines.append(f"| {row.kernel} | {row.launches} | | | | | | | | | | | gap | {row.microseconds:.1f} |")
+            continue
         lines.append(
             f"| {row.kernel} | {row.launches} | {row.registers} | {row.spill_bytes} | {row.blocks} | {row.blocks_per_sm} | "
             f"{row.waves:.2f} | {row.warp_instructions / 1e6:.2f} | {ffma / total:.0%} | {ldg / total:.0%} | "
-            f"{lds / total:.0%} | {row.classes.get('barrier', 0.0) / total:.1%} | {row.microseconds:.1f} |"
+            f"{lds / total:.0%} | {row.classes.get('barrier', 0.0) / total:.1%} | {row.bound} | {row.microseconds:.1f} |"
         )
-    lines.append(f"| **total** | | | | | | | {sum(r.warp_instructions for r in rows) / 1e6:.2f} | | | | | "
+    lines.append(f"| **total** | {sum(r.launches for r in rows)} | | | | | | {sum(r.warp_instructions for r in rows) / 1e6:.2f} | | | | | | "
                  f"**{sum(r.microseconds for r in rows):.1f}** |")
     return "\n".join(lines)
 
@@ -522,14 +650,17 @@ def resource_check(arch: str) -> int:
             args = argparse.Namespace(arch=arch, batch=batch, dtype="float32", iterations=3, detach_routing=detach)
             forward, backward, plan, resources = estimate(args)
             for row in forward + backward:
+                if row.kernel == MEMSET:
+                    continue
                 if row.spill_bytes:
                     failures.append(f"B={batch}: {row.kernel} spills {row.spill_bytes} bytes")
                 if row.blocks_per_sm < 1:
                     failures.append(f"B={batch}: {row.kernel} has no resident block per SM")
-            print(f"B={batch} detach_routing={detach}: {len(forward + backward)} kernels, "
-                  f"max registers {max(r.registers for r in forward + backward)}, "
-                  f"min blocks/SM {min(r.blocks_per_sm for r in forward + backward)}, "
-                  f"spill bytes {sum(r.spill_bytes for r in forward + backward)}")
+            kernels = [r for r in forward + backward if r.kernel != MEMSET]
+            print(f"B={batch} detach_routing={detach}: {len(kernels)} kernels, "
+                  f"max registers {max(r.registers for r in kernels)}, "
+                  f"min blocks/SM {min(r.blocks_per_sm for r in kernels)}, "
+                  f"spill bytes {sum(r.spill_bytes for r in kernels)}")
     for failure in failures:
         print("FAIL:", failure)
     print("resource check:", "FAILED" if failures else "passed")
@@ -558,8 +689,9 @@ def main(argv=None) -> int:
           f"D_in={CAPSNET_SHAPE['dim_in']}, r={args.iterations}, {args.dtype}, B={args.batch}"
           + (", detach_routing" if args.detach_routing else ""))
     print(f"plan: {plan['tile']}, {plan['samples_per_block']} samples x {CAPSNET_SHAPE['num_out']} capsules per block, "
-          f"{plan['num_chunks']} chunks of {plan['inputs_per_chunk']} inputs, grad_weight sample groups "
-          f"{plan['sample_groups']}\n")
+          f"{plan['num_chunks']} chunks of {plan['inputs_per_chunk']} inputs"
+          + (f" ({plan['chunk_levels']} chunk-tree levels)" if "chunk_levels" in plan else "")
+          + f", gradient sample groups {plan['sample_groups']}\n")
     print(format_table("forward", forward))
     print()
     print(format_table("backward", backward))

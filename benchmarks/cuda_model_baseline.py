@@ -1,8 +1,9 @@
 """The static model (benchmarks/cuda_model.py) applied to the kernels before this rework.
 
-    python -m benchmarks.cuda_model_baseline /path/to/old/checkout   # e.g. a checkout of c42e625
+    python -m benchmarks.cuda_model_baseline /path/to/old/checkout   # e.g. a checkout of 0cfa852
 
-Those kernels (csrc/cuda/routing_kernel.cuh of commit c42e625 and earlier) carry no
+Those kernels (csrc/cuda/routing_kernel.cuh of commit 0cfa852 and earlier; c42e625 changed
+the math seam under them, and its copy no longer compiles) carry no
 ``model-loop`` comments and had their own planner: the loop trip counts and the launch plan
 of the CapsNet shape at B=128 on an H100 are written out here from that source
 (routing_launch.h: 32 samples x 10 capsules per block, 64 chunks of 18 inputs, couplings
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
             for cls, count in classes.items():
                 row.classes[cls] = row.classes.get(cls, 0.0) + cost.blocks * cost.warps * count
             row.microseconds += cost.microseconds
+            row.bound = cost.bound
         rows.append(row)
     forward = [r for r in rows if r.kernel.endswith("(fwd)")]
     backward = [r for r in rows if not r.kernel.endswith("(fwd)")]

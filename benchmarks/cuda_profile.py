@@ -5,7 +5,7 @@
 
 For each batch size: a CapsNet-shape float32 forward+backward (r = 3), warmed up, then
 ``--steps`` steps under torch.profiler; each CUDA kernel's device time per step, grouped as
-benchmarks/cuda_model.py groups them (``forward_partial_sums_kernel<first>``, ...), beside the
+benchmarks/cuda_model.py groups them (``forward_iteration_kernel<kLater>``, ...), beside the
 model's estimate for the architecture of the device (sm_90 without a GPU) and the ratio.
 Writes ``cuda-kernels.md`` and ``.json`` into ``--out``.
 """
@@ -25,18 +25,24 @@ from benchmarks import cuda_model
 CAPSNET = cuda_model.CAPSNET_SHAPE
 
 
-def model_key(kernel_name: str) -> str | None:
-    """'void capsnet::cuda::forward_partial_sums_kernel<float, capsnet::cuda::CapsNetTile, true>(...)'
-    -> 'forward_partial_sums_kernel<first>', as cuda_model names its rows; None for other kernels."""
-    m = re.search(r"capsnet::cuda::(\w+_kernel)<([^()]*)>", kernel_name)
+def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
+    """A profiler event's name as cuda_model names its rows:
+    'void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2>(...)'
+    (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
+    -> 'cudaMemsetAsync'; None for other kernels."""
+    if kernel_name.startswith("Memset"):
+        return cuda_model.MEMSET
+    m = re.search(r"capsnet::cuda::(\w+_kernel)<(.*)>\s*\(", kernel_name)
     if not m:
         return None
     name, arguments = m.groups()
-    if name == "forward_partial_sums_kernel" and re.search(r"\btrue\b|\(bool\)1", arguments):
-        return name + "<first>"
-    for value, label in (("0", "kLogitGrads"), ("1", "kPriorGrads"), ("2", "kCouplingsOnly")):
-        if name == "backward_partial_sums_kernel" and (label in arguments or f"SweepPass)" + value in arguments):
-            return f"{name}<{label}>"
+    named = re.search(r"::(k\w+)\b", arguments)
+    if named:
+        return f"{name}<{named.group(1)}>"
+    numbered = re.search(r"\(capsnet::cuda::(\w+)\)(\d+)", arguments)
+    if numbered:
+        enums = cuda_model.enum_values() if enums is None else enums
+        return f"{name}<{enums[numbered.group(1)][int(numbered.group(2))]}>"
     return name
 
 
@@ -105,7 +111,9 @@ def main(argv=None) -> int:
     for batch in args.batch_sizes:
         model_args = argparse.Namespace(arch=arch, batch=batch, dtype="float32", iterations=3, detach_routing=False)
         forward, backward, _, _ = cuda_model.estimate(model_args)
-        estimates = {row.kernel: row.microseconds for row in forward + backward}
+        estimates: dict[str, float] = {}
+        for row in forward + backward:  # the memsets of the forward and of the backward share a row
+            estimates[row.kernel] = estimates.get(row.kernel, 0.0) + row.microseconds
         measured = {} if args.dry_run else measure(batch, args.steps)
         for kernel in list(estimates) + [k for k in measured if k not in estimates]:
             m, e = measured.get(kernel), estimates.get(kernel)

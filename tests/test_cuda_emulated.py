@@ -1,7 +1,8 @@
 """The CUDA kernels, run without a GPU on the CPU emulation of CUDA (``csrc/simt``).
 
 The module (``benchmarks/emulator.py`` builds it) compiles the very kernels nvcc compiles
-(``csrc/cuda/routing_forward.cuh``, ``routing_backward.cuh``) and the CUDA launcher's host code
+(``csrc/cuda/routing_forward.cuh``, ``routing_backward.cuh``, ``routing_gradients.cuh``) and
+the CUDA launcher's host code
 (``csrc/cuda/routing_host.h``: checks, launch plan, launch order) with g++ against
 ``csrc/simt/simt.h``, and runs every CUDA thread as a fiber. Outputs and workspaces start as
 NaN and shared memory is poisoned, so a kernel that reads something nobody wrote fails here;
@@ -30,7 +31,7 @@ from benchmarks import emulator  # noqa: E402
 from capsnet.reference import dynamic_routing_reference  # noqa: E402
 
 CUDA_DIR = REPO / "csrc" / "cuda"
-KERNEL_SOURCES = [CUDA_DIR / "routing_forward.cuh", CUDA_DIR / "routing_backward.cuh"]
+KERNEL_SOURCES = [CUDA_DIR / "routing_forward.cuh", CUDA_DIR / "routing_backward.cuh", CUDA_DIR / "routing_gradients.cuh"]
 
 # A kernel stuck in a loop fails the run (pytest-timeout's thread method ends the process)
 # instead of hanging CI; a divergent barrier already raises. The one-time build, in the
@@ -84,9 +85,14 @@ def reference_outputs(u, W, bias, prior, grad_v, r, *, leaky=False, detach=False
     return (v.detach(), c, grads[0], grads[1], grads[2], grad_prior)
 
 
-def run_emulated(simt, u, W, bias, prior, grad_v, r, *, leaky=False, detach=False, **launch):
+def run_emulated(simt, u, W, bias, prior, grad_v, r, *, leaky=False, detach=False, max_coefficient_bytes=0, **launch):
+    """Forward and backward; every chunk tree must leave its counters at zero (the next
+    launch of the call relies on it)."""
     v, s_saved, couplings = simt.routing_forward(u, W, bias, prior, r, leaky, detach, True, **launch)
-    grad_u, grad_W, grad_bias, grad_prior, _ = simt.routing_backward(grad_v, u, W, prior, s_saved, leaky, detach, **launch)
+    assert not simt.last_counters().any(), "the forward left a chunk-tree counter non-zero"
+    grad_u, grad_W, grad_bias, grad_prior, _ = simt.routing_backward(
+        grad_v, u, W, prior, s_saved, leaky, detach, max_coefficient_bytes=max_coefficient_bytes, **launch)
+    assert not simt.last_counters().any(), "the backward left a chunk-tree counter non-zero"
     assert s_saved.dtype == (torch.float64 if u.dtype == torch.float64 else torch.float32)
     return (v, couplings, grad_u, grad_W, grad_bias, grad_prior)
 
@@ -119,7 +125,7 @@ SMALL_SHAPES = [
     (2, 9, 2, 32, 32, 2, True, 132),  # the largest dimensions; grad_u in two shared-memory rounds
     (2, 17, 40, 3, 2, 3, False, 132),  # N_out > 32: fewer samples per block
     (3, 10, 13, 16, 8, 2, True, 132),  # the CapsNet dimensions with N_out > 12: generic tile
-    (37, 20, 3, 16, 8, 2, True, 2),  # B = 37: three sample tiles of 16, the last with 11 idle lanes
+    (37, 20, 3, 16, 8, 2, True, 2),  # B = 37: two sample tiles of 32, the second with 27 idle samples
     (5, 50, 6, 7, 8, 5, True, 3),  # r = 5; N_in not a multiple of the chunk
 ]
 
@@ -166,18 +172,44 @@ def test_capsnet_shape_with_every_option(simt):
 
 
 def test_real_plan_structure(simt):
-    """The structure of a production launch: full sample tiles (four of 16 lanes), several
-    input chunks, chunks whose size is not a multiple of 8, and several sample groups in
-    grad_weight."""
-    batch, num_in, sm_count = 64, 100, 6
+    """The structure of a production launch: full sample tiles (three of 32), several input
+    chunks whose size is not a multiple of 8 and whose count is not a power of two (a chunk
+    tree with single children), and several sample groups in the gradient kernel."""
+    batch, num_in, sm_count = 96, 100, 9
     plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count)
-    assert plan["tile"] == "CapsNetTile" and batch % plan["samples_per_block"] == 0 and batch // plan["samples_per_block"] >= 2
-    assert plan["num_chunks"] >= 2 and plan["inputs_per_chunk"] % 8 != 0, plan
+    assert plan["tile"] == "CapsNetTile" and batch % plan["samples_per_block"] == 0 and plan["sample_tiles"] >= 2, plan
+    assert plan["num_chunks"] >= 3 and plan["inputs_per_chunk"] % 8 != 0, plan
+    assert plan["num_chunks"] & (plan["num_chunks"] - 1) and plan["chunk_levels"] >= 2, plan
     assert plan["sample_groups"] >= 2, plan
     u, W, bias, prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=True)
     for leaky in (False, True):
         actual = run_emulated(simt, u, W, bias, prior, grad_v, 3, leaky=leaky, multiprocessor_count=sm_count)
         assert_matches(actual, reference_outputs(u, W, bias, prior, grad_v, 3, leaky=leaky), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_in_slices_of_the_batch(simt, dtype):
+    """A coefficient workspace above its bound makes the backward run slice by slice,
+    adding each slice's dW, dbias and dprior (in float32 for half storage): the same
+    gradients as in one pass, to rounding."""
+    batch, num_in = 70, 12
+    u, W, bias, prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, dtype, weight_scale=0.3, prior=True)
+    per_sample = 5 * num_in * 10 * 4  # coefficient slots (2 r - 2 + prior) x I x J x 4 bytes
+    bound = 40 * per_sample  # slices of 32 samples: 32, 32, 6
+    v, s_saved, _ = simt.routing_forward(u, W, bias, prior, 3, True, False, False)
+    whole = simt.routing_backward(grad_v, u, W, prior, s_saved, True, False)[:4]
+    simt.clear_launch_log()
+    sliced = simt.routing_backward(grad_v, u, W, prior, s_saved, True, False, max_coefficient_bytes=bound)[:4]
+    assert simt.launch_log().count("gradient_kernel") == 3, simt.launch_log()
+    for name, a, e in zip(("grad_u", "grad_W", "grad_bias", "grad_prior"), sliced, whole):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3 * e.abs().max().item())
+        torch.testing.assert_close(a, e, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+    if dtype == torch.float32:
+        expected = reference_outputs(u, W, bias, prior, grad_v, 3, leaky=True)[2:]
+        for name, a, e in zip(("grad_u", "grad_W", "grad_bias", "grad_prior"), sliced, expected):
+            scale = max(e.abs().max().item(), 1.0)
+            torch.testing.assert_close(a.double(), e, rtol=2e-4, atol=2e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -208,8 +240,9 @@ def test_backward_recomputes_the_forward_couplings_bitwise(simt, flags, detach, 
     u, W, bias, logit_prior, grad_v = make_inputs(37, 50, 10, 16, 8, dtype, weight_scale=0.3, prior=prior)
     v, s_saved, couplings = simt.routing_forward(u, W, bias, logit_prior, r, leaky, detach, True, multiprocessor_count=3)
     *_, coefficients = simt.routing_backward(grad_v, u, W, logit_prior, s_saved, leaky, detach, multiprocessor_count=3)
+    plan = simt.describe_plan(37, 50, 10, 16, 8, r, 8 if dtype == torch.float64 else 4, 3, prior, detach)
     slot = 0 if detach else r - 2  # BackwardTerms::coupling_slot(r - 1), csrc/cuda/routing_layout.h
-    recomputed = coefficients.view(-1, 50, 10, 37)[slot].permute(2, 0, 1)
+    recomputed = coefficients.view(-1, 50, 10, plan["coefficient_batch"])[slot, :, :, :37].permute(2, 0, 1)
     assert torch.equal(recomputed, couplings)
 
 
@@ -223,16 +256,19 @@ def declared_kernels():
 
 def test_every_kernel_is_emulated(simt):
     declared = set(declared_kernels())
-    assert len(declared) >= 8, f"could not parse the kernels of {KERNEL_SOURCES}: {declared}"
+    assert len(declared) >= 7, f"could not parse the kernels of {KERNEL_SOURCES}: {declared}"
     simt.clear_launch_log()
     for shape in [(3, 40, 10, 16, 8), (3, 40, 4, 5, 3)]:  # CapsNet tile, generic tile
-        for prior, detach in [(True, False), (True, True)]:
+        for prior, leaky, detach, r in [(True, False, False, 3), (False, True, False, 3), (True, True, True, 3), (False, False, False, 1)]:
             u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=torch.float32, prior=prior)
-            run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, detach=detach)
-    launched = set(simt.launch_log())
+            run_emulated(simt, u, W, bias, logit_prior, grad_v, r, leaky=leaky, detach=detach)
+    launched = set(simt.launch_log()) - {"cudaMemsetAsync"}
     assert launched == declared, f"never launched: {declared - launched}; unknown: {launched - declared}"
-    passes = {name for name in simt.full_launch_log() if name.startswith("backward_partial_sums_kernel")}
-    assert len(passes) == 3, passes  # every SweepPass
+    full = simt.full_launch_log()
+    steps = {name.split("ForwardStep::")[1].rstrip(">") for name in full if "ForwardStep::" in name}
+    assert steps == {"kUniformFirst", "kPriorFirst", "kLater", "kLaterLeaky"}, steps
+    passes = {name.split("SweepPass::")[1].split(",")[0] for name in full if "SweepPass::" in name}
+    assert passes == {"kFirstLogitGrads", "kLogitGrads", "kPriorGrads", "kCouplingsOnly"}, passes
 
 
 def test_launchers_use_each_kernels_launch_bound():
@@ -247,20 +283,21 @@ def test_launchers_use_each_kernels_launch_bound():
 
 
 def test_launch_order(simt):
+    """One launch per forward iteration and per sweep pass (the chunk trees squash inside
+    them, after one zeroing of their counters per call), then the gradient kernel."""
     u, W, bias, _, grad_v = make_inputs(2, 20, 3, 16, 8, dtype=torch.float32)
+    assert simt.describe_plan(2, 20, 3, 16, 8, 3)["chunk_levels"] > 0
     simt.clear_launch_log()
     run_emulated(simt, u, W, bias, None, grad_v, 3)
-    forward = ["forward_partial_sums_kernel", "forward_squash_kernel"] * 3
-    backward = (
-        ["backward_squash_kernel"]
-        + ["backward_partial_sums_kernel", "backward_squash_kernel"] * 2
-        + ["grad_weight_kernel", "grad_input_kernel", "grad_bias_kernel"]
-    )
+    forward = ["cudaMemsetAsync"] + ["forward_iteration_kernel"] * 3
+    backward = ["cudaMemsetAsync"] + ["backward_sweep_kernel"] * 2 + ["gradient_kernel"]
     assert simt.launch_log() == forward + backward
     simt.clear_launch_log()
     run_emulated(simt, u, W, bias, None, grad_v, 3, detach=True)
-    detached = ["backward_squash_kernel", "backward_partial_sums_kernel", "grad_weight_kernel", "grad_input_kernel", "grad_bias_kernel"]
-    assert simt.launch_log() == forward + detached
+    assert simt.launch_log() == forward + ["backward_sweep_kernel", "gradient_kernel"]
+    simt.clear_launch_log()
+    run_emulated(simt, u, W, bias, None, grad_v, 1)
+    assert simt.launch_log() == ["cudaMemsetAsync", "forward_iteration_kernel", "backward_output_kernel", "gradient_kernel"]
 
 
 def test_tests_cover_both_tile_classes(simt):
@@ -275,19 +312,25 @@ SCHEDULES = [("ascending", 0), ("descending", 0), ("shuffled", 1), ("shuffled", 
 
 
 @pytest.mark.parametrize(
-    "shape, flags",
-    [((3, 1152, 10, 16, 8), (False, False, False)), ((3, 40, 4, 5, 3), (True, True, False)), ((37, 20, 3, 16, 8), (True, False, False)),
-     ((37, 20, 3, 16, 8), (False, True, True))],
-    ids=["capsnet", "generic-prior-leaky", "two-tiles-prior", "two-tiles-leaky-detach"],
+    "shape, flags, sm_count",
+    [((3, 1152, 10, 16, 8), (False, False, False), 2), ((3, 40, 4, 5, 3), (True, True, False), 2),
+     ((37, 20, 3, 16, 8), (True, False, False), 2), ((37, 20, 3, 16, 8), (False, True, True), 2),
+     ((70, 90, 10, 16, 8), (False, False, False), 40)],
+    ids=["capsnet", "generic-prior-leaky", "two-tiles-prior", "two-tiles-leaky-detach", "deep-chunk-trees"],
 )
-def test_bitwise_identical_under_every_schedule(simt, shape, flags):
+def test_bitwise_identical_under_every_schedule(simt, shape, flags, sm_count):
     """Threads and blocks in other orders give the same bits: no thread reads shared or
     global memory before the barrier that orders it after its write (a missing barrier makes
-    some order read a stale or NaN value), and every sum has a fixed order."""
+    some order read a stale or NaN value), every sum has a fixed order, and the chunk trees
+    add the same pairs whichever block arrives last."""
     prior, leaky, detach = flags
+    if sm_count == 40:
+        plan = simt.describe_plan(*shape, 3, 4, sm_count)
+        assert plan["chunk_levels"] >= 3 and plan["num_chunks"] & (plan["num_chunks"] - 1) and plan["sample_tiles"] == 3, plan
     u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=torch.float32, weight_scale=0.05, prior=prior)
     runs = [
-        run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=s, seed=seed, multiprocessor_count=2)
+        run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=s, seed=seed,
+                     multiprocessor_count=sm_count)
         for s, seed in SCHEDULES
     ]
     for (schedule, seed), run in zip(SCHEDULES[1:], runs[1:]):

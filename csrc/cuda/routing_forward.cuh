@@ -8,11 +8,13 @@
 //   v_k[j]     = squash(s_k[j])                                           (Eq. 1)
 //   b_{k+1}[i, j] = b_k[i, j] + <u_hat[j|i], v_k[j]>
 // so b_k[i, j] = prior[i, j] + <u_hat[j|i], V_k[j]> with V_k = v_0 + ... + v_{k-1}: the logits
-// need no storage, only the running sum V_k ([B, J, D]). u_hat is never stored. The forward
-// saves s_k (s_saved) and nothing else; the backward recomputes the couplings.
+// need no storage, only the running sum V_k ([B, J, D] per iteration). u_hat is never
+// stored. The forward saves s_k (s_saved) and nothing else; the backward recomputes the
+// couplings. One launch per iteration: the chunks' partial sums meet in the chunk tree
+// (routing_tree.cuh), whose last block squashes.
 #pragma once
 
-#include "routing_device.cuh"
+#include "routing_tree.cuh"
 
 namespace capsnet::cuda {
 
@@ -30,7 +32,8 @@ struct ForwardParams {
   acc_t* s_saved;                // [B, r, J, D]            output: s_k before squash
   scalar_t* couplings;           // [B, I, J]               output (last iteration), or nullptr
   acc_t* partials;               // [B, num_chunks, J, D]   workspace: partial sums of s_k
-  acc_t* agreement;              // [B, J, D]               workspace: V_k
+  int* tree_counters;            // [sample tiles, chunks]  workspace: zero before the first launch
+  acc_t* agreement;              // [r - 1, B, J, D]        workspace: V_k
   int iteration;                 // k
 };
 
@@ -54,122 +57,168 @@ __global__ void __launch_bounds__(kColumnKernelMaxThreads) prior_coupling_kernel
     return;
   }
   acc_t* row = p.prior_couplings + g.pair(i, 0);
-  for (int64_t k = 0; k < g.shape.num_out; ++k) {
+  for (int64_t k = 0; k < g.shape.num_out; ++k) {  // model-loop: num_out
     row[k] = static_cast<acc_t>(p.logit_prior[g.pair(i, k)]);
   }
   coupling_row(row, row, g.shape.num_out, 1, p.options, [](acc_t x) { return std::exp(x); });
 }
 
-// partials[b, chunk, j, :] = sum_{i in chunk} c_k[i, j] u_hat[j|i]       (Eq. 2, part of the sum),
-// and at the last iteration, when asked, couplings[b, i, j] = c_k[i, j].
-// Grid (sample tiles, chunks), block (lanes, J). kFirst: iteration 0, whose couplings are the
-// initial ones (no logits, no exchange), compiled separately so that neither pays for the other.
-template <typename scalar_t, typename Tile, bool kFirst>
-__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_partial_sums_kernel(const ForwardParams<scalar_t> p) {
+// Which iteration a forward launch computes: its couplings, and what it does with s_k.
+enum class ForwardStep {
+  kUniformFirst,  // k = 0 without a prior: c_0 = 1/J (or 1/(J+1)) for every (i, j)
+  kPriorFirst,    // k = 0 with a prior: c_0 = the prior's couplings
+  kLater,         // k >= 1: c_k from the logits (exchange)
+  kLaterLeaky,    // the same with leaky routing
+};
+
+// Iteration k. Block (sample tile, chunk), thread (lane, j) with kSamples samples:
+//   partial[s] = sum_{i in chunk} c_k[i, j] u_hat[s][j|i]     (Eq. 2, part of the sum over i)
+// (without a prior at k = 0, c_0 = 1/J times the sum of u_hat: the sum runs straight through
+// the prediction's multiply-adds). At the last iteration, when asked, couplings[b, i, j] =
+// c_k[i, j]. Then the chunk tree adds the partials up, and its last block per sample tile
+//   s_k = sum + bias -> s_saved[b, k];  V_{k+1} = V_k + squash(s_k), or v = squash(s_k) (Eq. 1).
+template <typename scalar_t, typename Tile, ForwardStep kStep>
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_iteration_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
+  using Rows = ThreadRows<acc_t, Tile>;
+  constexpr int kSamples = Rows::kSamples;
+  constexpr int kDim = Tile::kMaxDimOut;
+  constexpr bool kExact = Tile::kExactDimOut;
+  constexpr bool kLogits = kStep == ForwardStep::kLater || kStep == ForwardStep::kLaterLeaky;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
-  const RoutingThread t = RoutingThread::locate(g);
-  const CapsuleExchange<acc_t, Tile> exchange{dynamic_shared_memory<acc_t>(), g.part.samples_per_block, int(n.num_out)};
-  if constexpr (!kFirst) {
+  const RoutingThread<Tile, kSamples> t = RoutingThread<Tile, kSamples>::locate(g);
+  const CapsuleExchange<acc_t, Tile> exchange{dynamic_shared_memory<acc_t>(), g.part.lanes, int(n.num_out)};
+  if constexpr (kLogits) {
     exchange.prepare(t.lane, t.j);
   }
-  scalar_t* const couplings = p.iteration + 1 == n.iterations ? p.couplings : nullptr;
+  const int k = p.iteration;
+  scalar_t* const couplings = k + 1 == n.iterations ? p.couplings : nullptr;
+  const int dim_out = kExact ? kDim : int(n.dim_out);
+  const int dim_in = Tile::kExactDimIn ? Tile::kMaxDimIn : int(n.dim_in);
 
-  constexpr bool kExact = Tile::kExactDimOut;
-  const int dim_out = int(n.dim_out), dim_in = int(n.dim_in);
-
-  acc_t agreement[Tile::kMaxDimOut];
-  fill(agreement, acc_t(0));
-  if (!kFirst && t.active) {
-    load_vector<kExact>(p.agreement + g.output_vector(t.b, t.j), dim_out, agreement);
+  // V_k (zero at k = 0): in registers or in this thread's rows of shared memory.
+  const Rows agreement_rows{
+      dynamic_shared_memory<acc_t>() + exchange_elements<Tile>(n.num_out, g.part.lanes, int(sizeof(acc_t))), 0, t.flat(),
+      int(blockDim.x * blockDim.y)};
+  acc_t agreement[kSamples][Rows::kKept];
+  {
+    acc_t values[kSamples][kDim];
+    fill(values, acc_t(0));
+    if constexpr (kLogits) {
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+        load_vector<kExact>(p.agreement + g.agreement_vector(k, t.read_b[s], t.j), dim_out, values[s]);
+      }
+    }
+    agreement_rows.keep(values, agreement);
   }
 
   // Walk the chunk with 32-bit offsets (the planner keeps every tensor below 2^31
   // elements): one add per input instead of recomputed 64-bit indices, and few registers.
-  // A lane past the batch reads the last sample's rows (valid memory) and stores nothing.
-  const int b = t.active ? t.b : int(n.batch) - 1;
-  int u_offset = int(g.input_row(b, t.i_begin));
+  int u_offset[kSamples], coupling[kSamples];
+#pragma unroll
+  for (int s = 0; s < kSamples; ++s) {
+    u_offset[s] = int(g.input_row(t.read_b[s], t.i_begin));
+    coupling[s] = int(g.coupling(t.read_b[s], t.i_begin, t.j));
+  }
   int W_offset = int(g.weight_matrix(t.i_begin, t.j));
   const int W_step = int(n.num_out * n.dim_out * n.dim_in);
   int pair = int(g.pair(t.i_begin, t.j));  // of logit_prior and prior_couplings
-  int coupling = int(g.coupling(b, t.i_begin, t.j));
   const int num_out = int(n.num_out);
-  const bool stores_couplings = couplings != nullptr && t.active;
-  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
 
-  acc_t s_partial[Tile::kMaxDimOut];
-  fill(s_partial, acc_t(0));
-  for (int i = t.i_begin; i < t.i_end; ++i) {  // model-loop: inputs_per_chunk
-    acc_t u_i[Tile::kMaxDimIn];
-    load_row<Tile>(p.u + u_offset, dim_in, u_i);
-    acc_t u_hat[Tile::kMaxDimOut];
-    predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
-    acc_t c;
-    if constexpr (kFirst) {
-      c = p.prior_couplings != nullptr ? p.prior_couplings[pair] : uniform;
-    } else {
-      const acc_t prior_ij = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[pair]) : acc_t(0);
-      c = exchange_coupling(exchange, t.lane, t.j, routing_logit<kExact>(u_hat, agreement, dim_out, prior_ij), p.options);
-    }
+  acc_t sums[kSamples][kDim];
+  fill(sums, acc_t(0));
+  for (int left = t.inputs; left > 0; --left) {  // model-loop: inputs_per_chunk
+    acc_t u_i[kSamples][Tile::kMaxDimIn];
 #pragma unroll
-    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
-      s_partial[d] = fused_multiply_add(c, u_hat[d], s_partial[d]);
+    for (int s = 0; s < kSamples; ++s) {
+      load_row<Tile>(p.u + u_offset[s], dim_in, u_i[s]);
+      u_offset[s] += dim_in;
     }
-    if (stores_couplings) {
-      couplings[coupling] = static_cast<scalar_t>(c);
+    if constexpr (kStep == ForwardStep::kUniformFirst) {
+      // Every c_0 is the same: sum u_hat, scaled once at the end.
+      add_prediction<Tile>(p.W + W_offset, u_i, dim_out, dim_in, sums);
+    } else {
+      acc_t u_hat[kSamples][kDim];
+      predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
+      acc_t c[kSamples];
+      if constexpr (kStep == ForwardStep::kPriorFirst) {
+        fill(c, p.prior_couplings[pair]);
+      } else {
+        const acc_t prior_ij = p.logit_prior != nullptr ? static_cast<acc_t>(p.logit_prior[pair]) : acc_t(0);
+        acc_t logits[kSamples];
+#pragma unroll
+        for (int s = 0; s < kSamples; ++s) {
+          logits[s] = routing_logit(u_hat[s], agreement_rows, agreement, s, dim_out, prior_ij);
+        }
+        exchange_couplings<kStep == ForwardStep::kLaterLeaky>(exchange, t.lane, t.j, logits, c);
+      }
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+#pragma unroll
+        for (int d = 0; d < kDim; ++d) {
+          sums[s][d] = fused_multiply_add(c[s], u_hat[s][d], sums[s][d]);
+        }
+        if (couplings != nullptr && t.active[s]) {
+          couplings[coupling[s]] = static_cast<scalar_t>(c[s]);
+        }
+        coupling[s] += num_out;
+      }
     }
-    u_offset += dim_in;
     W_offset += W_step;
     pair += num_out;
-    coupling += num_out;
   }
-  if (t.active) {
-    store_vector(s_partial, n.dim_out, p.partials + g.partial_vector(t.b, t.chunk, t.j));
+  if (kStep == ForwardStep::kUniformFirst && couplings != nullptr) {  // r = 1: the couplings are 1/J
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      if (t.active[s]) {
+#pragma unroll 1
+        for (int i = 0; i < t.inputs; ++i) {  // model-loop: inputs_per_chunk
+          couplings[coupling[s] + i * num_out] = static_cast<scalar_t>(uniform_coupling<acc_t>(n.num_out, p.options));
+        }
+      }
+    }
   }
-}
 
-// s_k[b, j] = (sum of the chunks' partial sums, in chunk order) + bias  -> s_saved[b, k];
-// then V_{k+1} = V_k + squash(s_k) for the next iteration, or v = squash(s_k) (Eq. 1) at the
-// last. Grid (B, capsule groups), block (capsules x D_out) threads: CapsuleColumns.
-template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(kColumnKernelMaxThreads) forward_squash_kernel(const ForwardParams<scalar_t> p) {
-  using acc_t = opmath_t<scalar_t>;
-  const RoutingGeometry& g = p.geometry;
-  const RoutingShape& n = g.shape;
-  const CapsuleColumns c = CapsuleColumns::locate(n);
-  acc_t* s = dynamic_shared_memory<acc_t>();  // [capsules][D]: s_k
-  if (c.has_column) {
-    const acc_t* partial = p.partials + g.partial_vector(c.b, 0, c.j) + c.d;
-    const int64_t chunk_stride = g.columns();
-    acc_t total = 0;
-#pragma unroll 4
-    for (int64_t chunk = 0; chunk < g.part.num_chunks; ++chunk) {  // model-loop: num_chunks; unroll 4
-      total += *partial;
-      partial += chunk_stride;
-    }
-    if (p.bias != nullptr) {
-      total += static_cast<acc_t>(p.bias[c.j * n.dim_out + c.d]);
-    }
-    s[c.local] = total;
-    p.s_saved[g.iteration_vector(c.b, p.iteration, c.j) + c.d] = total;
-  }
-  __syncthreads();
-  if (!c.has_column) {
+  // The tail works from the thread's place located again: cheaper to recompute than to
+  // keep in registers across the loop.
+  const RoutingThread<Tile, kSamples> here = RoutingThread<Tile, kSamples>::locate(g);
+  const ChunkTree<acc_t, Tile> tree{p.partials, p.tree_counters};
+  if (!tree.add_up(g, here, sums)) {
     return;
   }
-  const auto component = c.capsule_of(s, n.dim_out);
-  const int64_t out = g.output_vector(c.b, c.j) + c.d;
-  if (p.iteration + 1 < n.iterations) {
-    const acc_t V = p.iteration > 0 ? p.agreement[out] : acc_t(0);
-    p.agreement[out] = add_squashed<Tile::kMaxDimOut>(component, n.dim_out, c.d, V);
-  } else {
-    const SquashCoefficients<acc_t> k = squash_coefficients<Tile::kMaxDimOut, acc_t>(component, n.dim_out);
-    squash_forward<Tile::kMaxDimOut>(k, component, n.dim_out, [&](auto d, acc_t value) {
-      if (d == c.d) {
-        p.v[out] = static_cast<scalar_t>(value);
-      }
-    });
+  // This block holds s_k (before the bias) of its sample tile.
+  acc_t bias[kDim];
+  fill(bias, acc_t(0));
+  if (p.bias != nullptr) {
+    load_output_row<Tile>(p.bias + here.j * dim_out, dim_out, bias);
+  }
+  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
+  const Rows rows{
+      dynamic_shared_memory<acc_t>() + exchange_elements<Tile>(n.num_out, g.part.lanes, int(sizeof(acc_t))), 0, here.flat(),
+      int(blockDim.x * blockDim.y)};
+#pragma unroll
+  for (int s = 0; s < kSamples; ++s) {
+    if (!here.active[s]) {
+      continue;
+    }
+#pragma unroll
+    for (int d = 0; d < kDim; ++d) {
+      sums[s][d] = (kStep == ForwardStep::kUniformFirst ? uniform * sums[s][d] : sums[s][d]) + bias[d];
+    }
+    store_vector<kExact>(sums[s], dim_out, p.s_saved + g.iteration_vector(here.b[s], k, here.j));
+    if (k + 1 < n.iterations) {
+      acc_t V[kDim], v[kDim];
+      rows.load(agreement, s, V);
+      squash_capsule(sums[s], dim_out, v);
+      add_squashed(v, V);  // V_k becomes V_{k+1}
+      store_vector<kExact>(V, dim_out, p.agreement + g.agreement_vector(k + 1, here.b[s], here.j));
+    } else {
+      acc_t v[kDim];
+      squash_capsule(sums[s], dim_out, v);
+      store_output_row<Tile>(v, dim_out, p.v + g.output_vector(here.b[s], here.j));
+    }
   }
 }
 

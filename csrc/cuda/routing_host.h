@@ -15,7 +15,7 @@
 #include <string>
 #include <tuple>
 
-#include "routing_backward.cuh"
+#include "routing_gradients.cuh"
 #include "routing_checks.h"
 #include "routing_launch.h"
 
@@ -43,7 +43,8 @@ KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name, in
 #define CAPSNET_KERNEL(bound, ...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__, bound)
 
 // A Launcher is callable as launcher(KernelRef<Params>, const KernelLaunch&, const Params&)
-// and runs the kernel once with that configuration, in stream order.
+// and runs the kernel once with that configuration, in stream order; launcher.zero(tensor)
+// sets a tensor's bytes to zero in stream order (cudaMemsetAsync on a GPU).
 
 struct HostOptions {
   c10::DeviceType device_type;  // where every tensor argument must live
@@ -52,8 +53,11 @@ struct HostOptions {
   // kernel reading an element nobody wrote shows up in the results (the emulator does this).
   bool poison_memory;
   // The emulator's tests read the backward's coefficient workspace (the recomputed
-  // couplings) through this; nullptr otherwise.
+  // couplings) and the chunk trees' counters after a call through these; nullptr otherwise.
   at::Tensor* coefficients_out = nullptr;
+  at::Tensor* counters_out = nullptr;
+  // The backward's coefficient workspace bound (tests make it small to run the slices).
+  int64_t max_coefficient_bytes = kMaxCoefficientBytes;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -93,8 +97,10 @@ inline RoutingShape check_backward_arguments(
 // Tensors.
 // ---------------------------------------------------------------------------------------
 
-// Contiguous, and 16-byte aligned: the CapsNet tile reads rows of u and W as 16-byte
+// Contiguous, and 16-byte aligned: the CapsNet tile reads rows of u, W and bias as 16-byte
 // vectors. A contiguous view into the middle of a storage may be misaligned; copy it then.
+// (The outputs, v included, which the CapsNet tile writes as 16-byte vectors, are fresh
+// allocations: aligned.)
 inline at::Tensor kernel_input(const at::Tensor& t) {
   at::Tensor contiguous = t.contiguous();
   if (reinterpret_cast<std::uintptr_t>(contiguous.data_ptr()) % 16 != 0) {
@@ -105,6 +111,10 @@ inline at::Tensor kernel_input(const at::Tensor& t) {
 
 inline std::optional<at::Tensor> optional_input(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+inline std::optional<at::Tensor> optional_kernel_input(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(kernel_input(*t)) : std::nullopt;
 }
 
 inline at::Tensor new_buffer(at::IntArrayRef shape, at::ScalarType dtype, const at::Tensor& like, const HostOptions& options) {
@@ -145,56 +155,84 @@ at::Tensor prior_couplings(
 // ---------------------------------------------------------------------------------------
 // Launch order.
 // ---------------------------------------------------------------------------------------
+
+// The chunk trees' arrival counters ([sample tiles, chunks] int32), zero at the start;
+// every tree leaves them at zero, so one zeroing serves all the launches of a call. Empty
+// when no launch of the call uses a tree.
+template <typename Launcher>
+at::Tensor zeroed_counters(const Launcher& launch, bool uses_trees, int64_t numel, const at::Tensor& like) {
+  at::Tensor counters = at::empty({uses_trees ? numel : 0}, like.options().dtype(at::kInt));
+  if (uses_trees) {
+    launch.zero(counters);
+  }
+  return counters;
+}
+
+// One launch per iteration: the partial sums over each input chunk meet in the chunk tree,
+// whose last block per sample tile squashes (V_{k+1}, or v at the last iteration).
 template <typename scalar_t, typename Launcher>
 void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardParams<scalar_t> p) {
   visit_tile(plan.tile, [&](auto tile) {
     using Tile = decltype(tile);
     for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
       p.iteration = k;
-      if (k == 0) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, true>),
-            plan.forward_partial_sums, p);
+      const KernelLaunch& config = plan.forward_iteration;
+      if (k == 0 && p.prior_couplings == nullptr) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst>), config, p);
+      } else if (k == 0) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kPriorFirst>), config, p);
+      } else if (p.options.leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLaterLeaky>), config, p);
       } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_partial_sums_kernel<scalar_t, Tile, false>),
-            plan.forward_partial_sums, p);
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater>), config, p);
       }
-      launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, forward_squash_kernel<scalar_t, Tile>), plan.squash, p);
     }
   });
 }
 
-// The reverse sweep (gs_k, V_k, v_k, c_m, G_m), then dL/dW (and grad_prior), dL/du, dL/dbias.
+// The reverse sweep (the per-sample state, c_m, G_m, gs_{m-1}), then dL/dW and dL/du (and
+// dL/dbias, grad_prior) for one slice of the batch.
 template <typename scalar_t, typename Launcher>
 void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardParams<scalar_t> p) {
   visit_tile(plan.tile, [&](auto tile) {
     using Tile = decltype(tile);
     const int last = int(plan.geometry.shape.iterations) - 1;
-    const auto squash = CAPSNET_KERNEL(kColumnKernelMaxThreads, backward_squash_kernel<scalar_t, Tile>);
-    p.iteration = last;  // gs_{r-1} from grad_v, and the per-sample state
-    launch(squash, plan.squash, p);
-    if (p.options.detach_routing) {
-      if (last > 0) {
-        p.iteration = last;  // c_{r-1}
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly>),
-            plan.backward_partial_sums, p);
+    p.iteration = last;
+    const KernelLaunch& sweep = plan.backward_sweep;
+    const bool leaky = p.options.leaky;
+    if (last == 0) {  // gs_0 from grad_v, no couplings to recompute
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_output_kernel<scalar_t, Tile>), plan.backward_output, p);
+    } else if (p.options.detach_routing) {  // the state and c_{r-1}
+      if (leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, true>), sweep, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, false>), sweep, p);
       }
-    } else {
-      for (int m = last; m >= 1; --m) {
-        p.iteration = m;  // c_m, G_m and the partial sums of dL/dv_{m-1}
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kLogitGrads>),
-            plan.backward_partial_sums, p);
-        p.iteration = m - 1;  // gs_{m-1}
-        launch(squash, plan.squash, p);
+    } else {  // the state, c_{r-1}, G_{r-1}, gs_{r-2}; then c_m, G_m, gs_{m-1}
+      if (leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, true>), sweep, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, false>), sweep, p);
       }
-      if (p.grad_prior != nullptr) {
-        p.iteration = 0;  // G_0
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_partial_sums_kernel<scalar_t, Tile, SweepPass::kPriorGrads>),
-            plan.backward_partial_sums, p);
+      for (int m = last - 1; m >= 1; --m) {
+        p.iteration = m;
+        if (leaky) {
+          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, true>), sweep, p);
+        } else {
+          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>), sweep, p);
+        }
       }
     }
-    launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
-    launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
-    launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, grad_bias_kernel<scalar_t>), plan.grad_bias, p);
+    if (p.grad_prior != nullptr) {
+      p.iteration = 0;  // G_0
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
+    }
+    if constexpr (Tile::kLanes > 0) {
+      launch(CAPSNET_KERNEL(kGradientMaxThreads, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
+    } else {
+      launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
+    }
   });
 }
 
@@ -212,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
   const RoutingShape shape = check_forward_arguments(u_arg, W_arg, bias_arg, prior_arg, num_iterations, options);
   const at::Tensor u = kernel_input(u_arg);
   const at::Tensor W = kernel_input(W_arg);
-  const std::optional<at::Tensor> bias = optional_input(bias_arg);
+  const std::optional<at::Tensor> bias = optional_kernel_input(bias_arg);
   const std::optional<at::Tensor> logit_prior = optional_input(prior_arg);
   const at::ScalarType acc_dtype = saved_state_dtype(u.scalar_type());
   const RoutingOptions routing{leaky, detach_routing};
@@ -228,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
   const RoutingPlan plan = plan_routing(
       shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits);
   at::Tensor partials = new_buffer({plan.partials_numel}, acc_dtype, u, options);
-  at::Tensor agreement = new_buffer({plan.forward_agreement_numel}, acc_dtype, u, options);
+  at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
+  at::Tensor counters = zeroed_counters(launch, plan.geometry.part.chunk_levels > 0, plan.counters_numel, u);
 
   CAPSNET_DISPATCH_ROUTING_TYPES(u.scalar_type(), "capsnet::routing_forward", [&] {
     using acc_t = opmath_t<scalar_t>;
@@ -248,9 +287,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
     p.s_saved = s_saved.data_ptr<acc_t>();
     p.couplings = return_couplings ? couplings.data_ptr<scalar_t>() : nullptr;
     p.partials = partials.data_ptr<acc_t>();
+    p.tree_counters = data_or_null<int>(counters);
     p.agreement = data_or_null<acc_t>(agreement);
     launch_forward(launch, plan, p);
   });
+  if (options.counters_out != nullptr) {
+    *options.counters_out = counters;
+  }
   return {v, s_saved, couplings};
 }
 
@@ -266,8 +309,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host
   const std::optional<at::Tensor> logit_prior = optional_input(prior_arg);
   const at::Tensor s_saved = s_saved_arg.contiguous();
   const at::ScalarType acc_dtype = saved_state_dtype(u.scalar_type());
+  const int64_t acc_bytes = at::elementSize(acc_dtype);
   const RoutingOptions routing{leaky, detach_routing};
-  const bool wants_prior_grad = logit_prior.has_value() && !detach_routing;
+  const bool has_prior = logit_prior.has_value();
+  const bool wants_prior_grad = has_prior && !detach_routing;
 
   if (shape.batch == 0) {  // sums over an empty batch
     return {
@@ -275,46 +320,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host
         at::zeros({shape.num_out, shape.dim_out}, u.options()),
         wants_prior_grad ? at::zeros({shape.num_in, shape.num_out}, u.options()) : at::empty({0}, u.options())};
   }
-  const RoutingPlan plan =
-      plan_routing(shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits);
-  at::Tensor agreement = new_buffer({plan.backward_agreement_numel}, acc_dtype, u, options);
+  // The batch in slices when the coefficient workspace would pass its bound: one plan for
+  // the full slices, one for the remainder; the workspaces fit the larger.
+  const int64_t slice = backward_slice_batch(shape, has_prior, detach_routing, acc_bytes, options.max_coefficient_bytes);
+  const int64_t remainder = shape.batch % slice;
+  RoutingShape slice_shape = shape;
+  slice_shape.batch = slice;
+  const RoutingPlan plan = plan_routing(slice_shape, has_prior, detach_routing, acc_bytes, options.limits);
+  RoutingShape remainder_shape = shape;
+  remainder_shape.batch = remainder > 0 ? remainder : slice;
+  const RoutingPlan remainder_plan = plan_routing(remainder_shape, has_prior, detach_routing, acc_bytes, options.limits);
+  const auto larger = [](int64_t a, int64_t b) { return a < b ? b : a; };
+  at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
   at::Tensor terms = new_buffer({plan.terms_numel}, acc_dtype, u, options);
   at::Tensor coefficients = new_buffer({plan.coefficients_numel}, acc_dtype, u, options);
-  at::Tensor partials = new_buffer({detach_routing ? 0 : plan.partials_numel}, acc_dtype, u, options);
+  at::Tensor partials =
+      new_buffer({detach_routing ? 0 : larger(plan.partials_numel, remainder_plan.partials_numel)}, acc_dtype, u, options);
+  at::Tensor counters = zeroed_counters(launch,
+      !detach_routing && shape.iterations > 1 &&
+          (plan.geometry.part.chunk_levels > 0 || remainder_plan.geometry.part.chunk_levels > 0),
+      larger(plan.counters_numel, remainder_plan.counters_numel), u);
   at::Tensor grad_u = new_buffer(u.sizes(), u.scalar_type(), u, options);
   at::Tensor grad_W = new_buffer(W.sizes(), u.scalar_type(), u, options);
   at::Tensor grad_bias = new_buffer({shape.num_out, shape.dim_out}, u.scalar_type(), u, options);
   at::Tensor grad_prior = wants_prior_grad ? new_buffer({shape.num_in, shape.num_out}, u.scalar_type(), u, options)
                                            : at::empty({0}, u.options());
+  // In slices, dW, dbias and dprior are sums over the slices, in the op-math type: the
+  // outputs themselves when that is their dtype, else separate sums converted at the end.
+  const bool sliced = slice < shape.batch;
+  const bool separate_sums = sliced && acc_dtype != u.scalar_type();
+  at::Tensor grad_W_sum, grad_bias_sum, grad_prior_sum;
+  if (sliced) {
+    grad_W_sum = separate_sums ? new_buffer(W.sizes(), acc_dtype, u, options) : grad_W;
+    grad_bias_sum = separate_sums ? new_buffer(grad_bias.sizes(), acc_dtype, u, options) : grad_bias;
+    grad_prior_sum = separate_sums ? new_buffer(grad_prior.sizes(), acc_dtype, u, options) : grad_prior;
+  }
 
   CAPSNET_DISPATCH_ROUTING_TYPES(u.scalar_type(), "capsnet::routing_backward", [&] {
     using acc_t = opmath_t<scalar_t>;
     at::Tensor c0;
-    if (logit_prior.has_value()) {
+    if (has_prior) {
       c0 = prior_couplings<scalar_t>(launch, plan, routing, *logit_prior, options);
     }
     BackwardParams<scalar_t> p{};
-    p.geometry = plan.geometry;
     p.options = routing;
-    p.terms_of = BackwardTerms{shape.iterations, detach_routing, logit_prior.has_value()};
-    p.grad_v = grad_v.const_data_ptr<scalar_t>();
-    p.u = u.const_data_ptr<scalar_t>();
+    p.terms_of = BackwardTerms{shape.iterations, detach_routing, has_prior};
     p.W = W.const_data_ptr<scalar_t>();
     p.logit_prior = data_or_null<scalar_t>(logit_prior);
     p.prior_couplings = c0.defined() ? c0.const_data_ptr<acc_t>() : nullptr;
-    p.s_saved = s_saved.const_data_ptr<acc_t>();
-    p.agreement = agreement.data_ptr<acc_t>();
+    p.agreement = data_or_null<acc_t>(agreement);
     p.terms = terms.data_ptr<acc_t>();
     p.coefficients = data_or_null<acc_t>(coefficients);
     p.partials = data_or_null<acc_t>(partials);
-    p.grad_u = grad_u.data_ptr<scalar_t>();
+    p.tree_counters = data_or_null<int>(counters);
     p.grad_W = grad_W.data_ptr<scalar_t>();
     p.grad_bias = grad_bias.data_ptr<scalar_t>();
     p.grad_prior = wants_prior_grad ? grad_prior.data_ptr<scalar_t>() : nullptr;
-    launch_backward(launch, plan, p);
+    if (sliced) {
+      p.grad_W_sum = grad_W_sum.data_ptr<acc_t>();
+      p.grad_bias_sum = grad_bias_sum.data_ptr<acc_t>();
+      p.grad_prior_sum = wants_prior_grad ? grad_prior_sum.data_ptr<acc_t>() : nullptr;
+    }
+    for (int64_t first = 0; first < shape.batch; first += slice) {
+      const bool full = first + slice <= shape.batch;
+      p.geometry = full ? plan.geometry : remainder_plan.geometry;
+      p.first_slice = first == 0;
+      p.grad_v = grad_v.const_data_ptr<scalar_t>() + first * shape.num_out * shape.dim_out;
+      p.u = u.const_data_ptr<scalar_t>() + first * shape.num_in * shape.dim_in;
+      p.s_saved = s_saved.const_data_ptr<acc_t>() + first * shape.iterations * shape.num_out * shape.dim_out;
+      p.grad_u = grad_u.data_ptr<scalar_t>() + first * shape.num_in * shape.dim_in;
+      launch_backward(launch, full ? plan : remainder_plan, p);
+    }
   });
+  if (separate_sums) {
+    grad_W.copy_(grad_W_sum);
+    grad_bias.copy_(grad_bias_sum);
+    if (wants_prior_grad) {
+      grad_prior.copy_(grad_prior_sum);
+    }
+  }
   if (options.coefficients_out != nullptr) {
     *options.coefficients_out = coefficients;
+  }
+  if (options.counters_out != nullptr) {
+    *options.counters_out = counters;
   }
   return {grad_u, grad_W, grad_bias, grad_prior};
 }

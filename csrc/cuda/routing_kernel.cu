@@ -1,7 +1,8 @@
 // CUDA kernels of capsnet::routing_forward / routing_backward: the launcher.
 //
-// The kernels are in routing_forward.cuh and routing_backward.cuh (device utilities in
-// routing_device.cuh), the launch plan in routing_launch.h, and the host
+// The kernels are in routing_forward.cuh, routing_backward.cuh and routing_gradients.cuh
+// (device utilities in routing_device.cuh and routing_tree.cuh), the launch plan in
+// routing_launch.h, and the host
 // side shared with the CPU emulator (checks, tensors, launch order) in routing_host.h. What
 // is CUDA-specific lives here: the device guard, the current stream, the device's limits,
 // the <<<>>> launch with its error check, and the registration for the CUDA dispatch key.
@@ -31,6 +32,10 @@ struct CudaLauncher {
         threads, " threads per block, above its __launch_bounds__ of ", kernel.launch_bound);
     kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void zero(at::Tensor& tensor) const {
+    C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
   }
 };
 

@@ -58,27 +58,35 @@ struct RoutingPlan {
   RoutingGeometry geometry;  // the shape with the partition filled in
   TileKind tile;
   KernelLaunch prior_coupling;
-  KernelLaunch forward_partial_sums;
-  KernelLaunch backward_partial_sums;
-  KernelLaunch squash;  // forward_squash_kernel and backward_squash_kernel
-  KernelLaunch grad_weight;
-  KernelLaunch grad_input;
-  KernelLaunch grad_bias;
-  // Workspace sizes in elements of the op-math type.
-  int64_t partials_numel;               // [B, num_chunks, J, D]
-  int64_t forward_agreement_numel;      // [B, J, D]
-  int64_t backward_agreement_numel;     // [B, r, J, D]
-  int64_t terms_numel;                  // [B, terms, J, D]
-  int64_t coefficients_numel;           // [slots, I, J, B]
+  KernelLaunch forward_iteration;  // forward_iteration_kernel
+  KernelLaunch backward_sweep;     // backward_sweep_kernel
+  KernelLaunch backward_output;    // backward_output_kernel (r = 1: no sweep)
+  KernelLaunch gradients;          // gradient_kernel (CapsNet tile)
+  KernelLaunch grad_weight;        // grad_weight_kernel (generic tile)
+  KernelLaunch grad_input;         // grad_input_kernel (generic tile)
+  // Workspace sizes in elements of the op-math type (counters: int32).
+  int64_t partials_numel;      // [B, num_chunks, J, D]
+  int64_t agreement_numel;     // [r - 1, B, J, D]
+  int64_t terms_numel;         // [B, terms, J, D]
+  int64_t coefficients_numel;  // [slots, I, J, B']
+  int64_t counters_numel;      // [sample tiles, num_chunks]
 };
 
 // Planning policy. The numbers aim at keeping every SM busy with a few blocks while each
 // block does enough work to amortise its fixed costs (docs/CUDA.md, "Launch plan").
 constexpr int64_t kRoutingBlocksPerMultiprocessor = 2;
-constexpr int64_t kMinInputsPerChunk = 16;
+// A routing block's fixed work (loading its state, its part of the chunk tree), counted as
+// the work of this many input capsules when the planner sizes the chunks.
+constexpr int64_t kRoutingBlockOverheadInputs = 3;
+constexpr int64_t kMinInputsPerChunk = 4;
 constexpr int64_t kGradWeightWarpsPerMultiprocessor = 24;
 constexpr int64_t kGradInputSharedBudget = 32 * 1024;
-constexpr int64_t kGradBiasSampleGroups = 8;
+// The CapsNet tile's gradient kernel: a group's fixed work (loading W, its level of the
+// groups' sum) counted as this many samples when the planner picks the sample groups.
+constexpr int64_t kGradientGroupOverheadSamples = 1;
+// The backward's coefficient workspace is at most this large: larger batches are processed
+// in slices of samples (routing_host.h), each slice adding its share to dW, dbias, dprior.
+constexpr int64_t kMaxCoefficientBytes = int64_t(256) << 20;
 
 namespace plan_detail {
 inline int64_t ceil_div(int64_t a, int64_t b) {
@@ -96,6 +104,27 @@ inline int64_t largest_of(int64_t a, int64_t b) {
 inline int64_t max_routing_threads(TileKind tile, const DeviceLimits& limits) {
   const int64_t tile_limit = tile == TileKind::kCapsNet ? CapsNetTile::kMaxThreads : GenericTile::kMaxThreads;
   return smallest(tile_limit, limits.max_threads_per_block);
+}
+inline int bit_length(int64_t x) {
+  int bits = 0;
+  for (; x > 0; x >>= 1) {
+    ++bits;
+  }
+  return bits;
+}
+inline bool fits_capsnet_tile(const RoutingShape& shape, const DeviceLimits& limits) {
+  return shape.dim_in == CapsNetTile::kMaxDimIn && shape.dim_out == CapsNetTile::kMaxDimOut &&
+      shape.num_out <= CapsNetTile::kMaxNumOut &&
+      shape.num_out * CapsNetTile::kLanes <= max_routing_threads(TileKind::kCapsNet, limits);
+}
+// Coefficients per sample of the backward (all slots), and a batch rounded up to whole
+// 16-byte vectors of them.
+inline int64_t coefficients_per_sample(const RoutingShape& shape, bool has_prior, bool detach_routing) {
+  return int64_t(BackwardTerms{shape.iterations, detach_routing, has_prior}.slots()) * shape.num_in * shape.num_out;
+}
+inline int64_t padded_batch(int64_t batch, int64_t acc_bytes) {
+  const int64_t per_vector = 16 / acc_bytes;
+  return ceil_div(batch, per_vector) * per_vector;
 }
 }  // namespace plan_detail
 
@@ -116,22 +145,40 @@ inline std::string unsupported_shape_reason(const RoutingShape& shape, const Dev
         " (one thread per output capsule), got N_out = " + std::to_string(shape.num_out) + " (W.size(1))" +
         fallback;
   }
-  // The kernels index the backward's workspaces and u with 32-bit offsets; the largest is
-  // the coefficient workspace, [2r - 1, N_in, N_out, B] at most.
-  const int64_t largest = plan_detail::largest_of(
-      (2 * shape.iterations - 1) * shape.num_in * shape.num_out * shape.batch,
-      shape.batch * (2 * shape.iterations - 1) * shape.num_out * shape.dim_out);
+  // The kernels index with 32-bit offsets. The backward's coefficient workspace is bounded
+  // by slicing the batch (kMaxCoefficientBytes, far below 2^31 elements; a slice holds at
+  // least 32 samples, padded to 64 at most); the other tensors and workspaces grow with B
+  // times at most (2 r - 1 + chunks) J D.
   const int64_t limit = int64_t(1) << 31;
-  if (largest >= limit || shape.batch * shape.num_in * shape.dim_in >= limit ||
+  const int64_t per_sample_coefficients = (2 * shape.iterations - 1) * shape.num_in * shape.num_out;
+  const int64_t per_sample_vectors = (2 * shape.iterations - 1 + shape.num_in) * shape.num_out * shape.dim_out;
+  if (64 * per_sample_coefficients >= limit || shape.batch * per_sample_vectors >= limit ||
+      shape.batch * shape.num_in * shape.dim_in >= limit ||
       shape.num_in * shape.num_out * shape.dim_out * shape.dim_in >= limit) {
-    return "capsnet CUDA kernels index with 32-bit offsets: (2 r - 1) * N_in * N_out * B, B * N_in * D_in and "
-           "the number of elements of W must stay below 2^31 (split the batch)" + fallback;
+    return "capsnet CUDA kernels index with 32-bit offsets: B * (2 r - 1 + N_in) * N_out * D_out, B * N_in * D_in, "
+           "64 * (2 r - 1) * N_in * N_out and the number of elements of W must stay below 2^31 (split the batch)" +
+        fallback;
   }
   return "";
 }
 
-// The plan for one call with batch >= 1 on a shape that unsupported_shape_reason accepts.
-// acc_bytes: the size of the op-math type (workspaces and shared memory are in it).
+// Samples per pass of the backward: the whole batch unless its coefficient workspace would
+// exceed max_bytes (kMaxCoefficientBytes; then routing_host.h runs the backward slice by
+// slice), in which case a multiple of a 16-byte vector of coefficients.
+inline int64_t backward_slice_batch(
+    const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes,
+    int64_t max_bytes = kMaxCoefficientBytes) {
+  const int64_t per_sample = plan_detail::coefficients_per_sample(shape, has_prior, detach_routing) * acc_bytes;
+  constexpr int64_t kPadding = 32;  // the coefficient workspace's batch is padded to whole sample tiles (<= 32)
+  if (per_sample == 0 || (shape.batch + kPadding) * per_sample <= max_bytes) {
+    return shape.batch;
+  }
+  return plan_detail::largest_of(kPadding, (max_bytes / per_sample - kPadding) / kPadding * kPadding);
+}
+
+// The plan for one call (or one backward slice) with batch >= 1 on a shape that
+// unsupported_shape_reason accepts. acc_bytes: the size of the op-math type (workspaces
+// and shared memory are in it).
 inline RoutingPlan plan_routing(
     const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits) {
   using plan_detail::ceil_div;
@@ -142,89 +189,134 @@ inline RoutingPlan plan_routing(
   RoutingPartition& part = plan.geometry.part;
   const int64_t batch = shape.batch, num_in = shape.num_in, num_out = shape.num_out;
   const int64_t dim_out = shape.dim_out, dim_in = shape.dim_in, iterations = shape.iterations;
+  const int64_t sms = limits.multiprocessor_count;
 
   // Tile class: the fast one whenever the shape fits it.
-  const bool fits_capsnet_tile = dim_in == CapsNetTile::kMaxDimIn && dim_out == CapsNetTile::kMaxDimOut &&
-      num_out <= CapsNetTile::kMaxNumOut &&
-      num_out * CapsNetTile::kLanes <= plan_detail::max_routing_threads(TileKind::kCapsNet, limits);
-  plan.tile = fits_capsnet_tile ? TileKind::kCapsNet : TileKind::kGeneric;
-  const int64_t max_dim_in = fits_capsnet_tile ? CapsNetTile::kMaxDimIn : GenericTile::kMaxDimIn;
-  const int64_t weight_rows = fits_capsnet_tile ? CapsNetTile::kGradWeightRows : GenericTile::kGradWeightRows;
+  const bool capsnet = plan_detail::fits_capsnet_tile(shape, limits);
+  plan.tile = capsnet ? TileKind::kCapsNet : TileKind::kGeneric;
+  const int64_t samples_per_thread = capsnet ? cuda::samples_per_thread<CapsNetTile>(int(acc_bytes))
+                                             : cuda::samples_per_thread<GenericTile>(int(acc_bytes));
 
   // Routing kernels: block (lanes, J), consecutive samples of one output capsule side by
   // side in a warp, so that they read the same W row. The CapsNet tile's lane count is a
-  // compile-time constant (lanes past the batch idle); otherwise up to a warp.
+  // compile-time constant (samples past the batch idle); otherwise up to a warp.
   const int64_t max_threads = plan_detail::max_routing_threads(plan.tile, limits);
-  part.samples_per_block = fits_capsnet_tile
-      ? CapsNetTile::kLanes
-      : int(clamp(max_threads / num_out, 1, smallest(kWarpSize, batch)));
-  const int64_t sample_tiles = ceil_div(batch, part.samples_per_block);
-  // As many input chunks as it takes to give every SM a few blocks, but at least
-  // kMinInputsPerChunk inputs per block (to amortise a block's fixed work).
-  const int64_t wanted_chunks = ceil_div(kRoutingBlocksPerMultiprocessor * limits.multiprocessor_count, sample_tiles);
-  const int64_t min_inputs = smallest(kMinInputsPerChunk, num_in);
-  part.inputs_per_chunk = clamp(ceil_div(num_in, wanted_chunks), min_inputs, num_in);
+  part.lanes = capsnet ? CapsNetTile::kLanes : int(clamp(max_threads / num_out, 1, smallest(kWarpSize, batch)));
+  part.samples_per_block = int(part.lanes * samples_per_thread);
+  part.sample_tiles = ceil_div(batch, part.samples_per_block);
+  // Input chunks: the size that minimises the busiest SM's work, in waves of
+  // kRoutingBlocksPerMultiprocessor blocks per SM times (inputs per chunk + a block's fixed
+  // work), with at least kMinInputsPerChunk inputs per chunk.
+  int64_t best_cost = -1;
+  for (int64_t inputs = smallest(kMinInputsPerChunk, num_in); inputs <= num_in; ++inputs) {
+    const int64_t chunks = ceil_div(num_in, inputs);
+    if (inputs > smallest(kMinInputsPerChunk, num_in) && ceil_div(num_in, inputs - 1) == chunks) {
+      continue;  // the same chunks with fewer inputs in the last one
+    }
+    const int64_t waves = ceil_div(part.sample_tiles * chunks, kRoutingBlocksPerMultiprocessor * sms);
+    const int64_t cost = waves * (inputs + kRoutingBlockOverheadInputs);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      part.inputs_per_chunk = inputs;
+    }
+  }
   part.num_chunks = ceil_div(num_in, part.inputs_per_chunk);
+  part.chunk_levels = plan_detail::bit_length(part.num_chunks - 1);
 
   const BackwardTerms terms{iterations, detach_routing, has_prior};
   part.terms = terms.count();
   part.coefficient_slots = terms.slots();
+  part.coefficient_batch = plan_detail::padded_batch(ceil_div(batch, part.samples_per_block) * part.samples_per_block, acc_bytes);
 
-  const int64_t thread_values_bytes = num_out * part.samples_per_block * acc_bytes;  // one value per thread
-  const LaunchDims routing_grid{unsigned(sample_tiles), unsigned(part.num_chunks), 1};
-  const LaunchDims routing_block{unsigned(part.samples_per_block), unsigned(num_out), 1};
-  const int64_t exchange = fits_capsnet_tile
-      ? exchange_elements<CapsNetTile>(num_out, part.samples_per_block, int(acc_bytes))
-      : exchange_elements<GenericTile>(num_out, part.samples_per_block, int(acc_bytes));
+  const LaunchDims routing_grid{unsigned(part.sample_tiles), unsigned(part.num_chunks), 1};
+  const LaunchDims routing_block{unsigned(part.lanes), unsigned(num_out), 1};
+  const int64_t exchange = capsnet ? exchange_elements<CapsNetTile>(num_out, part.lanes, int(acc_bytes))
+                                   : exchange_elements<GenericTile>(num_out, part.lanes, int(acc_bytes));
   const size_t exchange_bytes = size_t(exchange * acc_bytes);
-  plan.forward_partial_sums = {routing_grid, routing_block, exchange_bytes};
-  const int64_t routing_threads = num_out * part.samples_per_block;
-  const int64_t thread_rows = fits_capsnet_tile ? thread_row_elements<CapsNetTile>(routing_threads, int(acc_bytes))
-                                                : thread_row_elements<GenericTile>(routing_threads, int(acc_bytes));
-  plan.backward_partial_sums = {routing_grid, routing_block, exchange_bytes + size_t(thread_rows * acc_bytes)};
+  // Thread rows (ThreadRows): V_k in the forward, V_m and gs_m in the sweep.
+  const int64_t routing_threads = num_out * part.lanes;
+  const auto thread_rows = [&](int kinds) {
+    return size_t(acc_bytes) * size_t(capsnet ? thread_row_elements<CapsNetTile>(routing_threads, kinds, int(acc_bytes))
+                                              : thread_row_elements<GenericTile>(routing_threads, kinds, int(acc_bytes)));
+  };
+  plan.forward_iteration = {routing_grid, routing_block, exchange_bytes + thread_rows(1)};
+  plan.backward_sweep = {routing_grid, routing_block, exchange_bytes + thread_rows(2)};
 
-  // grad_input_kernel sums over j in shared memory [slice][J][lanes].
-  part.grad_input_slice = int(clamp(kGradInputSharedBudget / thread_values_bytes, 1, dim_in));
-  plan.grad_input = {routing_grid, routing_block, size_t(part.grad_input_slice * thread_values_bytes)};
-
-  // Per-sample kernels: a block per sample and group of capsules, one thread per component
-  // (CapsuleColumns in routing_device.cuh).
-  const int64_t capsules_per_block = smallest(num_out, kColumnKernelMaxThreads / dim_out);
-  plan.squash = {
-      LaunchDims{unsigned(batch), unsigned(ceil_div(num_out, capsules_per_block)), 1},
-      LaunchDims{unsigned(capsules_per_block * dim_out), 1, 1}, size_t(2 * capsules_per_block * dim_out * acc_bytes)};
+  // backward_output_kernel (r = 1): the sweep's blocks without the input chunks.
+  plan.backward_output = {LaunchDims{unsigned(part.sample_tiles), 1, 1}, routing_block, 0};
   plan.prior_coupling = {
       LaunchDims{unsigned(ceil_div(num_in, kColumnKernelMaxThreads)), 1, 1},
       LaunchDims{unsigned(kColumnKernelMaxThreads), 1, 1}, 0};
 
-  // grad_weight_kernel: block (32 inputs, row groups, sample groups).
-  const int64_t row_groups = ceil_div(dim_out, weight_rows);
-  const int64_t groups_per_block = smallest(row_groups, kGradWeightMaxThreads / kWarpSize);
-  const int64_t row_blocks = ceil_div(row_groups, groups_per_block);
-  const int64_t input_tiles = ceil_div(num_in, kWarpSize);
-  const int64_t base_warps = input_tiles * num_out * row_blocks * groups_per_block;
-  const int64_t group_bytes = kWarpSize * groups_per_block * max_dim_in * acc_bytes;  // one round of one group
-  const int64_t max_groups = smallest(
-      smallest(kGradWeightMaxThreads / (kWarpSize * groups_per_block), limits.max_shared_bytes_per_block / group_bytes),
-      batch);
-  part.sample_groups =
-      int(clamp(ceil_div(kGradWeightWarpsPerMultiprocessor * limits.multiprocessor_count, base_warps), 1, max_groups < 1 ? 1 : max_groups));
-  plan.grad_weight = {
-      LaunchDims{unsigned(input_tiles), unsigned(num_out), unsigned(row_blocks)},
-      LaunchDims{unsigned(kWarpSize), unsigned(groups_per_block), unsigned(part.sample_groups)},
-      size_t(part.sample_groups > 1 ? part.sample_groups * group_bytes : 0)};
+  const int64_t vector_values = 16 / acc_bytes;  // coefficients per 16-byte load
+  if (capsnet) {
+    // gradient_kernel: block (2 row groups x inputs, J, sample groups), inputs x groups =
+    // kGradientInputGroups; the split that minimises the busiest SM's work (blocks per SM
+    // times samples per group plus a group's fixed work per level of the groups' sum).
+    const int64_t row_groups = CapsNetTile::kMaxDimOut / CapsNetTile::kGradRows;
+    int64_t best = -1;
+    int groups = 1;
+    for (int z = 1; z <= kGradientInputGroups; z *= 2) {
+      if (z > 1 && ceil_div(batch, vector_values) < z) {
+        break;  // a group per vector of samples at least
+      }
+      const int64_t blocks = ceil_div(num_in, kGradientInputGroups / z);
+      const int64_t per_group = ceil_div(batch, z) + kGradientGroupOverheadSamples * (1 + plan_detail::bit_length(z - 1));
+      const int64_t cost = ceil_div(blocks, sms) * per_group;
+      if (best < 0 || cost < best) {
+        best = cost;
+        groups = z;
+      }
+    }
+    part.sample_groups = groups;
+    part.gradient_inputs_per_block = int(kGradientInputGroups / groups);
+    part.gradient_input_shift = plan_detail::bit_length(part.gradient_inputs_per_block - 1);
+    part.gradient_group_samples = ceil_div(ceil_div(batch, groups), vector_values) * vector_values;
+    part.gradient_rounds = int(part.gradient_group_samples / vector_values);
+    part.gradient_group_levels = plan_detail::bit_length(groups - 1);
+    const int64_t threads_x = row_groups * part.gradient_inputs_per_block;
+    const int64_t threads = threads_x * num_out * groups;
+    // Shared memory: a round of dL/du partial vectors, [vector of samples][group x input][E]
+    // [kMaxNumOut x row groups], reused for the sum of the groups' dW (a row of E per
+    // thread) and for the bias gradient's per-thread sums.
+    const int64_t contributors = ceil_div(CapsNetTile::kMaxNumOut * row_groups, vector_values) * vector_values;
+    const int64_t round = vector_values * kGradientInputGroups * dim_in * contributors;
+    const int64_t shared = plan_detail::largest_of(round, plan_detail::largest_of(threads * dim_in, threads + 16));
+    plan.gradients = {
+        LaunchDims{unsigned(ceil_div(num_in, part.gradient_inputs_per_block)), 1, 1},
+        LaunchDims{unsigned(threads_x), unsigned(num_out), unsigned(groups)}, size_t(shared * acc_bytes)};
+  } else {
+    // grad_weight_kernel: block (32 inputs, row groups, sample groups).
+    const int64_t weight_rows = GenericTile::kGradRows;
+    const int64_t row_groups = ceil_div(dim_out, weight_rows);
+    const int64_t groups_per_block = smallest(row_groups, kGradWeightMaxThreads / kWarpSize);
+    const int64_t row_blocks = ceil_div(row_groups, groups_per_block);
+    const int64_t input_tiles = ceil_div(num_in, kWarpSize);
+    const int64_t base_warps = input_tiles * num_out * row_blocks * groups_per_block;
+    const int64_t group_bytes = kWarpSize * groups_per_block * GenericTile::kMaxDimIn * acc_bytes;  // a round of a group
+    const int64_t max_groups = smallest(
+        smallest(kGradWeightMaxThreads / (kWarpSize * groups_per_block), limits.max_shared_bytes_per_block / group_bytes),
+        batch);
+    part.sample_groups = int(
+        clamp(ceil_div(kGradWeightWarpsPerMultiprocessor * sms, base_warps), 1, max_groups < 1 ? 1 : max_groups));
+    part.gradient_inputs_per_block = kWarpSize;
+    const int64_t threads = kWarpSize * groups_per_block * part.sample_groups;
+    plan.grad_weight = {
+        LaunchDims{unsigned(input_tiles), unsigned(num_out), unsigned(row_blocks)},
+        LaunchDims{unsigned(kWarpSize), unsigned(groups_per_block), unsigned(part.sample_groups)},
+        size_t(plan_detail::largest_of(part.sample_groups > 1 ? part.sample_groups * group_bytes : 0, (threads + 16) * acc_bytes))};
+    // grad_input_kernel sums over j in shared memory [slice][J][lanes].
+    const int64_t thread_values_bytes = num_out * part.lanes * acc_bytes;  // one value per thread
+    part.grad_input_slice = int(clamp(kGradInputSharedBudget / thread_values_bytes, 1, dim_in));
+    plan.grad_input = {routing_grid, routing_block, size_t(part.grad_input_slice * thread_values_bytes)};
+  }
 
   const int64_t columns = num_out * dim_out;
-  plan.grad_bias = {
-      LaunchDims{unsigned(ceil_div(columns, kWarpSize)), 1, 1},
-      LaunchDims{unsigned(kWarpSize), unsigned(kGradBiasSampleGroups), 1},
-      size_t(kWarpSize * kGradBiasSampleGroups * acc_bytes)};
-
   plan.partials_numel = batch * part.num_chunks * columns;
-  plan.forward_agreement_numel = iterations > 1 ? batch * columns : 0;
-  plan.backward_agreement_numel = batch * iterations * columns;
+  plan.agreement_numel = (iterations - 1) * batch * columns;
   plan.terms_numel = batch * part.terms * columns;
-  plan.coefficients_numel = int64_t(part.coefficient_slots) * num_in * num_out * batch;
+  plan.coefficients_numel = int64_t(part.coefficient_slots) * num_in * num_out * part.coefficient_batch;
+  plan.counters_numel = part.sample_tiles * part.num_chunks;
   return plan;
 }
 

@@ -1,9 +1,10 @@
 // Tile classes, the partition of the work, and where every element of the CUDA kernels'
 // tensors and workspaces lives.
 //
-// Shared by the kernels (routing_forward.cuh, routing_backward.cuh; compiled by nvcc and by
-// the CPU emulator in csrc/simt), the launch planner (routing_launch.h) and the host code
-// (routing_host.h), so that every party agrees on the layouts and compile-time bounds.
+// Shared by the kernels (routing_forward.cuh, routing_backward.cuh, routing_gradients.cuh;
+// compiled by nvcc and by the CPU emulator in csrc/simt), the launch planner
+// (routing_launch.h) and the host code (routing_host.h), so that every party agrees on the
+// layouts and compile-time bounds.
 //
 // Notation (docs/CUDA.md): B samples, I = N_in input capsules, J = N_out output capsules,
 // D = D_out, E = D_in, r routing iterations counted from 0 (k = 0..r-1). The sizes are the
@@ -27,21 +28,24 @@ namespace capsnet::cuda {
 // ---------------------------------------------------------------------------------------
 
 // The CapsNet shape: D_in == 8 and D_out == 16, both exact, so that no loop needs a bound
-// check, and N_out <= 12. Rows of u and W (8 elements) are read as whole 16-byte vectors.
-// The routing kernels' blocks hold 16 samples (compile-time: the capsule exchange's
-// addresses are then constants) of every output capsule, at most 192 threads, and two such
-// blocks fit on an SM (up to 170 registers per thread), so that one block's barriers
-// overlap the other's work. A grad_weight thread owns 8 rows of dW[i, j] (64 accumulators).
+// check, and N_out <= 10 (the ten classes of MNIST, CIFAR-10, ...). Rows of u and W (8
+// elements) are read as whole 16-byte vectors. A routing thread holds one output capsule j
+// of two samples (samples_per_thread, float math): every row of W it loads serves both,
+// which halves the loads per multiply-add. A routing block holds 16 lanes (compile-time:
+// the capsule exchange's addresses are then constants) of every output capsule, at most
+// 160 threads, and two such blocks fit on an SM (up to 168 registers per thread: an SM
+// quarter holds three of their warps), so that one block's barriers overlap the other's
+// work. A gradient thread owns 8 rows of W[i, j] and of dW[i, j] (kGradRows).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
   static constexpr bool kExactDimIn = true;   // D_in must equal kMaxDimIn
   static constexpr bool kExactDimOut = true;  // D_out must equal kMaxDimOut
-  static constexpr int kLanes = 16;           // samples per routing block
-  static constexpr int kMaxNumOut = 12;       // N_out
+  static constexpr int kLanes = 16;           // threads per output capsule in a routing block
+  static constexpr int kMaxNumOut = 10;       // N_out
   static constexpr int kMaxThreads = kLanes * kMaxNumOut;  // __launch_bounds__ of the routing kernels
   static constexpr int kMinBlocks = 2;        // ... and the blocks per SM the compiler must fit
-  static constexpr int kGradWeightRows = 8;   // rows d of dW[i, j] per grad_weight thread
+  static constexpr int kGradRows = 8;         // rows d of W[i, j] per gradient thread
 };
 
 // Every other supported shape (D_in, D_out <= 32, N_out <= 1024). Correct, not tuned.
@@ -50,66 +54,92 @@ struct GenericTile {
   static constexpr int kMaxDimIn = 32;
   static constexpr bool kExactDimIn = false;
   static constexpr bool kExactDimOut = false;
-  static constexpr int kLanes = 0;  // samples per routing block: chosen at run time
+  static constexpr int kLanes = 0;  // threads per output capsule: chosen at run time
   static constexpr int kMaxNumOut = 0;  // N_out: at run time
   static constexpr int kMaxThreads = 1024;
   static constexpr int kMinBlocks = 1;
-  static constexpr int kGradWeightRows = 1;
+  static constexpr int kGradRows = 1;  // rows per grad_weight thread
 };
 
-// Threads per block of the per-sample kernels (squash, backward squash) and of the
-// grad_weight and grad_bias kernels (their __launch_bounds__).
+// Samples per routing thread: two in the CapsNet tile with float math (its vectors then
+// fill the registers), else one.
+template <typename Tile>
+C10_HOST_DEVICE constexpr int samples_per_thread(int acc_bytes) {
+  return Tile::kLanes > 0 && acc_bytes == 4 ? 2 : 1;
+}
+
+// Threads per block (__launch_bounds__) of the per-sample kernel (backward_output_kernel),
+// of grad_weight_kernel (generic tile), of the CapsNet tile's gradient kernel, and of
+// prior_coupling_kernel.
 constexpr int kColumnKernelMaxThreads = 256;
 constexpr int kGradWeightMaxThreads = 256;
+constexpr int kGradientMaxThreads = 160;
+// The CapsNet tile's gradient kernel: (inputs x sample groups) per block.
+constexpr int kGradientInputGroups = 8;
 constexpr int kWarpSize = 32;
 
-
 // Shared memory of the capsule exchange (CapsuleExchange, routing_device.cuh): one buffer per
-// kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per lane, padded
-// so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes of the banks
-// (the 16-byte loads of 8 lanes then hit different banks), else [J][lanes].
+// kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per (sample slot,
+// lane), padded so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes
+// of the banks (the 16-byte loads of 8 lanes then hit different banks), else [J][lanes].
 constexpr int kExchangeKinds = 3;
 
 template <typename Tile>
 C10_HOST_DEVICE constexpr int exchange_row_stride(int acc_bytes) {
-  return Tile::kMaxNumOut + (acc_bytes == 4 ? 8 : 2);  // 12 floats + 8: 80 B; 12 doubles + 2: 112 B
+  // kMaxNumOut rounded up to whole 16-byte vectors, plus the padding: 12 floats + 8: 80 B;
+  // 10 doubles + 4: 112 B.
+  return acc_bytes == 4 ? (Tile::kMaxNumOut + 3) / 4 * 4 + 8 : (Tile::kMaxNumOut + 1) / 2 * 2 + 4;
 }
 
 template <typename Tile>
 C10_HOST_DEVICE inline int64_t exchange_elements(int64_t num_out, int64_t lanes, int acc_bytes) {
-  return Tile::kLanes > 0 ? int64_t(kExchangeKinds) * Tile::kLanes * exchange_row_stride<Tile>(acc_bytes)
-                          : int64_t(kExchangeKinds) * num_out * lanes;
+  return Tile::kLanes > 0
+      ? int64_t(kExchangeKinds) * samples_per_thread<Tile>(acc_bytes) * Tile::kLanes * exchange_row_stride<Tile>(acc_bytes)
+      : int64_t(kExchangeKinds) * num_out * lanes;
 }
 
-// A thread's row of shared memory in the CapsNet tile's backward sweep (ThreadRow,
-// routing_device.cuh): kMaxDimOut entries, padded as the exchange's rows (an odd multiple
-// of 16 bytes modulo 128): 16 floats + 4, 16 doubles + 2.
+// The CapsNet tile's routing kernels keep per-thread D_out-vectors that they use once per
+// input capsule in shared memory (ThreadRows, routing_device.cuh), after the exchange:
+// `kinds` vectors per (thread, sample), stored 16-byte vector by 16-byte vector with the
+// threads side by side, so that a warp's 16-byte loads are one contiguous line.
 template <typename Tile>
-C10_HOST_DEVICE constexpr int thread_row_stride(int acc_bytes) {
-  return Tile::kMaxDimOut + (acc_bytes == 4 ? 4 : 2);
-}
-
-template <typename Tile>
-C10_HOST_DEVICE inline int64_t thread_row_elements(int64_t threads, int acc_bytes) {
-  return Tile::kLanes > 0 ? threads * thread_row_stride<Tile>(acc_bytes) : 0;
+C10_HOST_DEVICE inline int64_t thread_row_elements(int64_t threads, int kinds, int acc_bytes) {
+  return Tile::kLanes > 0 ? int64_t(kinds) * threads * samples_per_thread<Tile>(acc_bytes) * Tile::kMaxDimOut : 0;
 }
 
 // ---------------------------------------------------------------------------------------
 // The partition of one call's work, chosen by the planner (routing_launch.h).
 // ---------------------------------------------------------------------------------------
 struct RoutingPartition {
-  // Routing kernels: grid (sample tiles, input chunks), block (samples_per_block, J).
+  // Routing kernels: grid (sample tiles, input chunks), block (lanes, J); each thread holds
+  // samples_per_thread samples, so a block holds samples_per_block = lanes * that.
+  int lanes;
   int samples_per_block;
+  int64_t sample_tiles;
   int64_t inputs_per_chunk;
   int64_t num_chunks;
-  // grad_weight kernel: block (32 inputs, row groups, sample groups); the sample groups
-  // split the batch inside a block and are added in group order at the end.
+  // The chunks' partial sums of a sample tile are added pairwise in a binary tree of this
+  // many levels, ceil(log2(num_chunks)) (ChunkTree, routing_tree.cuh).
+  int chunk_levels;
+  // CapsNet tile's gradient kernel: block (row groups x inputs_per_block, J,
+  // sample_groups); group z walks samples [z * group_samples, + group_samples) in `rounds`
+  // rounds of a 16-byte vector of samples; the groups' dW meet in a pairwise tree of
+  // group_levels levels. Generic tile's grad_weight kernel: block (32 inputs, row groups,
+  // sample_groups), group z walks samples z, z + sample_groups, ...
+  int gradient_inputs_per_block;
+  int gradient_input_shift;  // log2(gradient_inputs_per_block)
   int sample_groups;
-  // grad_input kernel: input dimensions summed over j per shared-memory round.
+  int64_t gradient_group_samples;
+  int gradient_rounds;
+  int gradient_group_levels;
+  // Generic tile's grad_input kernel: input dimensions summed over j per shared-memory round.
   int grad_input_slice;
-  // Backward workspaces: product terms of dL/du_hat, coefficient slots (routing_backward.cuh).
+  // Backward workspaces: product terms of dL/du_hat, coefficient slots (BackwardTerms), and
+  // the batch rounded up to whole sample tiles and 16-byte vectors of coefficients
+  // (coefficient()).
   int terms;
   int coefficient_slots;
+  int64_t coefficient_batch;
 };
 
 // The backward's product terms. dL/du_hat[b, i, j, :] is a short sum of per-sample vectors
@@ -133,7 +163,7 @@ struct BackwardTerms {
     }
     return int(2 * (iterations - 1)) + (has_prior ? 1 : 0);
   }
-  // Terms whose vector is a gs_k (their sum over samples is grad_bias).
+  // Terms whose vector is a gs_k (their sum over samples is grad_bias): terms 0 .. count - 1.
   C10_HOST_DEVICE int grad_s_count() const { return detach_routing ? 1 : int(iterations); }
   C10_HOST_DEVICE int grad_s_term(int64_t k) const { return detach_routing ? 0 : int(k); }
   C10_HOST_DEVICE int squashed_term(int64_t k) const { return int(iterations + k); }  // v_k, full only
@@ -160,16 +190,25 @@ struct RoutingGeometry {
   }
   // logit_prior, and the couplings of the prior, [I, J]: element (i, j).
   C10_HOST_DEVICE int64_t pair(int64_t i, int64_t j) const { return i * shape.num_out + j; }
-  // v, grad_v, the forward's running agreement vector [B, J, D]: v[b, j, :].
+  // v, grad_v [B, J, D]: v[b, j, :].
   C10_HOST_DEVICE int64_t output_vector(int64_t b, int64_t j) const { return (b * shape.num_out + j) * shape.dim_out; }
-  // s_saved [B, r, J, D] and the backward's agreement vectors V_k [B, r, J, D]: [b, k, j, :].
+  // s_saved [B, r, J, D]: [b, k, j, :].
   C10_HOST_DEVICE int64_t iteration_vector(int64_t b, int64_t k, int64_t j) const {
     return ((b * shape.iterations + k) * shape.num_out + j) * shape.dim_out;
   }
-  // Partial sums over one input chunk [B, num_chunks, J, D]: [b, chunk, j, :].
+  // The running agreement vectors V_k = v_0 + ... + v_{k-1}, k = 1..r-1 [r-1, B, J, D]:
+  // [k - 1, b, j, :] (the forward writes V_{k+1} while blocks of the same launch read V_k).
+  C10_HOST_DEVICE int64_t agreement_vector(int64_t k, int64_t b, int64_t j) const {
+    return ((k - 1) * shape.batch + b) * columns() + j * shape.dim_out;
+  }
+  // Partial sums over one input chunk [B, num_chunks, J, D]: [b, chunk, j, :]. The chunk
+  // tree (ChunkTree) keeps the sum of a subtree in the slot of its first chunk.
   C10_HOST_DEVICE int64_t partial_vector(int64_t b, int64_t chunk, int64_t j) const {
     return ((b * part.num_chunks + chunk) * shape.num_out + j) * shape.dim_out;
   }
+  // The chunk tree's arrival counters [sample tiles, num_chunks] (int32, zero between
+  // launches): the node whose right child's first chunk is `chunk`.
+  C10_HOST_DEVICE int64_t tree_counter(int64_t tile, int64_t chunk) const { return tile * part.num_chunks + chunk; }
   // The op's couplings output [B, I, J]: c[b, i, j].
   C10_HOST_DEVICE int64_t coupling(int64_t b, int64_t i, int64_t j) const {
     return (b * shape.num_in + i) * shape.num_out + j;
@@ -178,10 +217,13 @@ struct RoutingGeometry {
   C10_HOST_DEVICE int64_t term_vector(int64_t b, int64_t t, int64_t j) const {
     return ((b * part.terms + t) * shape.num_out + j) * shape.dim_out;
   }
-  // Backward: per-(b, i, j) coefficients [slots, I, J, B], sample fastest (a warp of the
-  // routing kernels holds consecutive samples, so its stores and loads are whole lines).
+  // Backward: per-(b, i, j) coefficients [slots, I, J, B'], sample fastest, B' = the batch
+  // rounded up to whole sample tiles and 16 bytes (a warp of the routing kernels holds
+  // consecutive samples, so its stores are whole lines, and its samples past the batch read
+  // within the workspace; a gradient thread reads the coefficients of consecutive samples
+  // with one aligned 16-byte load). Entries past B are never written.
   C10_HOST_DEVICE int64_t coefficient(int64_t slot, int64_t i, int64_t j, int64_t b) const {
-    return ((slot * shape.num_in + i) * shape.num_out + j) * shape.batch + b;
+    return ((slot * shape.num_in + i) * shape.num_out + j) * part.coefficient_batch + b;
   }
 };
 

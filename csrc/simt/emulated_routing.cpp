@@ -38,6 +38,11 @@ struct EmulatedLauncher {
         kernel.name, to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, options,
         [&] { kernel.function(params); }, kernel.launch_bound);
   }
+
+  void zero(at::Tensor& tensor) const {
+    simt::log_operation("cudaMemsetAsync");
+    tensor.zero_();
+  }
 };
 
 // An H100's limits, except for the number of SMs, which tests vary to change the plan.
@@ -56,11 +61,15 @@ EmulatedLauncher emulated_launcher(const HostOptions& host, const std::string& s
   return EmulatedLauncher{options};
 }
 
+// The chunk trees' counters after the last call (they must be back at zero).
+at::Tensor last_counters;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward(
     const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& logit_prior, int64_t num_iterations, bool leaky, bool detach_routing,
     bool return_couplings, const std::string& schedule, uint64_t seed, int64_t multiprocessor_count) {
-  const HostOptions host = emulated_host(multiprocessor_count);
+  HostOptions host = emulated_host(multiprocessor_count);
+  host.counters_out = &last_counters;
   return capsnet::cuda::routing_forward_host(
       u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings, host,
       emulated_launcher(host, schedule, seed));
@@ -68,13 +77,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward(
 
 // The backward's four gradients, and its coefficient workspace [slots, I, J, B] (the
 // recomputed couplings c_m and logit gradients G_m; see BackwardTerms in routing_layout.h).
+// max_coefficient_bytes: the bound of the coefficient workspace (0: the kernels' own),
+// which tests make small to run the backward in slices of the batch.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_backward(
     const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& W, const std::optional<at::Tensor>& logit_prior,
     const at::Tensor& s_saved, bool leaky, bool detach_routing, const std::string& schedule, uint64_t seed,
-    int64_t multiprocessor_count) {
+    int64_t multiprocessor_count, int64_t max_coefficient_bytes) {
   HostOptions host = emulated_host(multiprocessor_count);
+  if (max_coefficient_bytes > 0) {
+    host.max_coefficient_bytes = max_coefficient_bytes;
+  }
   at::Tensor coefficients;
   host.coefficients_out = &coefficients;
+  host.counters_out = &last_counters;
   auto [grad_u, grad_W, grad_bias, grad_prior] = capsnet::cuda::routing_backward_host(
       grad_v, u, W, logit_prior, s_saved, leaky, detach_routing, host, emulated_launcher(host, schedule, seed));
   return {grad_u, grad_W, grad_bias, grad_prior, coefficients.defined() ? coefficients : at::empty({0})};
@@ -100,25 +115,34 @@ pybind11::dict describe_plan(
   const capsnet::cuda::RoutingPartition& part = plan.geometry.part;
   pybind11::dict out;
   out["tile"] = capsnet::cuda::tile_name(plan.tile);
+  out["lanes"] = part.lanes;
   out["samples_per_block"] = part.samples_per_block;
+  out["sample_tiles"] = part.sample_tiles;
   out["inputs_per_chunk"] = part.inputs_per_chunk;
   out["num_chunks"] = part.num_chunks;
+  out["chunk_levels"] = part.chunk_levels;
   out["sample_groups"] = part.sample_groups;
+  out["gradient_inputs_per_block"] = part.gradient_inputs_per_block;
+  out["gradient_group_samples"] = part.gradient_group_samples;
+  out["gradient_rounds"] = part.gradient_rounds;
+  out["gradient_group_levels"] = part.gradient_group_levels;
   out["grad_input_slice"] = part.grad_input_slice;
   out["terms"] = part.terms;
   out["coefficient_slots"] = part.coefficient_slots;
-  out["forward_workspace_elements"] = plan.partials_numel + plan.forward_agreement_numel;
+  out["coefficient_batch"] = part.coefficient_batch;
+  out["backward_slice_batch"] = capsnet::cuda::backward_slice_batch(shape, has_prior, detach_routing, acc_bytes);
+  out["forward_workspace_elements"] = plan.partials_numel + plan.agreement_numel;
   out["backward_workspace_elements"] =
-      plan.partials_numel + plan.backward_agreement_numel + plan.terms_numel + plan.coefficients_numel;
+      plan.partials_numel + plan.agreement_numel + plan.terms_numel + plan.coefficients_numel;
+  out["coefficient_elements"] = plan.coefficients_numel;
   pybind11::dict launches;
   launches["prior_coupling_kernel"] = launch_dict(plan.prior_coupling);
-  launches["forward_partial_sums_kernel"] = launch_dict(plan.forward_partial_sums);
-  launches["backward_partial_sums_kernel"] = launch_dict(plan.backward_partial_sums);
-  launches["forward_squash_kernel"] = launch_dict(plan.squash);
-  launches["backward_squash_kernel"] = launch_dict(plan.squash);
+  launches["forward_iteration_kernel"] = launch_dict(plan.forward_iteration);
+  launches["backward_sweep_kernel"] = launch_dict(plan.backward_sweep);
+  launches["backward_output_kernel"] = launch_dict(plan.backward_output);
+  launches["gradient_kernel"] = launch_dict(plan.gradients);
   launches["grad_weight_kernel"] = launch_dict(plan.grad_weight);
   launches["grad_input_kernel"] = launch_dict(plan.grad_input);
-  launches["grad_bias_kernel"] = launch_dict(plan.grad_bias);
   out["launches"] = launches;
   return out;
 }
@@ -137,10 +161,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("multiprocessor_count") = h100_sms);
   m.def("routing_backward", &emulated_backward, py::arg("grad_v"), py::arg("u"), py::arg("W"),
       py::arg("logit_prior"), py::arg("s_saved"), py::arg("leaky") = false, py::arg("detach_routing") = false,
-      py::arg("schedule") = "ascending", py::arg("seed") = 0, py::arg("multiprocessor_count") = h100_sms);
+      py::arg("schedule") = "ascending", py::arg("seed") = 0, py::arg("multiprocessor_count") = h100_sms,
+      py::arg("max_coefficient_bytes") = 0);
   m.def("describe_plan", &describe_plan, py::arg("batch"), py::arg("num_in"), py::arg("num_out"),
       py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
       py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false);
+  m.def("last_counters", [] { return last_counters; }, "the chunk trees' counters after the last call");
   m.def("launch_log", [] { return simt::launch_log(); }, "kernel names launched since clear_launch_log()");
   m.def("full_launch_log", [] { return simt::full_launch_log(); },
       "the same launches, with template arguments as written in the launcher");

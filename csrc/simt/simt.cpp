@@ -383,6 +383,11 @@ void launch(
   current = saved;
 }
 
+void log_operation(const std::string& name) {
+  launched.push_back(name);
+  launched_full.push_back(name);
+}
+
 const std::vector<std::string>& launch_log() {
   return launched;
 }

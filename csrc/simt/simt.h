@@ -82,6 +82,10 @@ void launch(
 // a misaligned vector load, x86 does not, so the emulator records it and fails the launch.
 void check_vector_alignment(const void* pointer, const std::source_location& where);
 
+// A stream operation that is not a kernel (cudaMemsetAsync): recorded in the launch log
+// under `name`, in order with the kernels.
+void log_operation(const std::string& name);
+
 // Kernel names launched since the last clear_launch_log(), in launch order.
 const std::vector<std::string>& launch_log();
 // The same launches with the names as given to launch() (template arguments included).
@@ -102,6 +106,18 @@ void clear_launch_log();
 inline void __syncthreads(const std::source_location where = std::source_location::current()) {
   ::simt::sync_threads(where);
 }
+
+// Atomics and memory fences. Blocks run one after another and a block's threads switch
+// only at __syncthreads(), so a read-modify-write is atomic and every write is visible to
+// every later block: the fence has nothing to order. (What blocks that run at the same
+// time would see is not emulated; the kernels' fence and counter protocol is the standard
+// one, routing_tree.cuh.)
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() {}
 
 // The block's dynamic shared memory (the `extern __shared__` array), sized at launch and
 // filled with 0xFF bytes (NaN as float or double) before each block, so that reading an

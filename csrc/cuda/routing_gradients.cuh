@@ -1,0 +1,496 @@
+// The gradient kernels of the fused dynamic routing: dL/dW, dL/du, dL/dbias and dL/dprior
+// from what the backward sweep (routing_backward.cuh) stored, the per-sample term vectors
+// [B, terms, J, D] and the per-(b, i, j) coefficients [slots, I, J, B'] (BackwardTerms):
+//   dL/du_hat[b, i, j] = sum_t coefficient_t[b, i, j] vector_t[b, j]
+//   dL/dW[i, j] = sum_b dL/du_hat[b, i, j] (outer) u[b, i]      dL/du[b, i] = sum_j W[i, j]^T dL/du_hat[b, i, j]
+//   dL/dbias = sum_b sum_k gs_k[b]                              dL/dprior = sum_b G_0[b]
+// CapsNet tile: one kernel forms each dL/du_hat once and uses it for both dW and du.
+// Generic tile: grad_weight_kernel and grad_input_kernel, each forming it.
+#pragma once
+
+#include "routing_backward.cuh"
+
+namespace capsnet::cuda {
+
+// x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
+// term by term in order. `coefficients` points at (slot 0, i, j, b), the next slots follow
+// slot_stride apart; `vectors` at (b, term 0, j, row), the next terms term_stride apart;
+// `initial` is c_0[i, j], term 0's coefficient unless it is stored.
+template <bool kExact, int kRows, typename acc_t>
+__device__ __forceinline__ void grad_prediction(
+    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int slot_stride, acc_t initial,
+    const acc_t* __restrict__ vectors, int term_stride, int rows, acc_t (&x)[kRows]) {
+  acc_t values[kRows];
+  load_vector<kExact>(vectors, rows, values);
+  const acc_t scale = terms.stored_coefficient(0) ? coefficients[0] : initial;
+#pragma unroll
+  for (int d = 0; d < kRows; ++d) {
+    x[d] = scale * values[d];
+  }
+  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2.
+#pragma unroll 1
+  for (int term = 1; term < count; ++term) {  // model-loop: terms - 1
+    vectors += term_stride;
+    load_vector<kExact>(vectors, rows, values);
+    const acc_t coefficient = *coefficients;
+    coefficients += slot_stride;
+#pragma unroll
+    for (int d = 0; d < kRows; ++d) {
+      x[d] = fused_multiply_add(coefficient, values[d], x[d]);
+    }
+  }
+}
+
+// A gradient that is either written (scalar_t output) or, when the batch is processed in
+// slices, added to an op-math sum (the first slice starts it).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void put_gradient(scalar_t* out, acc_t* sum, bool first_slice, int64_t index, acc_t value) {
+  if (sum != nullptr) {
+    sum[index] = first_slice ? value : sum[index] + value;
+  } else {
+    out[index] = static_cast<scalar_t>(value);
+  }
+}
+
+// dL/dbias[column] = sum_b sum over the gs terms of gs_k[b, column] (the bias enters every
+// s_k; with detach_routing only s_{r-1}), column = (j, d), for the columns block, block +
+// blocks, ...: thread t sums the terms of samples t, t + threads, ...; the block adds the
+// threads' sums in a fixed order (16 strided partial sums, then those). Every thread of the
+// block calls it; `shared` holds threads + 16 values.
+template <typename scalar_t, typename acc_t>
+__device__ void bias_gradient(const BackwardParams<scalar_t>& p, int block, int blocks, int thread, int threads, acc_t* shared) {
+  const RoutingGeometry& g = p.geometry;
+  const int columns = int(g.columns());
+  const int batch = int(g.shape.batch);
+  const int count = p.terms_of.grad_s_count();  // terms 0 .. count - 1 are the gs_k
+  const int sample_stride = int(g.part.terms * g.columns());
+  const int term_stride = columns;
+  constexpr int kFirstLevel = 16;
+#pragma unroll 1
+  for (int column = block; column < columns; column += blocks) {  // model-loop: ceil(num_out * dim_out / gradient_blocks)
+    acc_t total = 0;
+    const acc_t* sample = p.terms + thread * sample_stride + column;
+#pragma unroll 1
+    for (int b = thread; b < batch; b += threads) {  // model-loop: ceil(batch / gradient_threads)
+      const acc_t* term = sample;
+#pragma unroll 1
+      for (int k = 0; k < count; ++k) {  // model-loop: grad_s_terms
+        total += *term;
+        term += term_stride;
+      }
+      sample += threads * sample_stride;
+    }
+    shared[thread] = total;
+    __syncthreads();
+    if (thread < kFirstLevel) {
+      acc_t part = 0;
+#pragma unroll 1
+      for (int k = thread; k < threads; k += kFirstLevel) {  // model-loop: ceil(gradient_threads / 16)
+        part += shared[k];
+      }
+      shared[threads + thread] = part;
+    }
+    __syncthreads();
+    if (thread == 0) {
+      acc_t sum = 0;
+#pragma unroll
+      for (int k = 0; k < kFirstLevel; ++k) {
+        sum += shared[threads + k];
+      }
+      put_gradient(p.grad_bias, p.grad_bias_sum, p.first_slice, column, sum);
+    }
+    __syncthreads();  // shared is read before the next column overwrites it
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// CapsNet tile: dW and du from one dL/du_hat.
+// ---------------------------------------------------------------------------------------
+
+// Grid ceil(I / inputs_per_block); block (row groups x inputs_per_block, J, sample groups),
+// inputs_per_block x groups = kGradientInputGroups. Thread (row group, input, j, group) owns
+// rows [kRows * row group, + kRows) of W[i, j] (in registers, loaded once) and of dW[i, j]
+// (accumulated), and walks its group's samples in rounds of a 16-byte vector of samples:
+// per sample, x = dL/du_hat[b, i, j, rows] (grad_prediction), dW rows += x (outer) u[b, i],
+// and the partial W[i, j, rows]^T x of dL/du[b, i], which meets the other J x row-group
+// partials in shared memory ([round sample][group x input][e][J x row groups, padded to
+// kMaxNumOut x row groups with zeros]); after each round, the block's threads add them up
+// (in the order j, row group) and store dL/du. At the end the groups' dW rows are added in
+// a fixed pairwise tree, and the block does its share of dL/dbias.
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const BackwardParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int kRows = Tile::kGradRows;
+  constexpr int kDimIn = Tile::kMaxDimIn;
+  constexpr int kRowGroups = Tile::kMaxDimOut / kRows;
+  // J x row groups partials per dL/du value, padded to whole 16-byte vectors.
+  constexpr int kContributors = (kRowGroups * Tile::kMaxNumOut + Vector16<acc_t>::kWidth - 1) / Vector16<acc_t>::kWidth *
+      Vector16<acc_t>::kWidth;
+  constexpr int kRound = Vector16<acc_t>::kWidth;  // samples per round
+  constexpr int kSlots = kGradientInputGroups;  // (group, input) pairs per block
+  static_assert(Tile::kExactDimIn && Tile::kExactDimOut && kDimIn == 8 && kSlots == 8, "the CapsNet tile");
+  static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
+  const RoutingGeometry& g = p.geometry;
+  const RoutingShape& n = g.shape;
+  const BackwardTerms& terms = p.terms_of;
+  const int row_group = threadIdx.x % kRowGroups;
+  const int input_in_block = threadIdx.x / kRowGroups;
+  const int inputs_per_block = g.part.gradient_inputs_per_block;
+  const int j = threadIdx.y;
+  const int group = threadIdx.z;
+  const int groups = blockDim.z;
+  const int i = int(blockIdx.x) * inputs_per_block + input_in_block;
+  const bool active = i < n.num_in;
+  const int read_i = active ? i : int(n.num_in) - 1;
+  const int row = row_group * kRows;
+  const int threads = int(blockDim.x * blockDim.y * blockDim.z);
+  const int flat = int((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x);
+  const int slot = group * inputs_per_block + input_in_block;  // (group, input) in [0, kSlots)
+  const int contributor = j * kRowGroups + row_group;
+  const int num_out = int(n.num_out);
+  acc_t* shared = dynamic_shared_memory<acc_t>();
+
+  // The contributor entries past J x row groups stay zero.
+  constexpr int kRoundRows = kRound * kSlots * kDimIn;  // dL/du values per round
+#pragma unroll 1
+  for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
+#pragma unroll
+    for (int k = 0; k < kContributors; ++k) {
+      if (k >= num_out * kRowGroups) {
+        shared[r * kContributors + k] = acc_t(0);
+      }
+    }
+  }
+
+  acc_t w[kRows][kDimIn];
+#pragma unroll
+  for (int d = 0; d < kRows; ++d) {
+    load_row<Tile>(p.W + g.weight_matrix(read_i, j) + (row + d) * kDimIn, kDimIn, w[d]);
+  }
+  acc_t grad_w[kRows][kDimIn];
+  fill(grad_w, acc_t(0));
+  acc_t grad_prior = 0;
+  const bool sums_prior = p.grad_prior != nullptr && row_group == 0;
+
+  // This group's samples [first, end), walked with pointers: u[b, i], the term vectors
+  // (b, term 0, j, rows), the coefficients (slot 0, i, j, b).
+  const int group_samples = int(g.part.gradient_group_samples);
+  const int first = group * group_samples;
+  const int end = int(smaller(int64_t(first + group_samples), n.batch));
+  const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
+  const acc_t* coefficients = p.coefficients + g.coefficient(0, read_i, j, first);
+  const acc_t* vectors = p.terms + g.term_vector(first, 0, j) + row;
+  const scalar_t* u_row = p.u + g.input_row(first, read_i);
+  const int vector_step = int(g.part.terms * g.columns());
+  const int u_step = int(n.num_in * kDimIn);
+  const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
+  const int term_stride = int(g.columns());
+  const int count = g.part.terms;
+  const acc_t initial = initial_coupling(p.prior_couplings, g, read_i, j, p.options);
+  acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
+#pragma unroll 1
+  for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
+#pragma unroll
+    for (int q = 0; q < kRound; ++q) {
+      if (active && b + q < end) {
+        acc_t x[kRows];
+        grad_prediction<true>(terms, count, coefficients + q, slot_stride, initial, vectors + q * vector_step, term_stride,
+            kRows, x);
+        acc_t u_i[kDimIn];
+        load_row<Tile>(u_row + q * u_step, kDimIn, u_i);
+        acc_t partial[kDimIn];
+        fill(partial, acc_t(0));
+#pragma unroll
+        for (int d = 0; d < kRows; ++d) {
+#pragma unroll
+          for (int e = 0; e < kDimIn; ++e) {
+            grad_w[d][e] = fused_multiply_add(x[d], u_i[e], grad_w[d][e]);
+            partial[e] = fused_multiply_add(w[d][e], x[d], partial[e]);
+          }
+        }
+        if (sums_prior) {
+          grad_prior += coefficients[q + prior_slot];
+        }
+#pragma unroll
+        for (int e = 0; e < kDimIn; ++e) {
+          mine[(q * kSlots * kDimIn + e) * kContributors] = partial[e];
+        }
+      }
+    }
+    coefficients += kRound;
+    vectors += kRound * vector_step;
+    u_row += kRound * u_step;
+    __syncthreads();
+    // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
+#pragma unroll 1
+    for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
+      const int e = r % kDimIn;
+      const int their_slot = (r / kDimIn) % kSlots;
+      const int their_group = their_slot >> g.part.gradient_input_shift;
+      const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
+      const int their_b = their_group * group_samples + (b - first) + r / (kDimIn * kSlots);
+      const acc_t* entries = shared + r * kContributors;
+      acc_t total = 0;
+#pragma unroll
+      for (int k = 0; k < kContributors; k += Vector16<acc_t>::kWidth) {
+        const Vector16<acc_t> chunk = load_vector16(entries + k);
+#pragma unroll
+        for (int v = 0; v < Vector16<acc_t>::kWidth; ++v) {
+          total += chunk.values[v];
+        }
+      }
+      if (their_i < n.num_in && their_b < n.batch && their_b - their_group * group_samples < group_samples) {
+        p.grad_u[(int64_t(their_b) * n.num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);
+      }
+    }
+    __syncthreads();  // the round's entries are read before the next round overwrites them
+  }
+
+  // dW rows (and the prior's sum): the groups' sums added pairwise, group g + step into
+  // group g, a row at a time.
+  const int per_group = threads / groups;
+  const int in_group = flat - group * per_group;
+#pragma unroll 1
+  for (int step = 1; step < groups; step *= 2) {  // model-loop: gradient_group_levels
+    const bool sender = group % (2 * step) == step;
+    const bool receiver = group % (2 * step) == 0 && group + step < groups;
+#pragma unroll
+    for (int d = 0; d <= kRows; ++d) {  // the last round carries grad_prior
+      if (sender) {
+        acc_t* mine = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
+#pragma unroll
+        for (int e = 0; e < kDimIn; ++e) {
+          mine[e] = d < kRows ? grad_w[d][e] : (e == 0 ? grad_prior : acc_t(0));
+        }
+      }
+      __syncthreads();
+      if (receiver) {
+        const acc_t* theirs = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
+        if (d < kRows) {
+#pragma unroll
+          for (int e = 0; e < kDimIn; ++e) {
+            grad_w[d][e] += theirs[e];
+          }
+        } else {
+          grad_prior += theirs[0];
+        }
+      }
+      __syncthreads();  // read before the next row overwrites
+    }
+  }
+  if (group == 0 && active) {
+#pragma unroll
+    for (int d = 0; d < kRows; ++d) {
+      const int64_t out = g.weight_matrix(i, j) + (row + d) * kDimIn;
+#pragma unroll
+      for (int e = 0; e < kDimIn; ++e) {
+        put_gradient(p.grad_W, p.grad_W_sum, p.first_slice, out + e, grad_w[d][e]);
+      }
+    }
+    if (sums_prior) {
+      put_gradient(p.grad_prior, p.grad_prior_sum, p.first_slice, g.pair(i, j), grad_prior);
+    }
+  }
+  bias_gradient(p, int(blockIdx.x), int(gridDim.x), flat, threads, shared);
+}
+
+// ---------------------------------------------------------------------------------------
+// Generic tile.
+// ---------------------------------------------------------------------------------------
+
+// dL/dW[i, j, d, :] = sum_b dL/du_hat[b, i, j, d] u[b, i, :]  (Eq. 2), and grad_prior[i, j] =
+// sum_b G_0[b, i, j]. Grid (ceil(I / 32), J, row-group blocks), block (32 inputs, row
+// groups, sample groups): thread (lane, y, z) owns input i = 32 blockIdx.x + lane, rows
+// [kRows * group, + kRows) of dW[i, j] and samples b = z, z + Z, ...; the sample groups'
+// sums meet in shared memory and are added in group order (no atomics: fixed order).
+// Also the block's share of dL/dbias.
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(const BackwardParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr int kRows = Tile::kGradRows;
+  constexpr int kDimIn = Tile::kMaxDimIn;
+  constexpr bool kExact = Tile::kExactDimOut;
+  const RoutingGeometry& g = p.geometry;
+  const RoutingShape& n = g.shape;
+  const BackwardTerms& terms = p.terms_of;
+  const int64_t i = int64_t(blockIdx.x) * kWarpSize + threadIdx.x;
+  const int64_t j = blockIdx.y;
+  const int64_t row = (int64_t(blockIdx.z) * blockDim.y + threadIdx.y) * kRows;
+  const bool active = i < n.num_in && row < n.dim_out;
+  const int group = threadIdx.z;
+  const int groups = blockDim.z;
+  const bool sums_prior = p.grad_prior != nullptr && row == 0;
+  const int rows = int(smaller(int64_t(kRows), n.dim_out - row));
+
+  acc_t grad_w[kRows][kDimIn];
+  fill(grad_w, acc_t(0));
+  acc_t grad_prior = 0;
+  if (active && group < n.batch) {
+    // 32-bit offsets walked over this group's samples.
+    const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
+    int coefficient = int(g.coefficient(0, i, j, group));
+    int vector = int(g.term_vector(group, 0, j) + row);
+    int u_row = int(g.input_row(group, i));
+    const int vectors_step = int(groups * g.part.terms * g.columns());
+    const int u_step = int(groups * n.num_in * n.dim_in);
+    const acc_t initial = initial_coupling(p.prior_couplings, g, i, j, p.options);
+    const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
+    const int count = g.part.terms;
+    const int term_stride = int(g.columns());
+    for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: ceil(batch / sample_groups)
+      acc_t x[kRows];
+      grad_prediction<kExact>(terms, count, p.coefficients + coefficient, slot_stride, initial, p.terms + vector, term_stride, rows, x);
+      acc_t u_i[kDimIn];
+      load_row<Tile>(p.u + u_row, n.dim_in, u_i);
+#pragma unroll
+      for (int d = 0; d < kRows; ++d) {
+#pragma unroll
+        for (int e = 0; e < kDimIn; ++e) {
+          grad_w[d][e] = fused_multiply_add(x[d], u_i[e], grad_w[d][e]);
+        }
+      }
+      if (sums_prior) {
+        grad_prior += p.coefficients[coefficient + prior_slot];
+      }
+      coefficient += groups;
+      vector += vectors_step;
+      u_row += u_step;
+    }
+  }
+
+  // Sum over the sample groups, one row of kDimIn values per round: group z writes its
+  // row, group 0 adds them in order z = 0..Z-1.
+  acc_t* shared = dynamic_shared_memory<acc_t>();
+  const int xy = threadIdx.y * blockDim.x + threadIdx.x;
+  const int xy_threads = blockDim.x * blockDim.y;
+#pragma unroll
+  for (int d = 0; d <= kRows; ++d) {  // the last round carries grad_prior
+    if (groups > 1) {
+      acc_t* mine = shared + (int64_t(group) * xy_threads + xy) * kDimIn;
+      if (d < kRows) {
+#pragma unroll
+        for (int e = 0; e < kDimIn; ++e) {
+          mine[e] = grad_w[d][e];
+        }
+      } else {
+        mine[0] = grad_prior;
+      }
+      __syncthreads();
+      if (group == 0) {
+#pragma unroll 1
+        for (int other = 1; other < groups; ++other) {  // model-loop: sample_groups - 1
+          const acc_t* theirs = shared + (int64_t(other) * xy_threads + xy) * kDimIn;
+          if (d < kRows) {
+#pragma unroll
+            for (int e = 0; e < kDimIn; ++e) {
+              grad_w[d][e] += theirs[e];
+            }
+          } else {
+            grad_prior += theirs[0];
+          }
+        }
+      }
+      __syncthreads();  // read before the next round overwrites
+    }
+    if (group == 0 && active) {
+      if (d < kRows) {
+        if (d < rows) {
+          const int64_t out = g.weight_matrix(i, j) + (row + d) * n.dim_in;
+#pragma unroll
+          for (int e = 0; e < kDimIn; ++e) {
+            if (Tile::kExactDimIn || e < n.dim_in) {
+              put_gradient(p.grad_W, p.grad_W_sum, p.first_slice, out + e, grad_w[d][e]);
+            }
+          }
+        }
+      } else if (sums_prior) {
+        put_gradient(p.grad_prior, p.grad_prior_sum, p.first_slice, g.pair(i, j), grad_prior);
+      }
+    }
+  }
+  const int block = int((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
+  bias_gradient(p, block, int(gridDim.x * gridDim.y * gridDim.z), int((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x),
+      int(blockDim.x * blockDim.y * blockDim.z), shared);
+}
+
+// dL/du[b, i] = sum_j W[i, j]^T dL/du_hat[b, i, j]  (Eq. 2). Grid and block as the routing
+// kernels: thread (lane, j) computes W[i, j]^T dL/du_hat[j|i] for its sample; the sum over j
+// meets in shared memory ([slice][J][lanes]), p.geometry.part.grad_input_slice input
+// dimensions per round, and is added in the order j = 0..J-1.
+template <typename scalar_t, typename Tile>
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_input_kernel(const BackwardParams<scalar_t> p) {
+  using acc_t = opmath_t<scalar_t>;
+  constexpr bool kExact = Tile::kExactDimOut;
+  static_assert(samples_per_thread<Tile>(int(sizeof(acc_t))) == 1, "one sample per thread");
+  const RoutingGeometry& g = p.geometry;
+  const RoutingShape& n = g.shape;
+  const RoutingThread<Tile, 1> t = RoutingThread<Tile, 1>::locate(g);
+  const int lanes = g.part.lanes;
+  const int slice = g.part.grad_input_slice;
+  const int dim_out = int(n.dim_out), dim_in = int(n.dim_in), num_out = int(n.num_out);
+  acc_t* per_capsule = dynamic_shared_memory<acc_t>();
+
+  // Pointers walked along the chunk; lanes past the batch read sample B-1 and store nothing.
+  const int b = t.read_b[0];
+  const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
+  const int coefficient_step = int(n.num_out * g.part.coefficient_batch);
+  int coefficient = int(g.coefficient(0, t.i_begin, t.j, b));
+  const int vector = int(g.term_vector(b, 0, t.j));
+  const scalar_t* W_ij = p.W + g.weight_matrix(t.i_begin, t.j);
+  const int64_t W_step = n.num_out * n.dim_out * n.dim_in;
+  const int row_stride = Tile::kExactDimIn ? Tile::kMaxDimIn : dim_in;
+  scalar_t* grad_u = p.grad_u + g.input_row(b, t.i_begin);
+
+  const int count = g.part.terms;
+  const int term_stride = int(g.columns());
+  const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
+  const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
+  for (int step = 0; step < t.inputs; ++step) {  // model-loop: inputs_per_chunk
+    acc_t x[Tile::kMaxDimOut];
+    grad_prediction<kExact>(
+        p.terms_of, count, p.coefficients + coefficient, slot_stride, initial != nullptr ? *initial : uniform,
+        p.terms + vector, term_stride, dim_out, x);
+    initial = initial != nullptr ? initial + n.num_out : nullptr;
+    // This capsule's term of dL/du[b, i]: W[i, j]^T dL/du_hat[j|i].
+    acc_t term[Tile::kMaxDimIn];
+    fill(term, acc_t(0));
+#pragma unroll
+    for (int d = 0; d < Tile::kMaxDimOut; ++d) {
+      if (kExact || d < dim_out) {
+        acc_t w[Tile::kMaxDimIn];
+        load_row<Tile>(W_ij + d * row_stride, dim_in, w);
+#pragma unroll
+        for (int e = 0; e < Tile::kMaxDimIn; ++e) {
+          term[e] = fused_multiply_add(w[e], x[d], term[e]);
+        }
+      }
+    }
+    coefficient += coefficient_step;
+    W_ij += W_step;
+    for (int first = 0; first < dim_in; first += slice) {  // model-loop: input_slices
+      const int width = smaller(slice, dim_in - first);
+#pragma unroll
+      for (int e = 0; e < Tile::kMaxDimIn; ++e) {
+        if (e >= first && e < first + width) {
+          per_capsule[((e - first) * num_out + t.j) * lanes + t.lane] = term[e];
+        }
+      }
+      __syncthreads();
+#pragma unroll 1
+      for (int e = t.j; e < width; e += num_out) {  // model-loop: min(grad_input_slice, num_out) / num_out
+        acc_t total = 0;
+#pragma unroll 1
+        for (int k = 0; k < num_out; ++k) {  // model-loop: num_out
+          total += per_capsule[(e * num_out + k) * lanes + t.lane];
+        }
+        if (t.active[0]) {
+          grad_u[first + e] = static_cast<scalar_t>(total);
+        }
+      }
+      __syncthreads();  // reads done before the next round overwrites per_capsule
+    }
+    grad_u += n.dim_in;
+  }
+}
+
+}  // namespace capsnet::cuda
