@@ -13,7 +13,7 @@ import csv
 
 import pytest
 
-from capsnet import figures
+from capsnet.training import figures
 from capsnet.training import affine_comparison
 from mnist_testing import mnist_root
 from training_testing import ROUTING, load_train_mnist

@@ -3,13 +3,15 @@ Fig. 5 (MultiMNIST), written from checkpoints; and the per-epoch MultiMNIST figu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from capsnet import figures
 from capsnet.model import CapsNetConfig
+from capsnet.training import figures
 from capsnet.training.checkpoint import save_checkpoint
 from capsnet.training.config import TrainConfig
 from capsnet.training.state import TrainingState
@@ -116,3 +118,14 @@ def test_a_missing_checkpoint_is_a_message(tmp_path, capsys):
     argv = ["perturbation", "--checkpoint", str(tmp_path / "absent.pt"), "--out", "x.png"]
     assert figures.main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_m_capsnet_figures_is_the_command(tmp_path):
+    # The short name runs capsnet.training.figures (the core package does not import it).
+    absent = tmp_path / "absent.pt"
+    argv = ["perturbation", "--checkpoint", str(absent), "--out", str(tmp_path / "x.png")]
+    result = subprocess.run(
+        [sys.executable, "-m", "capsnet.figures", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    assert "capsnet.figures: error:" in result.stderr and "does not exist" in result.stderr
