@@ -3,8 +3,10 @@
 set, the baseline CNN learns, and the affine-comparison procedure produces its table.
 
 The thresholds come from runs measured on the development machine (docs/EXPERIMENTS.md
-gives the measured values); they leave room for other CPUs' rounding and are far above
-chance (MultiMNIST: 2.2% for both digits, 20% per digit; 10% for one digit).
+gives the measured values and run times); they leave room for other CPUs' rounding (another
+kernel variant changes the trajectory) and are well above chance (MultiMNIST: 2.2% for both
+digits, 20% per digit; 10% for one digit). The whole file took 30 minutes on 2 CPU cores
+shared with other heavy jobs (load average 4 to 8).
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import csv
 
 import pytest
 
-from capsnet.training import figures
-from capsnet.training import affine_comparison
+from capsnet.training import affine_comparison, figures
 from mnist_testing import mnist_root
 from training_testing import ROUTING, load_train_mnist
 
 train_mnist = load_train_mnist()
-# Thresholds (fractions; AFFINE_THRESHOLD in percent), set from measured runs.
-MULTIMNIST_DIGIT_THRESHOLD = 0.0
-MULTIMNIST_PAIR_THRESHOLD = 0.0
-EXPANDED_THRESHOLD = 0.0
-AFFINE_THRESHOLD = 0.0
-CNN_THRESHOLD = 0.0
+# Thresholds (fractions; AFFINE_THRESHOLD in percent): a half to three quarters of the values
+# measured on AMD EPYC (avx512f), fused routing, seed 0, and at least 4 binomial standard
+# deviations above chance for these test-set sizes (300 images or pairs).
+MULTIMNIST_DIGIT_THRESHOLD = 0.30  # measured 0.3917; chance 0.20
+MULTIMNIST_PAIR_THRESHOLD = 0.05  # measured 0.0900; chance 1/45 = 0.022
+EXPANDED_THRESHOLD = 0.25  # measured 0.3867 after 80 steps (0.1000 after 40); chance 0.10
+AFFINE_THRESHOLD = 18.0  # measured 27.33 (the same checkpoint: 38.67 on its test set)
+CNN_THRESHOLD = 0.17  # measured 0.2500 after 40 steps (0.2200 after 20); chance 0.10
+# The CNN's test loss must leave ln 10 = 2.3026 (uniform output): measured 2.1578.
+CNN_LOSS_THRESHOLD = 2.25
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
@@ -72,7 +77,7 @@ def test_multimnist_short_run_learns_both_digits(tmp_path):
 
 def test_expanded_mnist_short_run_learns_and_is_evaluated_on_the_affine_set(tmp_path, capsys):
     # 80 steps of 32 on the first 1,280 training digits, randomly placed on 40x40; tested
-    # on the first 300 test digits. Measured: EXPANDED_MEASURED.
+    # on the first 300 test digits. Measured: 10.00% after epoch 1, 38.67% after epoch 2.
     out_dir = tmp_path / "expanded"
     _run(out_dir, "--dataset", "expanded-mnist", "--limit-train", "1280", "--limit-test", "300",
          "--batch-size", "32", "--epochs", "2", "--num-reconstructions", "4")  # fmt: skip
@@ -96,13 +101,14 @@ def test_expanded_mnist_short_run_learns_and_is_evaluated_on_the_affine_set(tmp_
 def test_the_baseline_cnn_learns_expanded_mnist(tmp_path):
     # 40 steps of 32 on the first 640 training digits at --lr 1e-4 (1e-3 makes the first
     # Adam step kill the ReLUs of its 100,352-input layer: the loss stays at ln 10).
-    # Measured: CNN_MEASURED.
+    # Measured: 22.00% after epoch 1 (test loss 2.2864), 25.00% after epoch 2 (2.1578).
     out_dir = tmp_path / "cnn"
     _run(out_dir, "--dataset", "expanded-mnist", "--model", "cnn-baseline", "--lr", "1e-4",
          "--limit-train", "640", "--limit-test", "300", "--batch-size", "32", "--epochs", "2")  # fmt: skip
     history = _history(out_dir)
     print("MEASURED cnn", history)
     assert history[-1]["test_accuracy"] >= CNN_THRESHOLD
+    assert history[-1]["test_loss"] < CNN_LOSS_THRESHOLD
 
 
 def test_the_affine_comparison_writes_its_table(tmp_path, monkeypatch):
