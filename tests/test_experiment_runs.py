@@ -5,8 +5,8 @@ set, the baseline CNN learns, and the affine-comparison procedure produces its t
 The thresholds come from runs measured on the development machine (docs/EXPERIMENTS.md
 gives the measured values and run times); they leave room for other CPUs' rounding (another
 kernel variant changes the trajectory) and are well above chance (MultiMNIST: 2.2% for both
-digits, 20% per digit; 10% for one digit). The whole file took 30 minutes on 2 CPU cores
-shared with other heavy jobs (load average 4 to 8).
+digits, 20% per digit; 10% for one digit). The whole file took 27 minutes of wall time (10.5
+minutes of CPU time) on 2 cores shared with other heavy jobs (load average 4 to 8).
 """
 
 from __future__ import annotations
