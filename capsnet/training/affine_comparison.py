@@ -169,7 +169,9 @@ def run(preset_name: str, out_dir: Path, data_dir: str | None, overwrite: bool) 
     lines = [
         f"# Affine robustness, preset `{preset_name}` (Sec. 5.2)",
         "",
-        f"Host: {host_description()}. {preset.summary}.",
+        f"Host: {host_description()}.",
+        "",
+        f"Setting: {preset.summary}.",
         "",
         f"| network | epochs | steps | training seconds | stopping test accuracy % (target "
         f"{preset.target:g}) | expanded-MNIST test accuracy % | affine accuracy % |",
