@@ -16,6 +16,13 @@ Examples:
     python train_mnist.py --resume runs/mnist/last.pt
     python train_mnist.py --eval runs/mnist/best.pt
 
+    # the paper's other experiments (docs/EXPERIMENTS.md): MultiMNIST (Sec. 6), and
+    # expanded MNIST with the affine evaluation and the baseline CNN (Sec. 5.2)
+    python train_mnist.py --dataset multimnist --out-dir runs/multimnist
+    python train_mnist.py --dataset expanded-mnist --stop-at-accuracy 99.23 --out-dir runs/exp-caps
+    python train_mnist.py --dataset expanded-mnist --model cnn-baseline --out-dir runs/exp-cnn
+    python train_mnist.py --eval runs/exp-caps/last.pt --eval-set affine
+
 Exit status: 0 done, 1 the run failed after it started (diverged, disk full; the last
 checkpoint is intact), 2 it could not start (options, data, output directory, checkpoint),
 130 stopped by Ctrl-C/SIGTERM after saving a checkpoint. The options are generated from
@@ -36,7 +43,7 @@ from capsnet.training.errors import ConfigError, RunFailure, SetupError, Trainin
 from capsnet.training.evaluation import evaluate_saved_run
 from capsnet.training.logs import configure_logging
 from capsnet.training.run_directory import read_resume_checkpoint
-from capsnet.training.trainer import FitResult, fit
+from capsnet.training.trainer import FitResult, describe_metrics, fit
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -47,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.eval is not None and args.resume is not None:
         build_parser().error("--eval and --resume cannot be combined")
+    if args.eval_set is not None and args.eval is None:
+        build_parser().error("--eval-set chooses what --eval evaluates: give --eval CHECKPOINT")
     return args
 
 
@@ -69,15 +78,17 @@ def run_training(argv: list[str] | None = None) -> FitResult:
 def evaluate(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.eval)
     config = config_from_args(args, checkpoint.config)
+    eval_set = args.eval_set or "test"
     try:
-        metrics = evaluate_saved_run(checkpoint, config)
+        metrics = evaluate_saved_run(checkpoint, config, eval_set)
     except ConfigError as error:
+        if error.field == "eval_set":
+            raise ConfigError(error.field, error.reason, option="--eval-set") from None
         raise option_error(error) from None
     print(
-        f"{args.eval}: test accuracy {100 * metrics['accuracy']:.2f}% "
+        f"{args.eval}: {eval_set} accuracy {100 * metrics['accuracy']:.2f}% "
         f"(error {100 * (1 - metrics['accuracy']):.2f}%), "
-        f"loss {metrics['loss']:.4f} (margin {metrics['margin_loss']:.4f}, "
-        f"reconstruction {metrics['reconstruction_loss']:.4f})"
+        f"{describe_metrics(metrics, accuracy=False)}"
     )
 
 

@@ -37,23 +37,26 @@ def margin_loss(
 
     Args:
         lengths: capsule lengths ``|v_k|``, ``[B, num_classes]``.
-        labels: true classes ``[B]`` (int64); ``T_k = 1`` for the labelled class only.
+        labels: true classes ``[B]`` (int64); ``T_k = 1`` for the labelled class only. Or
+            ``[B, K]`` for K digits per image (MultiMNIST, Sec. 6: "margin loss with both
+            digits present"): ``T_k = 1`` for every listed class.
 
     Returns:
         A scalar in the dtype of ``lengths`` (float32 at least).
     """
     if lengths.dim() != 2:
         raise ValueError(f"lengths must be [B, num_classes], got shape {tuple(lengths.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != lengths.shape[0]:
+    if labels.dim() not in (1, 2) or labels.shape[0] != lengths.shape[0]:
         raise ValueError(
-            f"labels must be [B] with B = {lengths.shape[0]} to match lengths, "
+            f"labels must be [B] or [B, K] with B = {lengths.shape[0]} to match lengths, "
             f"got shape {tuple(labels.shape)}"
         )
     lengths = lengths.to(_at_least_float32(lengths.dtype))
     # One-hot by comparison rather than F.one_hot, which checks the label range on the
     # host and so waits for the GPU at every step.
     classes = torch.arange(lengths.shape[1], device=lengths.device)
-    present = (labels.unsqueeze(1) == classes).to(lengths.dtype)
+    listed = labels.view(labels.shape[0], -1, 1) == classes  # [B, K, num_classes]
+    present = listed.any(dim=1).to(lengths.dtype)
     present_loss = present * torch.clamp(m_plus - lengths, min=0) ** 2
     absent_loss = lambda_ * (1 - present) * torch.clamp(lengths - m_minus, min=0) ** 2
     return (present_loss + absent_loss).sum(dim=1).mean()

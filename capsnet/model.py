@@ -63,7 +63,8 @@ class CapsNetConfig:
 
     Attributes:
         input_shape: ``(channels, height, width)`` of the images, e.g. ``(1, 36, 36)`` for
-            the paper's affNIST experiment (Sec. 5.2).
+            MultiMNIST (Sec. 6: a 10x10 PrimaryCaps grid) or ``(1, 40, 40)`` for expanded
+            MNIST and affNIST (Sec. 5.2: 12x12).
         num_classes: number of digit capsules.
         conv1_channels, conv1_kernel: Conv1 (Sec. 4: 256 channels, 9x9, stride 1).
         primary_types, primary_dim, primary_kernel, primary_stride: PrimaryCaps (Sec. 4:

@@ -82,7 +82,7 @@ def test_messages_go_through_logging_and_only_rank_0_prints_them(tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="capsnet.training"):
         train_mnist.run_training(tiny_args(tmp_path / "run", "--epochs", "1", "--limit-train", "32"))
     messages = [record.getMessage() for record in caplog.records]
-    assert any(m.startswith("CapsNet: 8,215,568 parameters") for m in messages)
+    assert any(m.startswith("CapsNet on mnist: 8,215,568 parameters") for m in messages)
     assert any(m.startswith("epoch 1/1  train loss") for m in messages)
     assert all(r.name == "capsnet.training" for r in caplog.records)
 

@@ -65,8 +65,8 @@ class ImageSet:
         return ImageSet(self.images[:count], self.labels[:count])
 
     def padded_to(self, height: int, width: int) -> ImageSet:
-        """Centre the images on a zero canvas of ``height x width`` (e.g. 36x36 for the
-        paper's affNIST set-up, Sec. 5.2); the same set if already that size."""
+        """Centre the images on a zero canvas of ``height x width`` (e.g. 40x40 as in the
+        paper's expanded MNIST, Sec. 5.2); the same set if already that size."""
         _, _, old_height, old_width = self.images.shape
         if (height, width) == (old_height, old_width):
             return self

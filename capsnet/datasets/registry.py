@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,8 +29,13 @@ class DataOptions:
         root: directory holding the data set's files.
         download: fetch missing files.
         image_shape: ``(C, H, W)`` the model consumes; images are padded with zeros to it.
-        max_shift: training augmentation, pixels (Sec. 5).
-        limit: use only the first ``limit`` examples of the split (None: all).
+        max_shift: training augmentation, pixels (Sec. 5); for data sets that place digits
+            at random (MultiMNIST, expanded MNIST), the range of those placements.
+        limit: use only the first ``limit`` MNIST digits of the split (None: all); synthetic
+            data sets build their examples from these digits only.
+        test_copies: examples a synthetic data set generates from each digit of a fixed
+            evaluation split (MultiMNIST pairs per test digit, affine copies); None: the
+            data set's default.
     """
 
     root: Path
@@ -38,6 +43,7 @@ class DataOptions:
     image_shape: tuple[int, int, int] | None = None
     max_shift: int = 0
     limit: int | None = None
+    test_copies: int | None = None
 
 
 class ExampleSet(Protocol):
@@ -49,11 +55,15 @@ class ExampleSet(Protocol):
 
     def batch(
         self, indices: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Float images ``[B, C, H, W]`` in [0, 1] and int64 labels (``[B]``, or ``[B, K]``
-        for K labels per example). ``generator`` (on the set's device) is given for training
-        batches: draw the augmentation from it and from nothing else, so that a resumed run
-        sees the same batches. Evaluation passes None: no augmentation."""
+    ) -> tuple[Tensor, Any]:
+        """Float images ``[B, C, H, W]`` in [0, 1] and their targets: int64 labels ``[B]``,
+        or a NamedTuple of per-example tensors whose first field is the labels ``[B, K]``
+        (K labels per example; MultiMNIST adds each digit's own image, the target of its
+        reconstruction). The training objective is what reads the targets; the loop only
+        passes them on. ``generator`` (on the set's device) is given for training batches:
+        draw the augmentation, or the whole synthetic example, from it and from nothing
+        else, so that a resumed run sees the same batches. Evaluation passes None: no
+        augmentation, and a synthetic evaluation set is the same at every call."""
         ...
 
 
@@ -68,7 +78,16 @@ class DatasetSpec:
         image_shape: native ``(C, H, W)``; the model may ask for a larger canvas.
         load: ``load(options, split, device)`` -> :class:`ExampleSet`; raises a
             ``DatasetError`` subclass naming the file when the data are missing or damaged.
-        splits: the split names ``load`` accepts.
+        splits: the split names ``load`` accepts ("train" and "test", and any further
+            evaluation set, e.g. expanded MNIST's "affine").
+        labels_per_example: classes present in each example (2 for MultiMNIST); the
+            training program picks the objective and the accuracy measure from it.
+        default_max_shift: the training shift when the run does not set one (``max_shift``
+            is None): the paper's 2 pixels for MNIST, the placement range for data sets
+            built from shifted digits.
+        shift_within_canvas: the data set places whole 28x28 digits on its canvas, so a
+            shift may not exceed ``(canvas - 28) // 2`` (MNIST's shift crops instead).
+        default_test_copies: examples generated from each test digit (synthetic data sets).
     """
 
     name: str
@@ -77,6 +96,10 @@ class DatasetSpec:
     image_shape: tuple[int, int, int]
     load: Callable[[DataOptions, str, torch.device], ExampleSet]
     splits: tuple[str, ...] = SPLITS
+    labels_per_example: int = 1
+    default_max_shift: int = 0
+    shift_within_canvas: bool = False
+    default_test_copies: int = 1
 
     def image_shape_problem(self, shape: tuple[int, int, int]) -> str | None:
         """Why the model's input ``shape`` cannot be made from this data set (None if it can):
@@ -89,6 +112,25 @@ class DatasetSpec:
                 f"{height}x{width}, got {'x'.join(map(str, shape))}"
             )
         return None
+
+    def max_shift_problem(self, shape: tuple[int, int, int], max_shift: int) -> str | None:
+        """Why ``max_shift`` cannot be used on a ``shape`` canvas (None if it can)."""
+        if not self.shift_within_canvas:
+            return None
+        # The default shift is the largest on the native canvas; a larger canvas adds room.
+        _, height, width = self.image_shape
+        largest = (min(shape[1], shape[2]) - min(height, width)) // 2 + self.default_max_shift
+        if max_shift > largest:
+            return (
+                f"{self.name} shifts whole digits on its canvas: at most {largest} pixels on "
+                f"{shape[1]}x{shape[2]}, got {max_shift}"
+            )
+        return None
+
+    @property
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """The splits a checkpoint can be evaluated on (``--eval-set``)."""
+        return tuple(split for split in self.splits if split != "train")
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}

@@ -118,14 +118,15 @@ def model_from_checkpoint(
     Args:
         checkpoint: a :class:`Checkpoint` or its path.
         routing_backend: the routing backend to run it with (default: the one the run
-            trained with); the weights do not depend on it.
+            trained with); the weights do not depend on it. Networks that do not route
+            (the baseline CNN) ignore it.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     model = build_model(checkpoint.config)
     check_weights(checkpoint.state["model"], model, str(checkpoint.path))
     model.load_state_dict(checkpoint.state["model"])
-    if routing_backend is not None:
+    if routing_backend is not None and hasattr(model, "routing_backend"):
         model.routing_backend = routing_backend
     return model.eval()
 

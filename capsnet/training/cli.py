@@ -28,7 +28,13 @@ _DEFAULTS = TrainConfig()
 # Options that choose what the program does rather than how a run is configured.
 ACTION_OPTIONS = (
     ("--resume", "CHECKPOINT", "continue the run saved in CHECKPOINT (its settings, its directory)"),
-    ("--eval", "CHECKPOINT", "only evaluate CHECKPOINT on the test set"),
+    ("--eval", "CHECKPOINT", "only evaluate CHECKPOINT on the test set (or --eval-set)"),
+    (
+        "--eval-set",
+        "SET",
+        "with --eval: the set to evaluate on, test (default) or another evaluation set of the "
+        "checkpoint's data set (affine: expanded-mnist's affNIST-like set, Sec. 5.2)",
+    ),
 )
 OVERWRITE_HELP = (
     "start a new run in an --out-dir that holds an earlier run: its files are deleted first "

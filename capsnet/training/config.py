@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from capsnet.datasets import DATA_DIR_ENV, PAPER_MAX_SHIFT, dataset_names, get_dataset
+from capsnet.datasets import DATA_DIR_ENV, dataset_names, get_dataset
 from capsnet.layers import DECODER_INPUTS
 from capsnet.losses import RECONSTRUCTION_WEIGHT
 from capsnet.model import CapsNetConfig, ConfigFieldError
@@ -27,7 +27,9 @@ from capsnet.training.errors import ConfigError
 
 EVAL_MASKS = ("predicted", "true")
 ROUTING_BACKENDS = ("fused", "reference")
-ARCHITECTURES = ("capsnet",)
+ARCHITECTURES = ("capsnet", "cnn-baseline")
+# The network fields the CNN baseline reads; the others are CapsNet's own.
+CNN_MODEL_FIELDS = ("input_shape", "num_classes")
 GROUPS = ("data", "model", "optimisation", "run")
 
 
@@ -67,12 +69,13 @@ def _setting(default: Any = dataclasses.MISSING, **metadata: Any):
 MODEL_SETTINGS = {
     "input_shape": Setting(
         "--image-size",
-        "pad images with zeros to SxS (e.g. 36 as for affNIST, Sec. 5.2)",
+        "pad images with zeros to SxS (the canvas: e.g. 40x40 for MNIST digits as in "
+        "expanded MNIST and affNIST, Sec. 5.2)",
         "data",
         trajectory=True,
         value_type=int,
         metavar="S",
-        default_text="the data set's (28 for mnist)",
+        default_text="the data set's: 28 for mnist, 36 for multimnist, 40 for expanded-mnist",
     ),
     "routing_iterations": Setting(
         "--routing-iterations", "routing iterations (Sec. 4, Table 1)", "model", trajectory=True
@@ -127,21 +130,35 @@ class TrainConfig:
         False, flag="--download", help="download the data set if it is missing", group="data"
     )
     limit_train: int | None = _setting(
-        None, flag="--limit-train", help="train on the first N training images only",
+        None, flag="--limit-train",
+        help="train on the first N training images only (the digits synthetic sets draw from)",
         group="data", trajectory=True, value_type=int, metavar="N", default_text="all",
     )  # fmt: skip
     limit_test: int | None = _setting(
-        None, flag="--limit-test", help="test on the first N test images only", group="data",
+        None, flag="--limit-test", group="data",
+        help="test on the first N test images only (synthetic sets: the first N test digits, "
+        "--test-copies examples each)",
         value_type=int, metavar="N", default_text="all",
     )  # fmt: skip
-    max_shift: int = _setting(
-        PAPER_MAX_SHIFT, flag="--max-shift", group="data", trajectory=True,
-        help="random shift of training images in pixels, zero-padded (Sec. 5)",
+    max_shift: int | None = _setting(
+        None, flag="--max-shift", group="data", trajectory=True, value_type=int,
+        default_text="the data set's: 2 for mnist (Sec. 5), 4 for multimnist (Sec. 6), 6 for "
+        "expanded-mnist (anywhere on 40x40)",
+        help="random shift of training images in pixels, zero-padded; for multimnist and "
+        "expanded-mnist, the range of each digit's random placement",
+    )  # fmt: skip
+    test_copies: int | None = _setting(
+        None, flag="--test-copies", group="data", value_type=int, metavar="K",
+        default_text="the data set's: 10 for multimnist, 1 otherwise",
+        help="examples generated from each test digit by the synthetic sets: multimnist test "
+        "pairs (10: 100,000 pairs; the paper's 1000: 10M), expanded-mnist placements and "
+        "affine copies",
     )  # fmt: skip
     # model (the architecture's own options are in MODEL_SETTINGS)
     architecture: str = _setting(
-        "capsnet", flag="--model", help="the network to train", group="model",
-        trajectory=True, choices=ARCHITECTURES,
+        "capsnet", flag="--model", group="model", trajectory=True, choices=ARCHITECTURES,
+        help="the network to train: capsnet, or cnn-baseline (the paper's baseline CNN, "
+        "Sec. 5: 35.4M parameters, cross-entropy)",
     )  # fmt: skip
     routing: str = _setting(
         "fused", flag="--routing", group="model", choices=ROUTING_BACKENDS,
@@ -171,6 +188,12 @@ class TrainConfig:
     reconstruction_weight: float = _setting(
         RECONSTRUCTION_WEIGHT, flag="--reconstruction-weight", group="optimisation",
         trajectory=True, help="scale of the reconstruction loss (Sec. 4.1)",
+    )  # fmt: skip
+    stop_at_accuracy: float | None = _setting(
+        None, flag="--stop-at-accuracy", group="optimisation", value_type=float,
+        metavar="PERCENT", default_text="off",
+        help="early stopping: end the run after the first epoch whose test accuracy reaches "
+        "PERCENT (to compare networks at matched accuracy, Sec. 5.2)",
     )  # fmt: skip
     seed: int = _setting(
         0, flag="--seed", help="seeds the initial weights, batch order and shifts",
@@ -232,14 +255,19 @@ class TrainConfig:
             ("batch_size", 1),
             ("eval_batch_size", 1),
             ("log_every", 1),
-            ("max_shift", 0),
             ("seed", 0),
             ("num_reconstructions", 0),
         ):
             _require_int(name, getattr(self, name), minimum)
-        for name in ("limit_train", "limit_test"):
+        for name, minimum in (("limit_train", 1), ("limit_test", 1), ("test_copies", 1),
+                              ("max_shift", 0)):  # fmt: skip
             if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), 1)
+                _require_int(name, getattr(self, name), minimum)
+        if self.stop_at_accuracy is not None:
+            _require_number(
+                "stop_at_accuracy", self.stop_at_accuracy, "a percentage in (0, 100]",
+                lambda v: 0 < v <= 100,
+            )  # fmt: skip
         _require_number("lr", self.lr, "a positive finite number", lambda v: v > 0)
         _require_number("lr_decay", self.lr_decay, "a number in (0, 1]", lambda v: 0 < v <= 1)
         _require_number(
@@ -271,6 +299,34 @@ class TrainConfig:
                 f"must be {spec.num_classes} for {spec.name} ({spec.num_classes} classes), "
                 f"got {self.model.num_classes}",
             )
+        problem = spec.max_shift_problem(self.model.input_shape, self.effective_max_shift)
+        if problem is not None:
+            raise ConfigError("max_shift", problem)
+        if self.architecture == "cnn-baseline":
+            self._check_cnn_baseline(spec)
+
+    def _check_cnn_baseline(self, spec) -> None:
+        if spec.labels_per_example != 1:
+            raise ConfigError(
+                "architecture",
+                f"cnn-baseline classifies one digit per image; {spec.name} has "
+                f"{spec.labels_per_example} per example (train capsnet on it)",
+            )
+        defaults = CapsNetConfig()
+        for f in dataclasses.fields(CapsNetConfig):
+            value = getattr(self.model, f.name)
+            if f.name not in CNN_MODEL_FIELDS and value != getattr(defaults, f.name):
+                raise ConfigError(
+                    f"model.{f.name}",
+                    f"is a CapsNet setting and does not apply to cnn-baseline (got {value!r})",
+                )
+
+    @property
+    def effective_max_shift(self) -> int:
+        """The training shift in pixels: ``max_shift``, or the data set's default."""
+        if self.max_shift is not None:
+            return self.max_shift
+        return get_dataset(self.dataset).default_max_shift
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only, safe for JSON and ``torch.load(weights_only=True)``."""

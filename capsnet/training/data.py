@@ -8,7 +8,7 @@ from capsnet.training.distributed import DistributedContext, main_rank_first
 
 
 def load_split(config: TrainConfig, split: str, context: DistributedContext) -> ExampleSet:
-    """Split ``split`` ("train" or "test") of ``config.dataset`` on ``context.device``,
+    """Split ``split`` ("train", "test" or another evaluation set) of ``config.dataset`` on ``context.device``,
     limited, padded to the network's input and (training split) augmented as ``config``
     says. With several processes and ``download``, rank 0 downloads before the others read.
 
@@ -20,8 +20,9 @@ def load_split(config: TrainConfig, split: str, context: DistributedContext) -> 
         root=resolve_data_dir(config.data_dir),
         download=config.download,
         image_shape=config.model.input_shape,
-        max_shift=config.max_shift,
+        max_shift=config.effective_max_shift,
         limit=config.limit_train if split == "train" else config.limit_test,
+        test_copies=config.test_copies,
     )
     with main_rank_first(context, enabled=config.download and context.is_distributed):
         return spec.load(options, split, context.device)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from capsnet.datasets import ExampleSet, num_batches
+from capsnet.datasets import ExampleSet, get_dataset, num_batches
 from capsnet.training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from capsnet.training.config import TrainConfig
 from capsnet.training.data import load_split
@@ -37,7 +37,8 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """The objective's loss terms and the accuracy on ``test_set`` (never augmented),
-    averaged over all of it.
+    averaged over all of it (for several digits per image, the accuracy counts an image
+    as correct when all its digits are; see the objective).
 
     Each rank takes every ``world_size``-th example, so together the ranks cover every test
     example exactly once (the sums are reduced over ranks: call on every rank). Pass the
@@ -50,10 +51,10 @@ def evaluate(
         num_batches(len(indices), batch_size), 0, "test", progress and context.is_main
     )
     for start in range(0, len(indices), batch_size):
-        images, labels = test_set.batch(indices[start : start + batch_size])
+        images, targets = test_set.batch(indices[start : start + batch_size])
         with autocast(context.device, amp):
-            result = objective(model, images, labels, mask=mask)
-        sums.update(result.terms, result.correct, labels.shape[0])
+            result = objective(model, images, targets, mask=mask)
+        sums.update(result.terms, result.correct, images.shape[0])
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -61,9 +62,25 @@ def evaluate(
     return sums.reduced(context).averages()
 
 
-def evaluate_saved_run(checkpoint: Checkpoint, config: TrainConfig) -> dict[str, float]:
-    """The test metrics of ``checkpoint``'s network, with ``config`` (the checkpoint's
-    settings with any evaluation options changed) deciding data, device and batch size."""
+def evaluate_saved_run(
+    checkpoint: Checkpoint, config: TrainConfig, eval_set: str = "test"
+) -> dict[str, float]:
+    """The metrics of ``checkpoint``'s network on its data set's split ``eval_set``
+    ("test", or another evaluation set such as expanded-mnist's "affine"), with ``config``
+    (the checkpoint's settings with any evaluation options changed) deciding data, device
+    and batch size.
+
+    Raises:
+        ConfigError: a changed network or data set, or an ``eval_set`` the data set lacks
+            (field ``eval_set``).
+    """
+    spec = get_dataset(config.dataset)
+    if eval_set not in spec.evaluation_splits:
+        raise ConfigError(
+            "eval_set",
+            f"must be one of {', '.join(spec.evaluation_splits)} for {spec.name}, got "
+            f"{eval_set!r}",
+        )
     for name in config.trajectory_differences(checkpoint.config):
         if name.startswith("model.") or name in ("dataset", "architecture"):
             raise ConfigError(
@@ -75,8 +92,8 @@ def evaluate_saved_run(checkpoint: Checkpoint, config: TrainConfig) -> dict[str,
     try:
         if context.is_distributed:
             raise ConfigError("device", "evaluate a checkpoint with one process (not torchrun)")
-        check_routing_backend(config.routing, context.device)
-        test_set = load_split(config, "test", context)
+        check_routing_backend(config, context.device)
+        test_set = load_split(config, eval_set, context)
         model = model_from_checkpoint(checkpoint, routing_backend=config.routing).to(
             context.device
         )
@@ -106,8 +123,11 @@ def evaluate_checkpoint(
     amp: bool = False,
     download: bool = False,
     progress: bool = True,
+    eval_set: str = "test",
+    test_copies: int | None = None,
 ) -> dict[str, float]:
-    """Test-set loss terms and accuracy of the network in checkpoint ``path`` (one process).
+    """Loss terms and accuracy of the network in checkpoint ``path`` on its data set's
+    split ``eval_set`` (one process); ``test_copies`` sizes a synthetic evaluation set.
 
     ``routing_backend`` overrides the one the run trained with (e.g. ``"reference"``
     without the compiled extension).
@@ -125,7 +145,8 @@ def evaluate_checkpoint(
         amp=amp,
         download=download,
         progress=progress,
+        test_copies=test_copies,
     )
     if routing_backend is not None:
         changes["routing"] = routing_backend
-    return evaluate_saved_run(checkpoint, checkpoint.config.replace(**changes))
+    return evaluate_saved_run(checkpoint, checkpoint.config.replace(**changes), eval_set)

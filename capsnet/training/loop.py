@@ -76,7 +76,7 @@ def train_epoch(
     """Train from ``position`` to the end of its epoch, or until the ranks vote to stop.
 
     Args:
-        step_loss: ``step_loss(images, labels)`` -> :class:`~capsnet.training.objective.StepLoss`
+        step_loss: ``step_loss(images, targets)`` -> :class:`~capsnet.training.objective.StepLoss`
             (the objective bound to the training model, possibly compiled).
         parameters_owner: the module whose ``train()`` mode is set (the DDP wrapper or model).
 
@@ -107,9 +107,9 @@ def train_epoch(
             generator = step_generator(
                 context.device, settings.seed, position.epoch, step, context.rank
             )
-            images, labels = train_set.batch(indices, generator)
+            images, targets = train_set.batch(indices, generator)
             with autocast(context.device, settings.amp):
-                result = step_loss(images, labels)
+                result = step_loss(images, targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(result.total).backward()
             scaler.step(optimizer)
@@ -117,8 +117,8 @@ def train_epoch(
             vote.observe(result.total)
             position.batch_in_epoch += 1
             position.global_step += 1
-            sums.update(result.terms, result.correct, labels.shape[0])
-            step_log.record(position.global_step, result.terms, result.correct, labels.shape[0])
+            sums.update(result.terms, result.correct, images.shape[0])
+            step_log.record(position.global_step, result.terms, result.correct, images.shape[0])
             if bar is not None:
                 bar.update(1)
                 if position.batch_in_epoch % settings.log_every == 0:

@@ -21,22 +21,23 @@ import torch
 from capsnet.training.atomic_io import atomic_write
 from capsnet.training.distributed import DistributedContext, all_reduce_sum_
 
-# Columns of metrics.csv: one row per finished epoch (for CapsNet's loss terms).
-HISTORY_COLUMNS = (
-    "epoch",
-    "global_step",
-    "lr",
-    "train_loss",
-    "train_margin_loss",
-    "train_reconstruction_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_margin_loss",
-    "test_reconstruction_loss",
-    "test_accuracy",
-    "test_error_percent",
-    "epoch_seconds",
-)
+def history_columns(term_names: Sequence[str]) -> tuple[str, ...]:
+    """Columns of metrics.csv, one row per finished epoch, for an objective's loss terms."""
+    return (
+        "epoch",
+        "global_step",
+        "lr",
+        *(f"train_{name}" for name in term_names),
+        "train_accuracy",
+        *(f"test_{name}" for name in term_names),
+        "test_accuracy",
+        "test_error_percent",
+        "epoch_seconds",
+    )
+
+
+# metrics.csv's columns for CapsNet's loss terms (margin and reconstruction).
+HISTORY_COLUMNS = history_columns(("loss", "margin_loss", "reconstruction_loss"))
 
 
 class MetricSums:

@@ -1,7 +1,9 @@
 """Building the network a run trains and its objective, from the run's settings.
 
 ``TrainConfig.architecture`` (``--model``) picks the entry of :data:`ARCHITECTURE_BUILDERS`;
-another network (a CNN baseline) plugs in by adding its builder and objective there.
+another network plugs in by adding its builder and objective there. The objective may also
+depend on the data set: CapsNet on images with several digits (MultiMNIST) is trained and
+scored as Sec. 6 says.
 """
 
 from __future__ import annotations
@@ -13,26 +15,48 @@ import torch
 from torch import nn
 
 from capsnet import _extension
+from capsnet.baselines import BaselineCNN
+from capsnet.datasets import get_dataset
 from capsnet.model import CapsNet
 from capsnet.training.config import TrainConfig
 from capsnet.training.errors import RoutingBackendUnavailableError
-from capsnet.training.objective import CapsNetObjective
+from capsnet.training.objective import (
+    CapsNetObjective,
+    CrossEntropyObjective,
+    MultiDigitCapsNetObjective,
+)
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """How to build a network and its objective; ``routes``: it runs the routing op (so
+    ``--routing`` applies to it)."""
+
     build: Callable[[TrainConfig], nn.Module]
     objective: Callable[[TrainConfig], Callable]
+    routes: bool
 
 
 def _build_capsnet(config: TrainConfig) -> nn.Module:
     return CapsNet(config.model, routing_backend=config.routing)
 
 
+def _capsnet_objective(config: TrainConfig):
+    if get_dataset(config.dataset).labels_per_example > 1:
+        return MultiDigitCapsNetObjective(config.reconstruction_weight)
+    return CapsNetObjective(config.reconstruction_weight)
+
+
+def _build_cnn_baseline(config: TrainConfig) -> nn.Module:
+    return BaselineCNN(config.model.input_shape, config.model.num_classes)
+
+
 ARCHITECTURE_BUILDERS = {
-    "capsnet": Architecture(
-        build=_build_capsnet,
-        objective=lambda config: CapsNetObjective(config.reconstruction_weight),
+    "capsnet": Architecture(build=_build_capsnet, objective=_capsnet_objective, routes=True),
+    "cnn-baseline": Architecture(
+        build=_build_cnn_baseline,
+        objective=lambda config: CrossEntropyObjective(),
+        routes=False,
     ),
 }
 
@@ -46,9 +70,15 @@ def build_objective(config: TrainConfig):
     return ARCHITECTURE_BUILDERS[config.architecture].objective(config)
 
 
-def check_routing_backend(routing: str, device: torch.device) -> None:
-    """Fail before any work if the fused kernel asked for does not exist on ``device``."""
-    if routing != "fused":
+def uses_routing(config: TrainConfig) -> bool:
+    return ARCHITECTURE_BUILDERS[config.architecture].routes
+
+
+def check_routing_backend(config: TrainConfig, device: torch.device) -> None:
+    """Fail before any work if the fused kernel asked for does not exist on ``device``
+    (for networks that route)."""
+    routing = config.routing
+    if routing != "fused" or not uses_routing(config):
         return
     try:
         _extension.require_kernel(device.type, torch.float32)

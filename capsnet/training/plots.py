@@ -1,4 +1,5 @@
-"""The two PNGs written after every epoch: reconstructions, and the training curves.
+"""The PNGs written after every epoch: reconstructions (one digit, or a MultiMNIST pair as
+in the paper's Fig. 5), and the training curves.
 
 Uses matplotlib's object-oriented API with the Agg canvas directly (no pyplot), so it
 neither needs a display nor changes the backend of a notebook that imports capsnet.
@@ -77,6 +78,77 @@ def save_reconstruction_plot(
     _save(figure, path)
 
 
+# Colours of the reconstructed digits in the MultiMNIST figure (first, second, ...).
+DIGIT_COLOURS = ((1.0, 0.15, 0.15), (0.15, 1.0, 0.15), (0.3, 0.5, 1.0))
+
+
+def overlay_colours(reconstructions: torch.Tensor) -> torch.Tensor:
+    """``[N, K, 1, H, W]`` grey reconstructions -> ``[N, H, W, 3]``: reconstruction ``k`` in
+    colour ``k`` (red, green, blue-ish), added on black and clipped (overlap turns yellow)."""
+    count = reconstructions.shape[1]
+    if count > len(DIGIT_COLOURS):
+        raise ValueError(f"at most {len(DIGIT_COLOURS)} reconstructions per image, got {count}")
+    colours = torch.tensor(DIGIT_COLOURS[:count], dtype=torch.float32)  # [K, 3]
+    grey = reconstructions[:, :, 0].float()  # [N, K, H, W]
+    return torch.einsum("nkhw,kc->nhwc", grey, colours).clamp_(0, 1)
+
+
+def save_digit_pair_plot(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    reconstructions: torch.Tensor,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    reconstructed: torch.Tensor,
+    title: str = "",
+) -> None:
+    """A figure like the paper's Fig. 5: each input (top) above its digits' reconstructions
+    overlaid in colours (bottom: the first in red, the second in green); each column titled
+    with the labels ``L``, the predicted classes ``P`` (the longest capsules; red when not
+    both right) and the classes ``R`` whose capsules were reconstructed.
+
+    Args:
+        images: ``[N, 1, H, W]`` in [0, 1].
+        reconstructions: ``[N, K, 1, H, W]`` in [0, 1].
+        labels, predicted, reconstructed: ``[N, K]`` classes.
+    """
+    count = images.shape[0]
+    if count == 0:
+        raise ValueError("images is empty: nothing to plot")
+    if reconstructions.dim() != 5 or reconstructions.shape[0] != count or (
+        reconstructions.shape[2:] != images.shape[1:]
+    ):
+        raise ValueError(
+            f"reconstructions must be [N, K, *image_shape] for images {tuple(images.shape)}, "
+            f"got {tuple(reconstructions.shape)}"
+        )
+    images = images.detach().float().cpu()
+    coloured = overlay_colours(reconstructions.detach().cpu())
+    labels, predicted = labels.cpu().tolist(), predicted.cpu().tolist()
+    reconstructed = reconstructed.cpu().tolist()
+    figure = _new_figure(1.25 * count, 3.2)
+    axes = figure.subplots(2, count, squeeze=False)
+    for column in range(count):
+        axes[0][column].imshow(images[column, 0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+        axes[1][column].imshow(coloured[column].numpy())
+        for axis in (axes[0][column], axes[1][column]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+        right = sorted(labels[column]) == sorted(predicted[column])
+        axes[0][column].set_title(
+            f"L:{','.join(map(str, labels[column]))}\nP:{','.join(map(str, predicted[column]))}",
+            fontsize=8,
+            color="black" if right else "red",
+        )
+        axes[1][column].set_xlabel(f"R:{','.join(map(str, reconstructed[column]))}", fontsize=8)
+    axes[0][0].set_ylabel("input", fontsize=8)
+    axes[1][0].set_ylabel("reconstructions", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 TRAIN_COLOR = "tab:blue"
 TEST_COLOR = "tab:orange"
 
@@ -140,15 +212,27 @@ def training_curves_figure(
                   linewidth=1.6, label=f"test {label}".strip())  # fmt: skip
 
     draw(loss_axis, "loss")
-    loss_axis.set_ylabel("loss per image (margin + weighted reconstruction)")
+    loss_axis.set_ylabel(
+        "loss per image (margin + weighted reconstruction)"
+        if "margin_loss" in column
+        else "loss per image"
+    )
     loss_axis.set_yscale("log")
     draw(accuracy_axis, "accuracy", scale=100.0)
     accuracy_axis.set_ylabel("accuracy (%)")
+    if "digit_accuracy" in column:  # several digits per image: the per-digit accuracy too
+        draw(accuracy_axis, "digit_accuracy", scale=100.0, style="--", label="per digit")
+    drawn_terms = 0
     for name, style in (("margin_loss", "-"), ("reconstruction_loss", "--")):
         if name in column:
             draw(terms_axis, name, style=style, label=name.replace("_", " "))
-    terms_axis.set_yscale("log")
-    terms_axis.set_ylabel("loss terms per image")
+            drawn_terms += 1
+    if drawn_terms:
+        terms_axis.set_yscale("log")
+        terms_axis.set_ylabel("loss terms per image")
+    else:
+        terms_axis.text(0.5, 0.5, "the loss has no separate terms", ha="center", va="center",
+                        transform=terms_axis.transAxes, fontsize=9)  # fmt: skip
     if history:
         best = max(history, key=lambda record: record["test_accuracy"])
         accuracy_axis.set_title(
@@ -159,7 +243,8 @@ def training_curves_figure(
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     smoothing = f"every step (thin) and the mean over {window} steps" if window > 1 else "every step"
     figure.suptitle(f"training: {smoothing}; test: after each epoch", fontsize=9)
     figure.tight_layout()

@@ -110,6 +110,15 @@ class TrainingState:
     def finished(self) -> bool:
         return self.position.epoch >= self.config.epochs and self.position.batch_in_epoch == 0
 
+    def reached_target_accuracy(self) -> bool:
+        """The last finished epoch's test accuracy reached ``--stop-at-accuracy`` (and the
+        run stands at that epoch's end): early stopping ends the run there."""
+        target = self.config.stop_at_accuracy
+        if target is None or not self.history or self.position.batch_in_epoch != 0:
+            return False
+        # Accuracies are ratios of counts: allow for the rounding of 100 * ratio.
+        return 100.0 * self.history[-1]["test_accuracy"] >= target - 1e-9
+
     # -- saving --------------------------------------------------------------------------
     def state_dict(self, epoch_sums: MetricSums | None = None) -> dict[str, Any]:
         """The checkpoint. ``epoch_sums``: the unfinished epoch's sums over all ranks (pass

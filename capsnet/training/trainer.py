@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from capsnet.datasets import get_dataset
 from capsnet.training.checkpoint import Checkpoint, read_checkpoint
 from capsnet.training.config import TrainConfig
 from capsnet.training.data import load_split
@@ -39,9 +40,9 @@ from capsnet.training.evaluation import evaluate
 from capsnet.training.interrupt import GracefulInterrupt, StopRequest
 from capsnet.training.logs import ScalarWriter, logger
 from capsnet.training.loop import EpochSettings, RunPosition, steps_per_epoch, train_epoch
-from capsnet.training.metrics import HISTORY_COLUMNS, write_history_csv, write_steps_csv
-from capsnet.training.models import check_routing_backend
-from capsnet.training.plots import save_reconstruction_plot, save_training_curves
+from capsnet.training.metrics import history_columns, write_history_csv, write_steps_csv
+from capsnet.training.models import check_routing_backend, uses_routing
+from capsnet.training.plots import save_training_curves
 from capsnet.training.run_directory import (
     STEPS_LOG,
     TENSORBOARD_DIR,
@@ -97,7 +98,7 @@ def fit(
     context = setup_distributed(config.device)
     run_dir = RunDirectory(config.out_dir)
     try:
-        check_routing_backend(config.routing, context.device)
+        check_routing_backend(config, context.device)
         checkpoint = resume
         if resume is not None and not isinstance(resume, Checkpoint):
             checkpoint = read_resume_checkpoint(resume)
@@ -113,6 +114,16 @@ def fit(
                 checkpoint.path if checkpoint else config.out_dir,
                 state.position.epoch,
                 config.epochs,
+            )
+            return _result(state, run_dir)
+        if state.reached_target_accuracy():
+            logger.info(
+                "%s: epoch %d already reached the target test accuracy (%.2f%% >= "
+                "--stop-at-accuracy %g): nothing to do",
+                checkpoint.path if checkpoint else config.out_dir,
+                state.position.epoch,
+                100 * state.history[-1]["test_accuracy"],
+                config.stop_at_accuracy,
             )
             return _result(state, run_dir)
         if checkpoint is not None:
@@ -258,6 +269,14 @@ class Trainer:
                     if state.position.batch_in_epoch < self.steps_per_epoch:
                         self._stop_mid_epoch()
                     self._finish_epoch()
+                    if state.reached_target_accuracy():
+                        logger.info(
+                            "test accuracy %.2f%% reached --stop-at-accuracy %g after epoch %d: "
+                            "stopping (%s holds this epoch)",
+                            100 * state.history[-1]["test_accuracy"], config.stop_at_accuracy,
+                            state.position.epoch, self.run_dir.last,
+                        )  # fmt: skip
+                        break
                     asked = decision.stop or any_rank(stop.requested, context)
                     if asked and state.position.epoch < config.epochs:
                         raise TrainingInterrupted(self._last_path(), state.position)
@@ -271,12 +290,13 @@ class Trainer:
         processes = f" x {context.world_size} processes" if context.is_distributed else ""
         per_process = " per process" if context.is_distributed else ""
         compiled = ", compiled" if config.compile else ""
+        routing = f", routing {config.routing}" if uses_routing(config) else ""
         logger.info(
-            "CapsNet: %s parameters, routing %s%s, device %s%s; %d training images (%d "
-            "steps/epoch of %d%s), %d test images; writing to %s (Ctrl-C saves a checkpoint)",
-            f"{num_params:,}", config.routing, compiled, context.device, processes,
-            len(self.train_set), self.steps_per_epoch, config.batch_size, per_process,
-            len(self.test_set), self.run_dir.path,
+            "%s on %s: %s parameters%s%s, device %s%s; %d training examples (%d "
+            "steps/epoch of %d%s), %d test examples; writing to %s (Ctrl-C saves a checkpoint)",
+            type(state.model).__name__, config.dataset, f"{num_params:,}", routing, compiled,
+            context.device, processes, len(self.train_set), self.steps_per_epoch,
+            config.batch_size, per_process, len(self.test_set), self.run_dir.path,
         )  # fmt: skip
 
     def _finish_epoch(self) -> None:
@@ -328,7 +348,8 @@ class Trainer:
     def _write_logs(self, record: dict[str, Any]) -> None:
         state, run_dir = self.state, self.run_dir
         rows = state.step_log.flush()
-        write_history_csv(run_dir / "metrics.csv", state.history, HISTORY_COLUMNS)
+        columns = history_columns(state.objective.term_names)
+        write_history_csv(run_dir / "metrics.csv", state.history, columns)
         write_steps_csv(run_dir / STEPS_LOG, state.step_log, self.steps_per_epoch)
         save_training_curves(
             run_dir / "curves.png", state.history, rows, state.step_log.columns,
@@ -339,8 +360,10 @@ class Trainer:
                 state.step_log.columns, state.step_log.last_rows(self._previous_epoch_end())
             )
             self.writer.epoch(record, record["global_step"])
-        if getattr(state.model, "decoder", None) is not None and self.config.num_reconstructions:
-            self._plot_reconstructions(record["epoch"])
+        draws = getattr(state.objective, "save_reconstructions", None) is not None
+        if draws and getattr(state.model, "decoder", None) is not None:
+            if self.config.num_reconstructions:
+                self._plot_reconstructions(record["epoch"])
 
     def _previous_epoch_end(self) -> int:
         history = self.state.history
@@ -349,17 +372,18 @@ class Trainer:
     @torch.no_grad()
     def _plot_reconstructions(self, epoch: int) -> None:
         count = min(self.config.num_reconstructions, len(self.test_set))
-        images, labels = self.test_set.batch(torch.arange(count))
+        images, targets = self.test_set.batch(torch.arange(count))
         model = self.state.model.eval()
-        output = model(images, labels, mask=self.config.eval_mask)
-        save_reconstruction_plot(
+        several = get_dataset(self.config.dataset).labels_per_example > 1
+        source = "classes' capsules, one colour per digit" if several else "class's capsule"
+        self.state.objective.save_reconstructions(
             self.run_dir.reconstruction_plot(epoch),
+            model,
             images,
-            output.reconstructions,
-            labels,
-            output.predictions,
+            targets,
+            self.config.eval_mask,
             title=f"epoch {epoch}: test images (top) and reconstructions from the "
-            f"{self.config.eval_mask} class's capsule (bottom)",
+            f"{self.config.eval_mask} {source} (bottom)",
         )
 
     def _stop_mid_epoch(self) -> None:
@@ -401,14 +425,28 @@ def _finite(value: float) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
 
 
+# Short names of loss terms in the printed epoch summary.
+_TERM_LABELS = {"margin_loss": "margin", "reconstruction_loss": "recon", "digit_accuracy": "digits"}
+
+
+def describe_metrics(metrics: dict[str, Any], prefix: str = "", accuracy: bool = True) -> str:
+    """``loss 0.1234 (margin 0.1000, recon 0.0234) acc 97.00%`` from an objective's averaged
+    terms (keys ``prefix + name``); accuracies are shown in percent."""
+    names = [key.removeprefix(prefix) for key in metrics if key.startswith(prefix)]
+    terms = [name for name in names if name not in ("loss", "accuracy", "error_percent")]
+    shown = []
+    for name in terms:
+        value = metrics[prefix + name]
+        label = _TERM_LABELS.get(name, name)
+        shown.append(f"{label} {100 * value:.2f}%" if "accuracy" in name else f"{label} {value:.4f}")
+    details = f" ({', '.join(shown)})" if shown else ""
+    shown_accuracy = f" acc {100 * metrics[prefix + 'accuracy']:.2f}%" if accuracy else ""
+    return f"loss {metrics[prefix + 'loss']:.4f}{details}{shown_accuracy}"
+
+
 def _epoch_summary(record: dict[str, Any], epochs: int, improved: bool) -> str:
     return (
-        f"epoch {record['epoch']}/{epochs}  "
-        f"train loss {record['train_loss']:.4f} (margin {record['train_margin_loss']:.4f}, "
-        f"recon {record['train_reconstruction_loss']:.4f}) "
-        f"acc {100 * record['train_accuracy']:.2f}%  |  "
-        f"test loss {record['test_loss']:.4f} (margin {record['test_margin_loss']:.4f}, "
-        f"recon {record['test_reconstruction_loss']:.4f}) acc {100 * record['test_accuracy']:.2f}%"
-        f"{' (best)' if improved else ''}  |  "
+        f"epoch {record['epoch']}/{epochs}  train {describe_metrics(record, 'train_')}  |  "
+        f"test {describe_metrics(record, 'test_')}{' (best)' if improved else ''}  |  "
         f"lr {record['lr']:.2e}  {record['epoch_seconds']:.1f} s"
     )
