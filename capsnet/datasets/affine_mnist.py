@@ -19,10 +19,14 @@ not stated there and is this module's choice.
 
 The set is a pure function of the MNIST test digits, ``copies`` (transformed versions per
 digit; affNIST's test set has 32 per digit, 320,000 images; the default here is 1, 10,000
-images) and :data:`AFFINE_SEED`: it is computed on the CPU (so the same on every machine
-and device, bit for bit), in a few seconds per 10,000 images on one core (5 s on a loaded
-machine), and kept as uint8 (1.6 KB an image). Nothing is cached on disk: it is rebuilt
-from its seed, a few seconds against the minutes of any evaluation on it.
+images) and :data:`AFFINE_SEED`: it is computed on the CPU, whatever the model's device,
+in a few seconds per 10,000 images on one core (5 s on a loaded machine), and kept as uint8
+(1.6 KB an image). Nothing is cached on disk: it is rebuilt from its seed, a few seconds
+against the minutes of any evaluation on it. The resampling runs in ATen's vectorised CPU
+kernels, which round differently per instruction set: on one AMD EPYC the AVX2 and AVX-512
+kernels gave identical sets, while the non-vector one (ATEN_CPU_CAPABILITY=default)
+differed in 55 of the 16,000,000 pixels (one pixel in each of 55 images, by one intensity
+level). Accuracies from different machines can therefore differ by such images.
 """
 
 from __future__ import annotations
