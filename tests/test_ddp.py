@@ -123,7 +123,7 @@ def test_two_gloo_processes_train_identical_replicas_on_their_own_shards(tmp_pat
 
     # Only rank 0 logs and writes.
     assert (
-        completed.stdout.count("CapsNet:") == 1 and f"x {WORLD_SIZE} processes" in completed.stdout
+        completed.stdout.count("CapsNet on mnist:") == 1 and f"x {WORLD_SIZE} processes" in completed.stdout
     )
     assert len((out_dir / "metrics.csv").read_text().splitlines()) == 2
     assert (out_dir / "last.pt").is_file()
