@@ -6,6 +6,9 @@ collection never touches the GPU (``torch.cuda.is_available`` only asks the driv
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -14,6 +17,10 @@ CUDA_SKIP_REASON = "needs_cuda: no CUDA GPU visible (torch.cuda.is_available() i
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: runs only where a CUDA GPU is available")
+    # Generated data sets are cached (capsnet.datasets.cache): the tests, and the training
+    # runs they start, use a cache of their own, never the user's.
+    if "CAPSNET_CACHE_DIR" not in os.environ:
+        os.environ["CAPSNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="capsnet-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

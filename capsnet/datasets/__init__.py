@@ -8,6 +8,7 @@ Not part of the core package (``capsnet`` imports without it): these modules nee
     multimnist     MultiMNIST (Sec. 6): overlaid pairs of shifted digits, drawn on the device
     expanded_mnist expanded MNIST (Sec. 5.2): digits at random positions on a 40x40 canvas
     affine_mnist   the affNIST-like test set: MNIST test digits under random affine maps
+    cache          generated sets kept on disk between runs, verified on every read
     idx            the IDX file format
     image_set      ImageSet: uint8 images and labels on one device
     sampling       epoch order, sharding over processes, per-step seeds

@@ -21,12 +21,14 @@ The set is a pure function of the MNIST test digits, ``copies`` (transformed ver
 digit; affNIST's test set has 32 per digit, 320,000 images; the default here is 1, 10,000
 images) and :data:`AFFINE_SEED`: it is computed on the CPU, whatever the model's device,
 in a few seconds per 10,000 images on one core (5 s on a loaded machine), and kept as uint8
-(1.6 KB an image). Nothing is cached on disk: it is rebuilt from its seed, a few seconds
-against the minutes of any evaluation on it. The resampling runs in ATen's vectorised CPU
-kernels, which round differently per instruction set: on one AMD EPYC the AVX2 and AVX-512
-kernels gave identical sets, while the non-vector one (ATEN_CPU_CAPABILITY=default)
-differed in 55 of the 16,000,000 pixels (one pixel in each of 55 images, by one intensity
-level). Accuracies from different machines can therefore differ by such images.
+(1.6 KB an image). :func:`affine_set` caches it on disk (``capsnet.datasets.cache``: one
+verified file per digits, copies, seed and generator version), because the resampling runs
+in ATen's vectorised CPU kernels, which round differently per instruction set: on one AMD
+EPYC the AVX2 and AVX-512 kernels gave identical sets, while the non-vector one
+(ATEN_CPU_CAPABILITY=default) differed in 55 of the 16,000,000 pixels (one pixel in each of
+55 images, by one intensity level). With the cache, every evaluation on a machine sees the
+images built there first, and the file can be copied to make another machine's evaluation
+bitwise the same.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capsnet.datasets.augmentation import ShiftedImages, shift_images
+from capsnet.datasets.cache import cached_tensor, tensor_digest
 from capsnet.datasets.image_set import ImageSet
 from capsnet.datasets.ink import ink_boxes
 
@@ -46,6 +49,9 @@ MAX_ROTATION_DEGREES = 20.0
 MAX_SHEAR = 0.2
 SCALE_RANGE = (0.8, 1.2)
 AFFINE_SEED = 40  # constant: every checkpoint is evaluated on the same images
+# Part of the cache key: raise it whenever a change to this module changes the images made
+# from the same digits, copies and seed, so that no cached set of the old kind is used.
+GENERATOR_VERSION = 1
 _CHUNK = 2048  # images transformed at once (bounds the memory of the shift's padding)
 
 
@@ -102,6 +108,11 @@ def transform_centred(images: Tensor, maps: Tensor) -> Tensor:
     return (moved * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _check_copies(copies: int) -> None:
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be a positive int, got {copies!r}")
+
+
 def affine_digits(
     digits: Tensor, copies: int, seed: int = AFFINE_SEED, canvas: int = CANVAS
 ) -> tuple[Tensor, AffineParameters]:
@@ -114,8 +125,7 @@ def affine_digits(
             border before the translation); not possible for MNIST digits with these
             ranges, checked so that no image is silently cut.
     """
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-        raise ValueError(f"copies must be a positive int, got {copies!r}")
+    _check_copies(copies)
     digits = digits.cpu()
     _, _, height, width = digits.shape
     if height > canvas or width > canvas:
@@ -158,8 +168,18 @@ def affine_digits(
 
 def affine_set(digits: ImageSet, copies: int, image_size: tuple[int, int]) -> ShiftedImages:
     """The affNIST-like evaluation set of ``digits`` (MNIST test digits) as an
-    ``ExampleSet`` on their device, padded to ``image_size`` when that exceeds 40x40."""
-    images, _ = affine_digits(digits.images, copies)
+    ``ExampleSet`` on their device, padded to ``image_size`` when that exceeds 40x40; read
+    from the on-disk cache when it holds this set (see the module's docstring)."""
+    _check_copies(copies)
+    key = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": AFFINE_SEED,
+        "copies": copies,
+        "canvas": CANVAS,
+        "ranges": [MAX_ROTATION_DEGREES, MAX_SHEAR, list(SCALE_RANGE)],
+        "digits_sha256": tensor_digest(digits.images, digits.labels),
+    }
+    images = cached_tensor("affine-mnist", key, lambda: affine_digits(digits.images, copies)[0])
     labels = digits.labels.cpu().repeat(copies)
     made = ImageSet(images, labels).padded_to(*image_size).to(digits.device)
     return ShiftedImages(made, 0)
@@ -173,6 +193,7 @@ def relative_area(parameters: AffineParameters) -> Tensor:
 __all__ = [
     "AFFINE_SEED",
     "CANVAS",
+    "GENERATOR_VERSION",
     "MAX_ROTATION_DEGREES",
     "MAX_SHEAR",
     "SCALE_RANGE",
