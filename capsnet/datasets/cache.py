@@ -97,6 +97,7 @@ def _write(path: Path, key: dict, tensor: Tensor) -> None:
             )
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(temporary, path)
         temporary = None
     except OSError as error:
