@@ -77,6 +77,7 @@ bench-pytest: install
 bench-check: venv
 	$(PY) -m pytest benchmarks/ --benchmark-disable -k "B1-" -q -p no:cacheprovider
 	$(PY) -m benchmarks.large_shape_memory --batch 2 --small-batches 1 2 --results-dir $(BENCH_CHECK_DIR)
+	$(PY) -m benchmarks.cpu_kernel_variants --batch-sizes 1 --rounds 1 --min-run-time 0.01 --no-compile --isa-limit avx2
 
 # --no-isolation, like install: the wheel is compiled against the venv's torch. A stale
 # capsnet.egg-info would add the files its SOURCES.txt lists to the sdist: start without it.

@@ -1,13 +1,15 @@
 // The block-major layouts of the CPU kernels (see kernel_interface.h): the input capsule
 // axis is zero-padded to whole blocks of L and moved innermost within each block. Each is a
-// transpose per block, run on every call (for W, on every element of W: at batch 1 most
-// of the work), written with contiguous writes.
+// transpose per block, run on every call (for W, on every element of W).
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#include "cpu/tile_transpose.h"
 
 namespace capsnet {
 namespace cpu {
@@ -24,11 +26,7 @@ void transpose_blocks(const T* in, T* out, int64_t outer, int64_t count, int64_t
       const int64_t width = std::min(block, count - first);
       const T* src = in + (b * count + first) * row;
       T* dst = out + index * row * block;
-      for (int64_t x = 0; x < row; ++x) {
-        for (int64_t lane = 0; lane < block; ++lane) {
-          dst[x * block + lane] = lane < width ? src[lane * row + x] : T(0);
-        }
-      }
+      transpose_to_lanes(src, row, width, block, dst);
     }
   });
 }

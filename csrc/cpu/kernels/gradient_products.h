@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cpu/kernel_interface.h"
+#include "cpu/tile_transpose.h"
 #include "cpu/kernels/memory.h"
 #include "cpu/kernels/routing_steps.h"
 #include "cpu/kernels/vec.h"
@@ -186,11 +187,7 @@ C10_ALWAYS_INLINE void store_grad_u(
   constexpr int64_t kBlock = capsule_block<T>();
   for (int64_t s = 0; s < count; ++s) {
     T* out = grad_u + ((first + s) * shape.num_in + i_begin) * dim_in;
-    for (int64_t lane = 0; lane < width; ++lane) {
-      for (int64_t e = 0; e < dim_in; ++e) {
-        out[lane * dim_in + e] = grad_u_block[(s * dim_in + e) * kBlock + lane];
-      }
-    }
+    transpose_from_lanes<T, false>(grad_u_block + s * dim_in * kBlock, dim_in, width, kBlock, out);
   }
 }
 
@@ -203,14 +200,10 @@ C10_ALWAYS_INLINE void store_grad_W(
   constexpr int64_t kBlock = capsule_block<T>();
   const int64_t out_size = shape.out_size();
   T* out = grad_W + i_begin * out_size * dim_in;
-  for (int64_t lane = 0; lane < width; ++lane) {
-    for (int64_t k = 0; k < out_size; ++k) {
-      for (int64_t e = 0; e < dim_in; ++e) {
-        const T value = grad_W_block[(k * dim_in + e) * kBlock + lane];
-        T& target = out[(lane * out_size + k) * dim_in + e];
-        target = first_chunk ? value : target + value;
-      }
-    }
+  if (first_chunk) {
+    transpose_from_lanes<T, false>(grad_W_block, out_size * dim_in, width, kBlock, out);
+  } else {
+    transpose_from_lanes<T, true>(grad_W_block, out_size * dim_in, width, kBlock, out);
   }
 }
 
