@@ -240,6 +240,17 @@ def test_large_shape_at_small_batch(device):
     assert_results_close(actual, expected, f"{case} prior")
 
 
+def test_backward_in_several_chunks_matches_reference():
+    """A shape whose CPU backward runs in three chunks of samples (48 MB of float64 phase-1
+    planes per sample, at most 256 MB per chunk in csrc/cpu/routing_cpu.cpp): the later
+    chunks add their grad W and grad prior to the first's."""
+    case = RoutingCase(batch=12, num_in=3872, num_out=196, dim_out=4, dim_in=2, iterations=4)
+    options = dict(leaky=False, detach_routing=False, with_prior=True)
+    expected = _run_with_options(case, options, torch.float64, "cpu", "reference")
+    actual = _run_with_options(case, options, torch.float64, "cpu", "fused")
+    assert_results_close(actual, expected, f"{case} prior, several backward chunks")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_zero_vectors_give_finite_results(dtype, device):

@@ -187,7 +187,7 @@ C10_ALWAYS_INLINE void store_grad_u(
   constexpr int64_t kBlock = capsule_block<T>();
   for (int64_t s = 0; s < count; ++s) {
     T* out = grad_u + ((first + s) * shape.num_in + i_begin) * dim_in;
-    transpose_from_lanes<T, false>(grad_u_block + s * dim_in * kBlock, dim_in, width, kBlock, out);
+    transpose_matrix<T, false>(grad_u_block + s * dim_in * kBlock, kBlock, dim_in, width, out, dim_in);
   }
 }
 
@@ -200,10 +200,11 @@ C10_ALWAYS_INLINE void store_grad_W(
   constexpr int64_t kBlock = capsule_block<T>();
   const int64_t out_size = shape.out_size();
   T* out = grad_W + i_begin * out_size * dim_in;
+  const int64_t row = out_size * dim_in;
   if (first_chunk) {
-    transpose_from_lanes<T, false>(grad_W_block, out_size * dim_in, width, kBlock, out);
+    transpose_matrix<T, false>(grad_W_block, kBlock, row, width, out, row);
   } else {
-    transpose_from_lanes<T, true>(grad_W_block, out_size * dim_in, width, kBlock, out);
+    transpose_matrix<T, true>(grad_W_block, kBlock, row, width, out, row);
   }
 }
 
