@@ -108,16 +108,11 @@ void backward_block(
   constexpr int64_t kBlock = capsule_block<T>();
   const RoutingShape& shape = p.shape;
   BlockWorkspace<T> ws(workspace, shape);
-  const int64_t dim_in = dim_in_of<kDimIn>(shape);
-  const int64_t out_size = shape.out_size();
-  const int64_t num_out = shape.num_out;
-  const int64_t blocks = num_capsule_blocks(shape.num_in, kBlock);
-  const int64_t i_begin = block * kBlock;
-  const int64_t width = min_of(kBlock, shape.num_in - i_begin);
+  const InputBlock<T, kDimIn> in(p, block);
+  const auto [dim_in, out_size, num_out, blocks, i_begin, width, W] = in;
   const int64_t plane_size = num_out * kBlock;
   const int64_t planes = p.terms.planes();
   const int64_t u_stride = blocks * dim_in * kBlock;  // from one sample's block to the next's
-  const T* W = p.W_blocked + block * out_size * dim_in * kBlock;
   fill(ws.grad_W, out_size * dim_in * kBlock, T(0));
   fill(ws.grad_prior, plane_size, T(0));
   const int64_t sample_terms = planes * plane_size;  // one sample's planes of this block

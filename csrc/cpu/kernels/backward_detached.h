@@ -92,14 +92,9 @@ void detached_block(const BackwardProblem<T>& p, int64_t block, T* workspace) {
   constexpr int64_t kBlock = capsule_block<T>();
   const RoutingShape& shape = p.shape;
   DetachedWorkspace<T> ws(workspace, shape);
-  const int64_t dim_in = dim_in_of<kDimIn>(shape);
-  const int64_t out_size = shape.out_size();
-  const int64_t num_out = shape.num_out;
-  const int64_t blocks = num_capsule_blocks(shape.num_in, kBlock);
-  const int64_t i_begin = block * kBlock;
-  const int64_t width = min_of(kBlock, shape.num_in - i_begin);
+  const InputBlock<T, kDimIn> in(p, block);
+  const auto [dim_in, out_size, num_out, blocks, i_begin, width, W] = in;
   const int64_t block_u = dim_in * kBlock;
-  const T* W = p.W_blocked + block * out_size * dim_in * kBlock;
   const T* prior = p.prior_blocked != nullptr ? p.prior_blocked + block * num_out * kBlock : nullptr;
   const bool first_iteration = shape.iterations == 1;  // the last couplings are c_0
   if (first_iteration) {

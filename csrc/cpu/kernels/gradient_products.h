@@ -178,6 +178,23 @@ C10_ALWAYS_INLINE void gradient_products(
   }
 }
 
+// One block of input capsules, [i_begin, i_begin + width), as both backward passes over
+// blocks (backward_block.h, backward_detached.h) see it.
+template <typename T, int kDimIn>
+struct InputBlock {
+  int64_t dim_in, out_size, num_out, blocks, i_begin, width;
+  const T* W;  // the block's W [N_out*D_out, D_in, L]
+
+  InputBlock(const BackwardProblem<T>& p, int64_t block)
+      : dim_in(dim_in_of<kDimIn>(p.shape)),
+        out_size(p.shape.out_size()),
+        num_out(p.shape.num_out),
+        blocks(num_capsule_blocks(p.shape.num_in, capsule_block<T>())),
+        i_begin(block * capsule_block<T>()),
+        width(min_of(capsule_block<T>(), p.shape.num_in - block * capsule_block<T>())),
+        W(p.W_blocked + block * out_size * dim_in * capsule_block<T>()) {}
+};
+
 // grad_u [count, D_in, L] of the samples [first, first + count) of one block (input capsules
 // [i_begin, i_begin + width)) into the natural layout [B, N_in, D_in].
 template <typename T>
