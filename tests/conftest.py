@@ -7,6 +7,7 @@ collection never touches the GPU (``torch.cuda.is_available`` only asks the driv
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -20,7 +21,15 @@ def pytest_configure(config):
     # Generated data sets are cached (capsnet.datasets.cache): the tests, and the training
     # runs they start, use a cache of their own, never the user's.
     if "CAPSNET_CACHE_DIR" not in os.environ:
-        os.environ["CAPSNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="capsnet-test-cache-")
+        config._capsnet_test_cache = tempfile.mkdtemp(prefix="capsnet-test-cache-")
+        os.environ["CAPSNET_CACHE_DIR"] = config._capsnet_test_cache
+
+
+def pytest_unconfigure(config):
+    test_cache = getattr(config, "_capsnet_test_cache", None)
+    if test_cache is not None:
+        shutil.rmtree(test_cache, ignore_errors=True)
+        os.environ.pop("CAPSNET_CACHE_DIR", None)
 
 
 def pytest_collection_modifyitems(config, items):
