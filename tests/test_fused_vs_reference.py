@@ -240,6 +240,24 @@ def test_large_shape_at_small_batch(device):
     assert_results_close(actual, expected, f"{case} prior")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_calls_give_the_values_of_recorded_calls(device):
+    """Without anything to differentiate, dynamic_routing calls the op directly instead of
+    through its autograd.Function: the same values, bit for bit, and nothing recorded."""
+    case = RoutingCase(batch=3, num_in=9, num_out=4, dim_out=5, dim_in=3, iterations=3)
+    u, W, bias, _ = make_inputs(case, dtype=torch.float32, device=device)
+    prior = make_prior(case, dtype=torch.float32, device=device)
+    recorded_inputs = [t.clone().requires_grad_() for t in (u, W, bias, prior)]
+    recorded, recorded_c = dynamic_routing(*recorded_inputs[:3], 3, logit_prior=recorded_inputs[3], return_couplings=True)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        under_no_grad = dynamic_routing(u, W, bias, 3, logit_prior=prior, return_couplings=True)
+    plain = dynamic_routing(u, W, bias, 3, logit_prior=prior, return_couplings=True)  # nothing requires grad
+    for v, c in (under_no_grad, plain):
+        assert v.grad_fn is None and not v.requires_grad
+        assert torch.equal(v, recorded.detach()) and torch.equal(c, recorded_c)
+
+
 def test_backward_in_several_chunks_matches_reference():
     """A shape whose CPU backward runs in three chunks of samples (48 MB of float64 phase-1
     planes per sample, at most 256 MB per chunk in csrc/cpu/routing_cpu.cpp): the later
