@@ -247,6 +247,7 @@ def test_inference_calls_give_the_values_of_recorded_calls(device):
     case = RoutingCase(batch=3, num_in=9, num_out=4, dim_out=5, dim_in=3, iterations=3)
     u, W, bias, _ = make_inputs(case, dtype=torch.float32, device=device)
     prior = make_prior(case, dtype=torch.float32, device=device)
+    u, W, bias, prior = (t.detach() for t in (u, W, bias, prior))
     recorded_inputs = [t.clone().requires_grad_() for t in (u, W, bias, prior)]
     recorded, recorded_c = dynamic_routing(*recorded_inputs[:3], 3, logit_prior=recorded_inputs[3], return_couplings=True)
     assert recorded.grad_fn is not None
