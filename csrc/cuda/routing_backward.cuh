@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
     if (!tree.add_up(g, here, grad_v_partial)) {
       return;
     }
+    // One block of the tile's chunks gets here.
+    // model-fraction-begin: 1 / num_chunks
     // This block holds dL/dv_{m-1} of its sample tile: gs_{m-1}.
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
@@ -282,6 +284,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
         store_vector<kExact>(gs, dim_out, p.terms + g.term_vector(here.b[s], terms.grad_s_term(m - 1), here.j));
       }
     }
+    // model-fraction-end
   }
 }
 

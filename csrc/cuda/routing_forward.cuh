@@ -188,6 +188,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
   if (!tree.add_up(g, here, sums)) {
     return;
   }
+  // One block of the tile's chunks gets here.
+  // model-fraction-begin: 1 / num_chunks
   // This block holds s_k (before the bias) of its sample tile.
   acc_t bias[kDim];
   fill(bias, acc_t(0));
@@ -220,6 +222,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
       store_output_row<Tile>(v, dim_out, p.v + g.output_vector(here.b[s], here.j));
     }
   }
+  // model-fraction-end
 }
 
 }  // namespace capsnet::cuda
