@@ -45,10 +45,15 @@ __device__ __forceinline__ void grad_prediction(
 // slices, added to an op-math sum (the first slice starts it).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void put_gradient(scalar_t* out, acc_t* sum, bool first_slice, int64_t index, acc_t value) {
+  // The host passes sums exactly when it runs the backward in slices of the batch.
   if (sum != nullptr) {
+    // model-fraction-begin: 1 if backward_slice_batch < batch else 0
     sum[index] = first_slice ? value : sum[index] + value;
+    // model-fraction-end
   } else {
+    // model-fraction-begin: 0 if backward_slice_batch < batch else 1
     out[index] = static_cast<scalar_t>(value);
+    // model-fraction-end
   }
 }
 
