@@ -39,6 +39,7 @@ struct BackwardParams {
   RoutingGeometry geometry;
   RoutingOptions options;
   BackwardTerms terms_of;
+  GradientStrides strides;       // gradient_strides(geometry, terms_of)
   const scalar_t* grad_v;        // [B, J, D]
   const scalar_t* u;             // [B, I, E]
   const scalar_t* W;             // [I, J, D, E]

@@ -227,4 +227,26 @@ struct RoutingGeometry {
   }
 };
 
+// The distances, in elements, between what the gradient kernels walk while they form
+// dL/du_hat (32 bits: the planner keeps every workspace below 2^31 elements). The host
+// computes them once per launch: a gradient thread, whose registers hold rows of W and dW,
+// then reads each as a kernel parameter instead of re-deriving it from the shape for every
+// sample.
+struct GradientStrides {
+  int terms;              // product terms (BackwardTerms::count)
+  bool first_stored;      // term 0's coefficient is in slot 0, else it is the initial coupling
+  int coefficient_slot;   // between coefficient slots: I * J * B'
+  int prior_slot;         // from slot 0 to G_0's slot
+  int term;               // between a sample's term vectors: J * D
+  int sample_terms;       // between consecutive samples' term vectors: terms * J * D
+  int sample_input;       // between consecutive samples' rows of u: I * E
+};
+
+C10_HOST_DEVICE inline GradientStrides gradient_strides(const RoutingGeometry& g, const BackwardTerms& terms) {
+  const int slot = int(g.shape.num_in * g.shape.num_out * g.part.coefficient_batch);
+  return GradientStrides{
+      terms.count(), terms.stored_coefficient(0), slot, terms.logit_grad_slot(0) * slot, int(g.columns()),
+      int(terms.count() * g.columns()), int(g.shape.num_in * g.shape.dim_in)};
+}
+
 }  // namespace capsnet::cuda
