@@ -152,6 +152,8 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   const int slot = group * inputs_per_block + input_in_block;  // (group, input) in [0, kSlots)
   const int contributor = j * kRowGroups + row_group;
   const int num_out = int(n.num_out);
+  const int num_in = int(n.num_in);
+  const int batch = int(n.batch);
   acc_t* shared = dynamic_shared_memory<acc_t>();
 
   // The contributor entries past J x row groups stay zero.
@@ -224,11 +226,15 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
     // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
 #pragma unroll 1
     for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
-      const int e = r % kDimIn;
-      const int their_slot = (r / kDimIn) % kSlots;
+      // r = (round sample * kSlots + slot) * kDimIn + e: unsigned, so that the divisions by
+      // these powers of two are shifts.
+      const unsigned row_index = unsigned(r);
+      const int e = int(row_index % kDimIn);
+      const int their_slot = int(row_index / kDimIn % kSlots);
       const int their_group = their_slot >> g.part.gradient_input_shift;
       const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
-      const int their_b = their_group * group_samples + (b - first) + r / (kDimIn * kSlots);
+      const int their_sample = (b - first) + int(row_index / (kDimIn * kSlots));  // in their group
+      const int their_b = their_group * group_samples + their_sample;
       const acc_t* entries = shared + r * kContributors;
       acc_t total = 0;
 #pragma unroll
@@ -239,44 +245,44 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
           total += chunk.values[v];
         }
       }
-      if (their_i < n.num_in && their_b < n.batch && their_b - their_group * group_samples < group_samples) {
-        p.grad_u[(int64_t(their_b) * n.num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);
+      if (their_i < num_in && their_b < batch && their_sample < group_samples) {
+        p.grad_u[(their_b * num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);  // 32 bits: u has < 2^31 elements
       }
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them
   }
 
-  // dW rows (and the prior's sum): the groups' sums added pairwise, group g + step into
-  // group g, a row at a time.
+  // dW rows and the prior's sum: the groups' sums added pairwise, group g + step into
+  // group g, each thread's whole share at once (gradient_group_share).
+  constexpr int kShare = gradient_group_share<Tile>(int(sizeof(acc_t)));
   const int per_group = threads / groups;
   const int in_group = flat - group * per_group;
 #pragma unroll 1
   for (int step = 1; step < groups; step *= 2) {  // model-loop: gradient_group_levels
-    const bool sender = group % (2 * step) == step;
-    const bool receiver = group % (2 * step) == 0 && group + step < groups;
+    acc_t* const share = shared + ((group / (2 * step)) * per_group + in_group) * kShare;
+    if (group % (2 * step) == step) {  // the sender
 #pragma unroll
-    for (int d = 0; d <= kRows; ++d) {  // the last round carries grad_prior
-      if (sender) {
-        acc_t* mine = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
+      for (int d = 0; d < kRows; ++d) {
+        store_vector<true>(grad_w[d], kDimIn, share + d * kDimIn);
+      }
+      Vector16<acc_t> prior{};
+      prior.values[0] = grad_prior;
+      store_vector16(prior, share + kRows * kDimIn);
+    }
+    __syncthreads();
+    if (group % (2 * step) == 0 && group + step < groups) {  // its receiver
+#pragma unroll
+      for (int d = 0; d < kRows; ++d) {
+        acc_t theirs[kDimIn];
+        load_vector<true>(share + d * kDimIn, kDimIn, theirs);
 #pragma unroll
         for (int e = 0; e < kDimIn; ++e) {
-          mine[e] = d < kRows ? grad_w[d][e] : (e == 0 ? grad_prior : acc_t(0));
+          grad_w[d][e] += theirs[e];
         }
       }
-      __syncthreads();
-      if (receiver) {
-        const acc_t* theirs = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
-        if (d < kRows) {
-#pragma unroll
-          for (int e = 0; e < kDimIn; ++e) {
-            grad_w[d][e] += theirs[e];
-          }
-        } else {
-          grad_prior += theirs[0];
-        }
-      }
-      __syncthreads();  // read before the next row overwrites
+      grad_prior += share[kRows * kDimIn];
     }
+    __syncthreads();  // read before the next level overwrites
   }
   if (group == 0 && active) {
 #pragma unroll

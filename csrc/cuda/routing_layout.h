@@ -78,6 +78,17 @@ constexpr int kGradientMaxThreads = 160;
 constexpr int kGradientInputGroups = 8;
 constexpr int kWarpSize = 32;
 
+// The CapsNet tile's gradient kernel adds its sample groups' dW in a pairwise tree through
+// shared memory, a thread's whole share at once: its kGradRows rows of dW, then grad_prior
+// in a 16-byte vector of its own, padded to an odd number of 16-byte vectors so that 8
+// threads' vector accesses hit distinct banks. Elements per thread.
+template <typename Tile>
+C10_HOST_DEVICE constexpr int gradient_group_share(int acc_bytes) {
+  const int width = 16 / acc_bytes;
+  const int vectors = Tile::kGradRows * Tile::kMaxDimIn / width + 1;
+  return (vectors | 1) * width;
+}
+
 // Shared memory of the capsule exchange (CapsuleExchange, routing_device.cuh): one buffer per
 // kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per (sample slot,
 // lane), padded so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes
