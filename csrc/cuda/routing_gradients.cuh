@@ -178,13 +178,13 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   acc_t grad_prior = 0;
   const bool sums_prior = p.grad_prior != nullptr && row_group == 0;
 
-  // This group's samples [first, end), walked with 32-bit offsets: u[b, i], the term
-  // vectors (b, term 0, j, rows), the coefficients (slot 0, i, j, b); the strides are
-  // kernel parameters (p.strides).
+  // This group's samples [first, end) (none for a thread past the last input), walked with
+  // 32-bit offsets: u[b, i], the term vectors (b, term 0, j, rows), the coefficients
+  // (slot 0, i, j, b); the strides are kernel parameters (p.strides).
   const GradientStrides& walk = p.strides;
   const int group_samples = int(g.part.gradient_group_samples);
   const int first = group * group_samples;
-  const int end = int(smaller(int64_t(first + group_samples), n.batch));
+  const int end = active ? smaller(first + group_samples, batch) : first;
   int coefficient = int(g.coefficient(0, read_i, j, first));
   int vector = int(g.term_vector(first, 0, j)) + row;
   int u_row = int(g.input_row(first, read_i));
@@ -192,9 +192,10 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
 #pragma unroll 1
   for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
+    const int round_samples = end - b;
 #pragma unroll
     for (int q = 0; q < kRound; ++q) {
-      if (active && b + q < end) {
+      if (q < round_samples) {
         acc_t x[kRows];
         grad_prediction<true>(walk, p.coefficients + (coefficient + q), initial, p.terms + (vector + q * walk.sample_terms),
             kRows, x);
