@@ -211,12 +211,20 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
             partial[e] = fused_multiply_add(w[d][e], x[d], partial[e]);
           }
         }
-        if (sums_prior) {
-          grad_prior += p.coefficients[coefficient + q + walk.prior_slot];
-        }
 #pragma unroll
         for (int e = 0; e < kDimIn; ++e) {
           mine[(q * kSlots * kDimIn + e) * kContributors] = partial[e];
+        }
+      }
+    }
+    if (sums_prior) {
+      // The round's G_0 coefficients: one 16-byte vector (B' and the rounds are whole
+      // vectors of samples), added in sample order; entries past the batch are not.
+      const Vector16<acc_t> prior = load_vector16(p.coefficients + (coefficient + walk.prior_slot));
+#pragma unroll
+      for (int q = 0; q < kRound; ++q) {
+        if (q < round_samples) {
+          grad_prior += prior.values[q];
         }
       }
     }
