@@ -26,11 +26,11 @@ __device__ __forceinline__ void grad_prediction(
   for (int d = 0; d < kRows; ++d) {
     x[d] = scale * values[d];
   }
-  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2.
-  int coefficient = 0, vector = 0;
+  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2. The vector's
+  // offset counts the terms (a sample's term vectors end at sample_terms).
+  int coefficient = 0;
 #pragma unroll 1
-  for (int term = 1; term < walk.terms; ++term) {  // model-loop: terms - 1
-    vector += walk.term;
+  for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
     load_vector<kExact>(vectors + vector, rows, values);
     const acc_t c = coefficients[coefficient];
     coefficient += walk.coefficient_slot;
