@@ -45,7 +45,9 @@ What it does, step by step:
    block of the tile's C (1 / num_chunks). These are the exact totals over the launch,
    spread evenly over its blocks: the model charges the average block, not the block that
    arrives last, whose tree levels and last step run with the SM nearly idle (latency the
-   model does not see; see the assumptions).
+   model does not see; see the assumptions). The gradient kernels' stores of dW, dbias
+   and dprior go either to the outputs or, when the host runs the backward in slices of
+   the batch (``backward_slice_batch < batch``), to op-math sums: one of the two, never both.
 4. Takes the launch plan and the launch order from the code that launches the kernels (the
    CPU emulation module, ``benchmarks/emulator.py``, runs the real planner ``routing_launch.h``
    and the real launch order ``routing_host.h``), memsets included.
