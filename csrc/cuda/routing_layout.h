@@ -249,7 +249,7 @@ struct GradientStrides {
   int coefficient_slot;   // between coefficient slots: I * J * B'
   int prior_slot;         // from slot 0 to G_0's slot
   int term;               // between a sample's term vectors: J * D
-  int sample_terms;       // between consecutive samples' term vectors: terms * J * D
+  int sample_terms;       // between consecutive samples' term vectors: terms * term (where a sample's end)
   int sample_input;       // between consecutive samples' rows of u: I * E
 };
 
