@@ -25,11 +25,29 @@ What it does, step by step:
    marks stops the model with an error. An instruction's weight is the product of the trip
    counts of the loops around it; the sum of the weights is the instructions one warp issues.
    Branches are counted as taken both ways (an upper bound) except the work the kernels
-   select at compile time (template arguments) and the rare branches between
+   select at compile time (template arguments), the rare branches between
    ``// model-cold-begin`` and ``// model-cold-end`` (the squash's rescaling for huge or tiny
    |s|): a basic block is not counted when every instruction in it comes from such a region,
    directly or through the functions it calls (the inlining chain); code the compiler runs
-   unconditionally (predicated, or selected) stays counted.
+   unconditionally (predicated, or selected) stays counted; and the branches whose share of
+   the launch's blocks the launch plan fixes, between ``// model-fraction-begin: <expression>``
+   and ``// model-fraction-end``: the code there runs in that fraction of the times its
+   surroundings run (regions nest; the fractions multiply). A basic block takes the largest
+   fraction among its instructions that come from a region or do work other than integer,
+   uniform and constant-bank instructions (those the compiler re-derives inside a branch
+   take the branch's fraction; work it hoisted out of one keeps the block fully counted).
+   The regions: the chunk tree (``routing_tree.cuh``). Level l of a tree over C chunks has
+   n_l = ceil(C / 2^l) nodes, each held by the one block of the tile still in the tree
+   there, so its level loop runs sum_l n_l times over the C blocks (``tree_level_visits``
+   per block: 126 / 64 = 1.97 at C = 64, not the 6 levels); a node has a sibling in
+   2 floor(n_l / 2) of those visits (``tree_pair_share``), and of two siblings the later one
+   goes on to add the other's sums (1/2). The last block's work (squash, stores) runs in one
+   block of the tile's C (1 / num_chunks). These are the exact totals over the launch,
+   spread evenly over its blocks: the model charges the average block, not the block that
+   arrives last, whose tree levels and last step run with the SM nearly idle (latency the
+   model does not see; see the assumptions). The gradient kernels' stores of dW, dbias
+   and dprior go either to the outputs or, when the host runs the backward in slices of
+   the batch (``backward_slice_batch < batch``), to op-math sums: one of the two, never both.
 4. Takes the launch plan and the launch order from the code that launches the kernels (the
    CPU emulation module, ``benchmarks/emulator.py``, runs the real planner ``routing_launch.h``
    and the real launch order ``routing_host.h``), memsets included.
@@ -47,7 +65,9 @@ What it does, step by step:
 Assumptions (stated, not measured): the working set (W, u, the workspaces: 40 MB at
 B=128) is served from the 50 MB L2 fast enough, memory latency is hidden by the resident
 warps and by independent instructions, barriers and the chunk trees' fences cost nothing
-beyond their issue slots, shared memory has no bank conflicts; clock 1.98 GHz (H100 SXM
+beyond their issue slots (the chunk tree's serial tail, up to 6 levels of a fence, an
+atomic and a load from L2 after the last block of a tile arrives, is not charged), shared
+memory has no bank conflicts; clock 1.98 GHz (H100 SXM
 boost) or 1.41 GHz (A100); 1 us between dependent launches in one stream. The last line is
 ``<arch> B=<batch> fwd+bwd estimate: <N> us``. Measured GPU times go beside the estimates in
 docs/CUDA.md (``make gpu-check`` prints both).
@@ -317,6 +337,81 @@ def source_markers(root: pathlib.Path = CSRC) -> dict[tuple[str, int], str]:
 COLD = "<cold>"
 
 
+def fraction_regions(root: pathlib.Path = CSRC) -> dict[tuple[str, int], tuple]:
+    """{(file name, line): ((region, expression), ...)} for the lines between
+    '// model-fraction-begin: <expression>' and '// model-fraction-end': code that runs in
+    that fraction of the times its surroundings run (evaluated with the launch plan's
+    numbers), innermost region last; regions nest."""
+    regions = {}
+    for path in list((root / "cuda").glob("*.cuh")) + [root / "routing_math.h"]:
+        open_regions: list = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            m = re.search(r"//\s*model-fraction-begin:\s*(.+?)\s*$", line)
+            if m:
+                open_regions.append(((path.name, number), m.group(1)))
+                continue
+            if "model-fraction-end" in line:
+                if not open_regions:
+                    raise SystemExit(f"cuda_model: {path.name}:{number}: model-fraction-end without a begin")
+                open_regions.pop()
+                continue
+            if open_regions:
+                regions[(path.name, number)] = tuple(open_regions)
+        if open_regions:
+            raise SystemExit(f"cuda_model: {path.name}: model-fraction-begin at line {open_regions[-1][0][1]} without an end")
+    return regions
+
+
+def block_fractions(instructions: list[Instruction], labels: dict[str, int], regions: dict, env: dict) -> list[float]:
+    """Per instruction: the fraction of its surroundings' runs in which its basic block runs.
+    An instruction's fraction is the product of the fractions of the regions its source
+    line and the calls that inlined it lie in (each region once); a basic block gets the
+    largest fraction among the instructions that vote: those from a region, and those from
+    outside every region that do work (floating point, memory, barriers). So code the
+    compiler moved out of a branch, or predicated into unconditional code, stays fully
+    counted, while the integer and uniform instructions it re-derives inside a branch
+    (loop invariants, addresses) take the branch's fraction. A block with no voter takes
+    the largest fraction of its instructions."""
+    values: dict[str, float] = {}
+    in_region = [any(frame in regions for frame in ins.chain) for ins in instructions]
+
+    def fraction_of(ins: Instruction) -> float:
+        seen = {}
+        for frame in ins.chain:
+            for region, expression in regions.get(frame, ()):
+                seen[region] = expression
+        product = 1.0
+        for expression in seen.values():
+            if expression not in values:
+                values[expression] = float(eval(expression, {"ceil": math.ceil, "min": min, "max": max}, dict(env)))  # noqa: S307
+                if not 0.0 <= values[expression] <= 1.0:
+                    raise SystemExit(f"cuda_model: model-fraction {expression!r} = {values[expression]} is not in [0, 1]")
+            product *= values[expression]
+        return product
+
+    own = [fraction_of(ins) for ins in instructions]
+    fractions = [1.0] * len(instructions)
+    for start, end in basic_blocks(instructions, labels):
+        voters = [
+            i for i in range(start, end)
+            if in_region[i] or instruction_class(instructions[i]) not in ("control", "integer", "uniform", "constant")
+        ]
+        largest = max(own[i] for i in (voters or range(start, end)))
+        for i in range(start, end):
+            fractions[i] = largest
+    return fractions
+
+
+def basic_blocks(instructions: list[Instruction], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """[start, end) of each basic block: a label or the instruction after a branch starts one."""
+    leaders = {0, *labels.values()}
+    for index, ins in enumerate(instructions):
+        if ins.opcode.split(".")[0] in ("BRA", "EXIT", "RET", "JMP", "BRX"):
+            leaders.add(index + 1)
+    starts = sorted(x for x in leaders if x < len(instructions))
+    return [(start, starts[k + 1] if k + 1 < len(starts) else len(instructions)) for k, start in enumerate(starts)]
+
+
 def loop_marker(loop: Loop, instructions: list[Instruction], markers: dict):
     """The '// model-loop:' expression of a loop: on the source line of its back edge, or of
     a call that inlined it."""
@@ -334,14 +429,8 @@ def cold_instructions(instructions: list[Instruction], labels: dict[str, int], m
     inlined call; an instruction of a block that also runs other code is not (the compiler
     issues it with the block)."""
     from_cold = [any(markers.get(frame) == COLD for frame in ins.chain) for ins in instructions]
-    leaders = {0, *labels.values()}
-    for index, ins in enumerate(instructions):
-        if ins.opcode.split(".")[0] in ("BRA", "EXIT", "RET", "JMP", "BRX"):
-            leaders.add(index + 1)
-    starts = sorted(x for x in leaders if x < len(instructions))
     cold = [False] * len(instructions)
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(instructions)
+    for start, end in basic_blocks(instructions, labels):
         block = range(start, end)
         work = [i for i in block if instruction_class(instructions[i]) != "control"]
         if work and all(from_cold[i] for i in work):
@@ -351,7 +440,7 @@ def cold_instructions(instructions: list[Instruction], labels: dict[str, int], m
 
 
 def loop_weights(
-    name: str, instructions: list[Instruction], labels: dict[str, int], env: dict, markers: dict
+    name: str, instructions: list[Instruction], labels: dict[str, int], env: dict, markers: dict, regions: dict | None = None
 ) -> list[float]:
     """Per instruction: how many times one warp issues it."""
     loops: list[Loop] = []
@@ -392,7 +481,8 @@ def loop_weights(
             # Without a remainder loop the leftover iterations are peeled outside the loop,
             # where they are counted once.
             loop.trips = float(trips // declared_unroll) if declared_unroll else trips
-    weights = [0.0 if c else 1.0 for c in cold]
+    fractions = block_fractions(instructions, labels, regions or {}, env)
+    weights = [0.0 if c else f for c, f in zip(cold, fractions)]
     for loop in loops:
         for index in range(loop.start, loop.end + 1):
             weights[index] *= loop.trips
@@ -546,12 +636,28 @@ def cost_of_launch(gpu: Gpu, res: Resources, classes: dict, config: dict) -> Lau
     return LaunchCost(blocks, warps, resident, per_warp, cycles[bound] / (gpu.clock_ghz * 1e3) + gpu.launch_gap_us, bound)
 
 
+def chunk_tree_counts(chunks: int, levels: int) -> dict:
+    """What the blocks of one sample tile do in the chunk tree (routing_tree.cuh), as
+    fractions for the '// model-*' comments. Level l has n_l = ceil(chunks / 2^l) nodes,
+    each held by one block (the others have left): the level loop runs sum_l n_l times over
+    the tile's `chunks` blocks (tree_level_visits per block, 126 / 64 = 1.97 at 64 chunks
+    instead of 6); a node has a sibling in 2 floor(n_l / 2) of those visits (the others
+    pass up alone: tree_pair_share), and of two siblings the later one goes on (a half)."""
+    nodes = [((chunks - 1) >> level) + 1 for level in range(levels)]
+    visits = sum(nodes)
+    return {
+        "tree_level_visits": visits / chunks,
+        "tree_pair_share": sum(2 * (n // 2) for n in nodes) / visits if visits else 1.0,
+    }
+
+
 def plan_env(plan: dict, shape: dict, detach: bool) -> dict:
     """The names a '// model-loop:' expression may use: the shape, the plan's numbers and a
     few derived from them."""
     env = dict(shape)
     env.update({key: value for key, value in plan.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
     env["grad_s_terms"] = 1 if detach else shape["iterations"]
+    env.update(chunk_tree_counts(plan.get("num_chunks", 1), plan.get("chunk_levels", 0)))
     if plan.get("grad_input_slice"):
         env["input_slices"] = math.ceil(shape["dim_in"] / plan["grad_input_slice"])
     gradient = plan["launches"].get("gradient_kernel") if plan.get("tile") == "CapsNetTile" else plan["launches"].get("grad_weight_kernel")
@@ -578,8 +684,9 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
     env = plan_env(plan, dict(shape, acc_bytes=acc_bytes), args.detach_routing)
     per_function = {}
     markers = source_markers()
+    regions = fraction_regions()
     for mangled, (instructions, labels) in functions.items():
-        weights = loop_weights(mangled, instructions, labels, env, markers)
+        weights = loop_weights(mangled, instructions, labels, env, markers, regions)
         classes: dict[str, float] = {}
         for ins, weight in zip(instructions, weights):
             cls = instruction_class(ins)

@@ -39,6 +39,7 @@ struct BackwardParams {
   RoutingGeometry geometry;
   RoutingOptions options;
   BackwardTerms terms_of;
+  GradientStrides strides;       // gradient_strides(geometry, terms_of)
   const scalar_t* grad_v;        // [B, J, D]
   const scalar_t* u;             // [B, I, E]
   const scalar_t* W;             // [I, J, D, E]
@@ -272,6 +273,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
     if (!tree.add_up(g, here, grad_v_partial)) {
       return;
     }
+    // One block of the tile's chunks gets here.
+    // model-fraction-begin: 1 / num_chunks
     // This block holds dL/dv_{m-1} of its sample tile: gs_{m-1}.
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
@@ -282,6 +285,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
         store_vector<kExact>(gs, dim_out, p.terms + g.term_vector(here.b[s], terms.grad_s_term(m - 1), here.j));
       }
     }
+    // model-fraction-end
   }
 }
 

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     coupling[s] = int(g.coupling(t.read_b[s], t.i_begin, t.j));
   }
   int W_offset = int(g.weight_matrix(t.i_begin, t.j));
-  const int W_step = int(n.num_out * n.dim_out * n.dim_in);
+  const int W_step = int(n.num_out) * dim_out * dim_in;  // compile-time D, E in the CapsNet tile
   int pair = int(g.pair(t.i_begin, t.j));  // of logit_prior and prior_couplings
   const int num_out = int(n.num_out);
 
@@ -188,6 +188,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
   if (!tree.add_up(g, here, sums)) {
     return;
   }
+  // One block of the tile's chunks gets here.
+  // model-fraction-begin: 1 / num_chunks
   // This block holds s_k (before the bias) of its sample tile.
   acc_t bias[kDim];
   fill(bias, acc_t(0));
@@ -220,6 +222,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
       store_output_row<Tile>(v, dim_out, p.v + g.output_vector(here.b[s], here.j));
     }
   }
+  // model-fraction-end
 }
 
 }  // namespace capsnet::cuda

@@ -13,30 +13,30 @@
 namespace capsnet::cuda {
 
 // x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
-// term by term in order. `coefficients` points at (slot 0, i, j, b), the next slots follow
-// slot_stride apart; `vectors` at (b, term 0, j, row), the next terms term_stride apart;
-// `initial` is c_0[i, j], term 0's coefficient unless it is stored.
+// term by term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at (b, term 0,
+// j, row); `initial` is c_0[i, j], term 0's coefficient unless it is stored.
 template <bool kExact, int kRows, typename acc_t>
 __device__ __forceinline__ void grad_prediction(
-    const BackwardTerms& terms, int count, const acc_t* __restrict__ coefficients, int slot_stride, acc_t initial,
-    const acc_t* __restrict__ vectors, int term_stride, int rows, acc_t (&x)[kRows]) {
+    const GradientStrides& walk, const acc_t* __restrict__ coefficients, acc_t initial,
+    const acc_t* __restrict__ vectors, int rows, acc_t (&x)[kRows]) {
   acc_t values[kRows];
   load_vector<kExact>(vectors, rows, values);
-  const acc_t scale = terms.stored_coefficient(0) ? coefficients[0] : initial;
+  const acc_t scale = walk.first_stored ? coefficients[0] : initial;
 #pragma unroll
   for (int d = 0; d < kRows; ++d) {
     x[d] = scale * values[d];
   }
-  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2.
+  // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2. The vector's
+  // offset counts the terms (a sample's term vectors end at sample_terms).
+  int coefficient = 0;
 #pragma unroll 1
-  for (int term = 1; term < count; ++term) {  // model-loop: terms - 1
-    vectors += term_stride;
-    load_vector<kExact>(vectors, rows, values);
-    const acc_t coefficient = *coefficients;
-    coefficients += slot_stride;
+  for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
+    load_vector<kExact>(vectors + vector, rows, values);
+    const acc_t c = coefficients[coefficient];
+    coefficient += walk.coefficient_slot;
 #pragma unroll
     for (int d = 0; d < kRows; ++d) {
-      x[d] = fused_multiply_add(coefficient, values[d], x[d]);
+      x[d] = fused_multiply_add(c, values[d], x[d]);
     }
   }
 }
@@ -45,10 +45,15 @@ __device__ __forceinline__ void grad_prediction(
 // slices, added to an op-math sum (the first slice starts it).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void put_gradient(scalar_t* out, acc_t* sum, bool first_slice, int64_t index, acc_t value) {
+  // The host passes sums exactly when it runs the backward in slices of the batch.
   if (sum != nullptr) {
+    // model-fraction-begin: 1 if backward_slice_batch < batch else 0
     sum[index] = first_slice ? value : sum[index] + value;
+    // model-fraction-end
   } else {
+    // model-fraction-begin: 0 if backward_slice_batch < batch else 1
     out[index] = static_cast<scalar_t>(value);
+    // model-fraction-end
   }
 }
 
@@ -132,7 +137,6 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
-  const BackwardTerms& terms = p.terms_of;
   const int row_group = threadIdx.x % kRowGroups;
   const int input_in_block = threadIdx.x / kRowGroups;
   const int inputs_per_block = g.part.gradient_inputs_per_block;
@@ -148,6 +152,8 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   const int slot = group * inputs_per_block + input_in_block;  // (group, input) in [0, kSlots)
   const int contributor = j * kRowGroups + row_group;
   const int num_out = int(n.num_out);
+  const int num_in = int(n.num_in);
+  const int batch = int(n.batch);
   acc_t* shared = dynamic_shared_memory<acc_t>();
 
   // The contributor entries past J x row groups stay zero.
@@ -172,32 +178,29 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   acc_t grad_prior = 0;
   const bool sums_prior = p.grad_prior != nullptr && row_group == 0;
 
-  // This group's samples [first, end), walked with pointers: u[b, i], the term vectors
-  // (b, term 0, j, rows), the coefficients (slot 0, i, j, b).
+  // This group's samples [first, end) (none for a thread past the last input), walked with
+  // 32-bit offsets: u[b, i], the term vectors (b, term 0, j, rows), the coefficients
+  // (slot 0, i, j, b); the strides are kernel parameters (p.strides).
+  const GradientStrides& walk = p.strides;
   const int group_samples = int(g.part.gradient_group_samples);
   const int first = group * group_samples;
-  const int end = int(smaller(int64_t(first + group_samples), n.batch));
-  const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
-  const acc_t* coefficients = p.coefficients + g.coefficient(0, read_i, j, first);
-  const acc_t* vectors = p.terms + g.term_vector(first, 0, j) + row;
-  const scalar_t* u_row = p.u + g.input_row(first, read_i);
-  const int vector_step = int(g.part.terms * g.columns());
-  const int u_step = int(n.num_in * kDimIn);
-  const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
-  const int term_stride = int(g.columns());
-  const int count = g.part.terms;
+  const int end = active ? smaller(first + group_samples, batch) : first;
+  int coefficient = int(g.coefficient(0, read_i, j, first));
+  int vector = int(g.term_vector(first, 0, j)) + row;
+  int u_row = int(g.input_row(first, read_i));
   const acc_t initial = initial_coupling(p.prior_couplings, g, read_i, j, p.options);
   acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
 #pragma unroll 1
   for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
+    const int round_samples = end - b;
 #pragma unroll
     for (int q = 0; q < kRound; ++q) {
-      if (active && b + q < end) {
+      if (q < round_samples) {
         acc_t x[kRows];
-        grad_prediction<true>(terms, count, coefficients + q, slot_stride, initial, vectors + q * vector_step, term_stride,
+        grad_prediction<true>(walk, p.coefficients + (coefficient + q), initial, p.terms + (vector + q * walk.sample_terms),
             kRows, x);
         acc_t u_i[kDimIn];
-        load_row<Tile>(u_row + q * u_step, kDimIn, u_i);
+        load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_i);
         acc_t partial[kDimIn];
         fill(partial, acc_t(0));
 #pragma unroll
@@ -208,27 +211,39 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
             partial[e] = fused_multiply_add(w[d][e], x[d], partial[e]);
           }
         }
-        if (sums_prior) {
-          grad_prior += coefficients[q + prior_slot];
-        }
 #pragma unroll
         for (int e = 0; e < kDimIn; ++e) {
           mine[(q * kSlots * kDimIn + e) * kContributors] = partial[e];
         }
       }
     }
-    coefficients += kRound;
-    vectors += kRound * vector_step;
-    u_row += kRound * u_step;
+    if (sums_prior) {
+      // The round's G_0 coefficients: one 16-byte vector (B' and the rounds are whole
+      // vectors of samples), added in sample order; entries past the batch are not.
+      const Vector16<acc_t> prior = load_vector16(p.coefficients + (coefficient + walk.prior_slot));
+#pragma unroll
+      for (int q = 0; q < kRound; ++q) {
+        if (q < round_samples) {
+          grad_prior += prior.values[q];
+        }
+      }
+    }
+    coefficient += kRound;
+    vector += kRound * walk.sample_terms;
+    u_row += kRound * walk.sample_input;
     __syncthreads();
     // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
 #pragma unroll 1
     for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
-      const int e = r % kDimIn;
-      const int their_slot = (r / kDimIn) % kSlots;
+      // r = (round sample * kSlots + slot) * kDimIn + e: unsigned, so that the divisions by
+      // these powers of two are shifts.
+      const unsigned row_index = unsigned(r);
+      const int e = int(row_index % kDimIn);
+      const int their_slot = int(row_index / kDimIn % kSlots);
       const int their_group = their_slot >> g.part.gradient_input_shift;
       const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
-      const int their_b = their_group * group_samples + (b - first) + r / (kDimIn * kSlots);
+      const int their_sample = (b - first) + int(row_index / (kDimIn * kSlots));  // in their group
+      const int their_b = their_group * group_samples + their_sample;
       const acc_t* entries = shared + r * kContributors;
       acc_t total = 0;
 #pragma unroll
@@ -239,44 +254,44 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
           total += chunk.values[v];
         }
       }
-      if (their_i < n.num_in && their_b < n.batch && their_b - their_group * group_samples < group_samples) {
-        p.grad_u[(int64_t(their_b) * n.num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);
+      if (their_i < num_in && their_b < batch && their_sample < group_samples) {
+        p.grad_u[(their_b * num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);  // 32 bits: u has < 2^31 elements
       }
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them
   }
 
-  // dW rows (and the prior's sum): the groups' sums added pairwise, group g + step into
-  // group g, a row at a time.
+  // dW rows and the prior's sum: the groups' sums added pairwise, group g + step into
+  // group g, each thread's whole share at once (gradient_group_share).
+  constexpr int kShare = gradient_group_share<Tile>(int(sizeof(acc_t)));
   const int per_group = threads / groups;
   const int in_group = flat - group * per_group;
 #pragma unroll 1
   for (int step = 1; step < groups; step *= 2) {  // model-loop: gradient_group_levels
-    const bool sender = group % (2 * step) == step;
-    const bool receiver = group % (2 * step) == 0 && group + step < groups;
+    acc_t* const share = shared + ((group / (2 * step)) * per_group + in_group) * kShare;
+    if (group % (2 * step) == step) {  // the sender
 #pragma unroll
-    for (int d = 0; d <= kRows; ++d) {  // the last round carries grad_prior
-      if (sender) {
-        acc_t* mine = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
+      for (int d = 0; d < kRows; ++d) {
+        store_vector<true>(grad_w[d], kDimIn, share + d * kDimIn);
+      }
+      Vector16<acc_t> prior{};
+      prior.values[0] = grad_prior;
+      store_vector16(prior, share + kRows * kDimIn);
+    }
+    __syncthreads();
+    if (group % (2 * step) == 0 && group + step < groups) {  // its receiver
+#pragma unroll
+      for (int d = 0; d < kRows; ++d) {
+        acc_t theirs[kDimIn];
+        load_vector<true>(share + d * kDimIn, kDimIn, theirs);
 #pragma unroll
         for (int e = 0; e < kDimIn; ++e) {
-          mine[e] = d < kRows ? grad_w[d][e] : (e == 0 ? grad_prior : acc_t(0));
+          grad_w[d][e] += theirs[e];
         }
       }
-      __syncthreads();
-      if (receiver) {
-        const acc_t* theirs = shared + ((group / (2 * step)) * per_group + in_group) * kDimIn;
-        if (d < kRows) {
-#pragma unroll
-          for (int e = 0; e < kDimIn; ++e) {
-            grad_w[d][e] += theirs[e];
-          }
-        } else {
-          grad_prior += theirs[0];
-        }
-      }
-      __syncthreads();  // read before the next row overwrites
+      grad_prior += share[kRows * kDimIn];
     }
+    __syncthreads();  // read before the next level overwrites
   }
   if (group == 0 && active) {
 #pragma unroll
@@ -312,7 +327,6 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   constexpr bool kExact = Tile::kExactDimOut;
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
-  const BackwardTerms& terms = p.terms_of;
   const int64_t i = int64_t(blockIdx.x) * kWarpSize + threadIdx.x;
   const int64_t j = blockIdx.y;
   const int64_t row = (int64_t(blockIdx.z) * blockDim.y + threadIdx.y) * kRows;
@@ -327,19 +341,16 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
   acc_t grad_prior = 0;
   if (active && group < n.batch) {
     // 32-bit offsets walked over this group's samples.
-    const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
+    const GradientStrides& walk = p.strides;
     int coefficient = int(g.coefficient(0, i, j, group));
     int vector = int(g.term_vector(group, 0, j) + row);
     int u_row = int(g.input_row(group, i));
-    const int vectors_step = int(groups * g.part.terms * g.columns());
-    const int u_step = int(groups * n.num_in * n.dim_in);
+    const int vectors_step = groups * walk.sample_terms;
+    const int u_step = groups * walk.sample_input;
     const acc_t initial = initial_coupling(p.prior_couplings, g, i, j, p.options);
-    const int prior_slot = terms.logit_grad_slot(0) * slot_stride;
-    const int count = g.part.terms;
-    const int term_stride = int(g.columns());
     for (int64_t b = group; b < n.batch; b += groups) {  // model-loop: ceil(batch / sample_groups)
       acc_t x[kRows];
-      grad_prediction<kExact>(terms, count, p.coefficients + coefficient, slot_stride, initial, p.terms + vector, term_stride, rows, x);
+      grad_prediction<kExact>(walk, p.coefficients + coefficient, initial, p.terms + vector, rows, x);
       acc_t u_i[kDimIn];
       load_row<Tile>(p.u + u_row, n.dim_in, u_i);
 #pragma unroll
@@ -350,7 +361,7 @@ __global__ void __launch_bounds__(kGradWeightMaxThreads) grad_weight_kernel(cons
         }
       }
       if (sums_prior) {
-        grad_prior += p.coefficients[coefficient + prior_slot];
+        grad_prior += p.coefficients[coefficient + walk.prior_slot];
       }
       coefficient += groups;
       vector += vectors_step;
@@ -432,7 +443,6 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_inpu
 
   // Pointers walked along the chunk; lanes past the batch read sample B-1 and store nothing.
   const int b = t.read_b[0];
-  const int slot_stride = int(n.num_in * n.num_out * g.part.coefficient_batch);
   const int coefficient_step = int(n.num_out * g.part.coefficient_batch);
   int coefficient = int(g.coefficient(0, t.i_begin, t.j, b));
   const int vector = int(g.term_vector(b, 0, t.j));
@@ -441,15 +451,12 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) grad_inpu
   const int row_stride = Tile::kExactDimIn ? Tile::kMaxDimIn : dim_in;
   scalar_t* grad_u = p.grad_u + g.input_row(b, t.i_begin);
 
-  const int count = g.part.terms;
-  const int term_stride = int(g.columns());
   const acc_t uniform = uniform_coupling<acc_t>(n.num_out, p.options);
   const acc_t* initial = p.prior_couplings != nullptr ? p.prior_couplings + g.pair(t.i_begin, t.j) : nullptr;
   for (int step = 0; step < t.inputs; ++step) {  // model-loop: inputs_per_chunk
     acc_t x[Tile::kMaxDimOut];
     grad_prediction<kExact>(
-        p.terms_of, count, p.coefficients + coefficient, slot_stride, initial != nullptr ? *initial : uniform,
-        p.terms + vector, term_stride, dim_out, x);
+        p.strides, p.coefficients + coefficient, initial != nullptr ? *initial : uniform, p.terms + vector, dim_out, x);
     initial = initial != nullptr ? initial + n.num_out : nullptr;
     // This capsule's term of dL/du[b, i]: W[i, j]^T dL/du_hat[j|i].
     acc_t term[Tile::kMaxDimIn];

@@ -384,6 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host
     for (int64_t first = 0; first < shape.batch; first += slice) {
       const bool full = first + slice <= shape.batch;
       p.geometry = full ? plan.geometry : remainder_plan.geometry;
+      p.strides = gradient_strides(p.geometry, p.terms_of);
       p.first_slice = first == 0;
       p.grad_v = grad_v.const_data_ptr<scalar_t>() + first * shape.num_out * shape.dim_out;
       p.u = u.const_data_ptr<scalar_t>() + first * shape.num_in * shape.dim_in;

@@ -78,6 +78,17 @@ constexpr int kGradientMaxThreads = 160;
 constexpr int kGradientInputGroups = 8;
 constexpr int kWarpSize = 32;
 
+// The CapsNet tile's gradient kernel adds its sample groups' dW in a pairwise tree through
+// shared memory, a thread's whole share at once: its kGradRows rows of dW, then grad_prior
+// in a 16-byte vector of its own, padded to an odd number of 16-byte vectors so that 8
+// threads' vector accesses hit distinct banks. Elements per thread.
+template <typename Tile>
+C10_HOST_DEVICE constexpr int gradient_group_share(int acc_bytes) {
+  const int width = 16 / acc_bytes;
+  const int vectors = Tile::kGradRows * Tile::kMaxDimIn / width + 1;
+  return (vectors | 1) * width;
+}
+
 // Shared memory of the capsule exchange (CapsuleExchange, routing_device.cuh): one buffer per
 // kind of reduction; with compile-time lanes, a row of kMaxNumOut entries per (sample slot,
 // lane), padded so that rows start an odd multiple of 16 bytes apart modulo the 128 bytes
@@ -226,5 +237,27 @@ struct RoutingGeometry {
     return ((slot * shape.num_in + i) * shape.num_out + j) * part.coefficient_batch + b;
   }
 };
+
+// The distances, in elements, between what the gradient kernels walk while they form
+// dL/du_hat (32 bits: the planner keeps every workspace below 2^31 elements). The host
+// computes them once per launch: a gradient thread, whose registers hold rows of W and dW,
+// then reads each as a kernel parameter instead of re-deriving it from the shape for every
+// sample.
+struct GradientStrides {
+  int terms;              // product terms (BackwardTerms::count)
+  bool first_stored;      // term 0's coefficient is in slot 0, else it is the initial coupling
+  int coefficient_slot;   // between coefficient slots: I * J * B'
+  int prior_slot;         // from slot 0 to G_0's slot
+  int term;               // between a sample's term vectors: J * D
+  int sample_terms;       // between consecutive samples' term vectors: terms * term (where a sample's end)
+  int sample_input;       // between consecutive samples' rows of u: I * E
+};
+
+C10_HOST_DEVICE inline GradientStrides gradient_strides(const RoutingGeometry& g, const BackwardTerms& terms) {
+  const int slot = int(g.shape.num_in * g.shape.num_out * g.part.coefficient_batch);
+  return GradientStrides{
+      terms.count(), terms.stored_coefficient(0), slot, terms.logit_grad_slot(0) * slot, int(g.columns()),
+      int(terms.count() * g.columns()), int(g.shape.num_in * g.shape.dim_in)};
+}
 
 }  // namespace capsnet::cuda

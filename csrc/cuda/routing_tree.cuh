@@ -74,9 +74,13 @@ struct ChunkTree {
     const auto slot = [&](int b, int chunk) { return (b * chunks + chunk) * vector_stride + capsule_offset; };
     int node = t.chunk;
 #pragma unroll 1
-    for (int level = 0; level < g.part.chunk_levels; ++level) {  // model-loop: chunk_levels
+    // The model counts what the blocks of a tile do on average (benchmarks/cuda_model.py,
+    // chunk_tree_counts): level l is visited by the ceil(chunks / 2^l) blocks still in the
+    // tree, most of them with a sibling, and the later of two siblings goes on.
+    for (int level = 0; level < g.part.chunk_levels; ++level) {  // model-loop: tree_level_visits
       const int nodes = ((chunks - 1) >> level) + 1;
       if ((node ^ 1) < nodes) {
+        // model-fraction-begin: tree_pair_share
         // Publish this node's sums, then count the arrival at the parent.
 #pragma unroll
         for (int s = 0; s < kSamples; ++s) {
@@ -98,6 +102,7 @@ struct ChunkTree {
         if (arrived_first) {
           return false;  // the sibling's block goes on with both sums
         }
+        // model-fraction-begin: 1 / 2
         __threadfence();
 #pragma unroll
         for (int s = 0; s < kSamples; ++s) {
@@ -110,6 +115,8 @@ struct ChunkTree {
             }
           }
         }
+        // model-fraction-end
+        // model-fraction-end
       }
       node >>= 1;
     }
