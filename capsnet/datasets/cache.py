@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -86,25 +85,16 @@ def _read(path: Path, key: dict) -> Tensor | None:
 
 
 def _write(path: Path, key: dict, tensor: Tensor) -> None:
-    """Write atomically (temporary file, fsync, rename); a failure is a warning."""
-    temporary = None
+    """Write atomically (the training program's atomic_write); a failure is a warning."""
+    # Imported here: capsnet.training imports this package, so a module-level import would
+    # be circular. By the time a set is cached, both packages are loaded.
+    from capsnet.training.atomic_io import atomic_write
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "wb") as file:
-            torch.save(
-                {"format": FILE_FORMAT, "key": key, "sha256": tensor_digest(tensor), "tensor": tensor}, file
-            )
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(temporary, path)
-        temporary = None
-    except OSError as error:
-        warnings.warn(f"capsnet: could not cache the data set at {path}: {error}", stacklevel=3)
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
+        with atomic_write(path, "wb") as file:
+            torch.save({"format": FILE_FORMAT, "key": key, "sha256": tensor_digest(tensor), "tensor": tensor}, file)
+    except OSError as error:  # OutputWriteError, raised from the OSError that says why
+        warnings.warn(f"capsnet: could not cache the data set at {path}: {error.__cause__ or error}", stacklevel=3)
 
 
 def cached_tensor(name: str, key: dict, build: Callable[[], Tensor]) -> Tensor:
