@@ -45,11 +45,15 @@ def pytest_report_header(config):
     import capsnet
 
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
+    # The training tests write checkpoints of about 100 MB (400 MB for the CNN baseline); a
+    # full disk shows up as unrelated-looking write errors, so say how much room there is.
+    scratch = tempfile.gettempdir()
+    return [
         f"capsnet: torch {torch.__version__} (CUDA {torch.version.cuda}), {cuda}; "
         f"extension loaded: {capsnet.has_ops()}, CPU kernel: {capsnet.has_kernel('cpu', torch.float32)}, "
-        f"CUDA kernel: {capsnet.has_kernel('cuda', torch.float32)}"
-    )
+        f"CUDA kernel: {capsnet.has_kernel('cuda', torch.float32)}",
+        f"free disk in {scratch}: {shutil.disk_usage(scratch).free / 2**30:.1f} GiB",
+    ]
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
