@@ -37,6 +37,7 @@ export MAX_JOBS ?= 2
 # project's shared copy beside the clone.
 DATA_DIR ?= $(or $(CAPSNET_DATA_DIR),../shared/data)
 DRY_RUN ?= 0
+ONLY ?=
 # A quick run: 10,000 training images, one epoch (a few minutes on 2 CPU cores). The
 # paper's full run is
 #   make train TRAIN_ARGS="--epochs 50"    (a GPU is advisable: ~6.5 min per epoch on 2 CPU cores)
@@ -108,7 +109,7 @@ cuda-model: venv
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
 gpu-check:
-	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) scripts/gpu_check.sh
+	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) ONLY="$(ONLY)" scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist $(PACKAGE_CHECK_DIR) $(BENCH_CHECK_DIR) capsnet/*.so *.egg-info

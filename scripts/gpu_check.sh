@@ -10,6 +10,12 @@
 #   PYTHON         the interpreter with torch (default: python3)
 #   DATA_DIR       MNIST in torchvision's layout (DATA_DIR/MNIST/raw; default ../shared/data)
 #   EPOCHS         training epochs (default 2)
+#   ONLY           run only these steps (names as below, space-separated), appending to
+#                  steps.md: for machines that limit one command's time, e.g.
+#                  ONLY="environment build tests", then ONLY="benchmark kernels training"
+#   TORCH_CUDA_ARCH_LIST  the build's archs (default: the GPU's own, the quickest build;
+#                  CI builds every supported arch without a GPU)
+#   GPU_CHECK_OUT  where the results go (default benchmarks/results/gpu-check-<gpu>)
 #   DRY_RUN=1      no GPU needed: print every command, run the parts that need no GPU
 #                  (the static model's side of the profile), skip the rest
 set -uo pipefail
@@ -19,6 +25,14 @@ PYTHON=${PYTHON:-python3}
 DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
+ONLY=${ONLY:-}
+STEPS="environment build tests benchmark kernels training"
+for name in $ONLY; do
+  case " $STEPS " in
+    *" $name "*) ;;
+    *) echo "gpu-check: ONLY names an unknown step '$name'; the steps are: $STEPS" >&2; exit 2 ;;
+  esac
+done
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
@@ -26,14 +40,23 @@ gpu_name() {
   if [ "$DRY_RUN" = 1 ]; then echo "dry-run"; return; fi
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 }
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$DRY_RUN" != 1 ]; then
+  # "9.0" on an H100: one arch builds in a third of the time of the default four.
+  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+fi
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST
 SLUG=$(gpu_name | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-OUT=benchmarks/results/gpu-check-${SLUG:-unknown}
+OUT=${GPU_CHECK_OUT:-benchmarks/results/gpu-check-${SLUG:-unknown}}
 mkdir -p "$OUT"
 STATUS=0
 
 # step NAME COMMAND...: runs (or, dry, prints) one step, timed, its output in $OUT/NAME.log.
 step() {
   local name=$1; shift
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+    echo "== $name: not in ONLY, skipped"
+    return 0
+  fi
   echo "== $name: $*"
   if [ "$DRY_RUN" = 1 ] && [ "${NEEDS_GPU:-1}" = 1 ]; then
     echo "   (dry run: skipped, needs the GPU)"
@@ -49,13 +72,17 @@ step() {
   [ $rc -eq 0 ] || STATUS=1
 }
 
-echo "| step | exit | seconds |" > "$OUT/steps.md"
-echo "|---|---|---|" >> "$OUT/steps.md"
+# A whole run starts the table afresh; ONLY runs add their rows to it.
+if [ -z "$ONLY" ] || [ ! -f "$OUT/steps.md" ]; then
+  echo "| step | exit | seconds |" > "$OUT/steps.md"
+  echo "|---|---|---|" >> "$OUT/steps.md"
+fi
 
 NEEDS_GPU=1 step environment bash -c "
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
   $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'
-  $CUDA_HOME/bin/nvcc --version | tail -2"
+  $CUDA_HOME/bin/nvcc --version | tail -2
+  echo TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
 
 NEEDS_GPU=1 step build env CAPSNET_FORCE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
 
