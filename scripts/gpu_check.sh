@@ -41,7 +41,7 @@ gpu_name() {
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 }
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$DRY_RUN" != 1 ]; then
-  # "9.0" on an H100: one arch builds in a third of the time of the default four.
+  # "9.0" on an H100: one arch to compile instead of the default four.
   TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
 fi
 [ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST
