@@ -276,11 +276,7 @@ def _register_autograd() -> None:
         tensors = (u, W, bias, logit_prior)
         if _has_forward_tangent(tensors):
             raise RuntimeError(FORWARD_AD_ERROR)
-        if (
-            torch._C._are_functorch_transforms_active()
-            and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors)
-        ):
+        if torch._C._are_functorch_transforms_active() and _needs_autograd(tensors):
             # An autograd.Function applied inside a dispatcher kernel is invisible to
             # torch.func (its error would not say what to do): _FusedRouting is the way.
             raise RuntimeError(FUNCTORCH_DIRECT_CALL_ERROR)

@@ -50,7 +50,7 @@ def tensor_digest(*tensors: Tensor) -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy())  # hashed in place, not copied
     return digest.hexdigest()
 
 

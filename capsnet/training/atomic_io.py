@@ -1,12 +1,13 @@
 """Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
 
 Every file the training program writes (checkpoints, logs, plots, the config), and the
-cached data sets (``capsnet/datasets/cache.py``), go through :func:`atomic_write`: write a temporary file ``.NAME.XXXX.tmp`` in the target's directory,
-flush and fsync it, then ``os.replace`` it over the target. ``os.replace`` is atomic on
-POSIX and Windows when both paths are on one file system, which a sibling temporary file
-guarantees. A failed write (full disk, quota, I/O error) removes the temporary file, leaves
-the target as it was, and raises :class:`OutputWriteError` naming the file; a process killed
-mid-write leaves a temporary file that :func:`remove_temporaries` cleans up.
+cached data sets (``capsnet/datasets/cache.py``), go through :func:`atomic_write`: write a
+temporary file ``.NAME.XXXX.tmp`` in the target's directory, flush and fsync it, then
+``os.replace`` it over the target. ``os.replace`` is atomic on POSIX and Windows when both
+paths are on one file system, which a sibling temporary file guarantees. A failed write
+(full disk, quota, I/O error) removes the temporary file, leaves the target as it was, and
+raises :class:`OutputWriteError` naming the file; a process killed mid-write leaves a
+temporary file that :func:`remove_temporaries` cleans up.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ struct InputBlock {
         num_out(p.shape.num_out),
         blocks(num_capsule_blocks(p.shape.num_in, capsule_block<T>())),
         i_begin(block * capsule_block<T>()),
-        width(min_of(capsule_block<T>(), p.shape.num_in - block * capsule_block<T>())),
+        width(min_of(capsule_block<T>(), p.shape.num_in - i_begin)),
         W(p.W_blocked + block * out_size * dim_in * capsule_block<T>()) {}
 };
 
