@@ -105,7 +105,7 @@ test-cuda-asan: venv
 # Needs nvcc (CUDA_HOME) and nvdisasm (the CUDA toolkit's, or the one triton ships with torch).
 cuda-model: venv
 	$(PY) -m benchmarks.cuda_model --check
-	$(PY) -m benchmarks.cuda_model
+	$(PY) -m benchmarks.cuda_model --lines kLater
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
 gpu-check:

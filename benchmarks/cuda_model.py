@@ -3,6 +3,7 @@
     python -m benchmarks.cuda_model                       # sm_90 (H100 SXM), B=128, float32, CapsNet shape
     python -m benchmarks.cuda_model --arch sm_80 --batch 512
     python -m benchmarks.cuda_model --check               # CI resource check (exit 1 on failure)
+    python -m benchmarks.cuda_model --lines kLater        # also: where a kernel's instructions come from
 
 What it does, step by step:
 
@@ -48,6 +49,7 @@ What it does, step by step:
    model does not see; see the assumptions). The gradient kernels' stores of dW, dbias
    and dprior go either to the outputs or, when the host runs the backward in slices of
    the batch (``backward_slice_batch < batch``), to op-math sums: one of the two, never both.
+   The first iteration's fill of the couplings output (1/J) runs only when r = 1.
 4. Takes the launch plan and the launch order from the code that launches the kernels (the
    CPU emulation module, ``benchmarks/emulator.py``, runs the real planner ``routing_launch.h``
    and the real launch order ``routing_host.h``), memsets included.
@@ -590,6 +592,46 @@ class KernelEstimate:
     classes: dict = field(default_factory=dict)
     microseconds: float = 0.0
     bound: str = ""
+    per_warp: float = 0.0  # warp-instructions one warp of the kernel issues
+    source_lines: dict = field(default_factory=dict)  # source_line_costs of the kernel, per warp
+
+
+def source_line_costs(instructions: list[Instruction], weights: list[float]) -> dict[tuple, dict[str, float]]:
+    """Where one warp's instructions come from: {(the kernel's own source line, the innermost
+    source line): {class: warp-instructions}}. The kernel's line is the outermost of the
+    instruction's chain of inlined calls (the call in the kernel's body that brought it in),
+    the innermost is the line that produced it; an instruction without line information
+    counts under (None, None)."""
+    costs: dict[tuple, dict[str, float]] = {}
+    for ins, weight in zip(instructions, weights):
+        if weight == 0:
+            continue
+        key = (ins.chain[-1] if ins.chain else ins.location, ins.location)
+        classes = costs.setdefault(key, {})
+        cls = instruction_class(ins)
+        classes[cls] = classes.get(cls, 0.0) + weight
+    return costs
+
+
+def format_source_lines(row: KernelEstimate, top: int = 15) -> str:
+    """The `top` source lines of a kernel by warp-instructions (one warp's), with their share
+    of the warp's total and their largest classes: where to look to make the kernel leaner."""
+
+    def place(location) -> str:
+        return f"{location[0]}:{location[1]}" if location else "?"
+
+    total = row.per_warp or 1.0
+    ranked = sorted(row.source_lines.items(), key=lambda item: -sum(item[1].values()))
+    lines = [
+        f"{row.kernel}: {row.per_warp:.0f} warp-instructions per warp; its top {min(top, len(ranked))} source lines",
+        "| kernel line | innermost line | per warp | share | largest classes |",
+        "|---|---|---|---|---|",
+    ]
+    for (outer, inner), classes in ranked[:top]:
+        count = sum(classes.values())
+        largest = ", ".join(f"{cls} {n:.0f}" for cls, n in sorted(classes.items(), key=lambda item: -item[1])[:4])
+        lines.append(f"| {place(outer)} | {place(inner)} | {count:.0f} | {count / total:.1%} | {largest} |")
+    return "\n".join(lines)
 
 
 def blocks_per_sm(gpu: Gpu, registers: int, threads: int, shared: int) -> int:
@@ -683,6 +725,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
     shape = dict(CAPSNET_SHAPE, batch=args.batch, iterations=args.iterations)
     env = plan_env(plan, dict(shape, acc_bytes=acc_bytes), args.detach_routing)
     per_function = {}
+    lines_of_function = {}
     markers = source_markers()
     regions = fraction_regions()
     for mangled, (instructions, labels) in functions.items():
@@ -692,6 +735,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
             cls = instruction_class(ins)
             classes[cls] = classes.get(cls, 0.0) + weight
         per_function[mangled] = classes
+        lines_of_function[mangled] = source_line_costs(instructions, weights)
     enums = enum_values()
 
     def run(launches):
@@ -719,6 +763,8 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
                 row.classes[cls] = row.classes.get(cls, 0.0) + blocks * warps * count
             row.microseconds += launch_cost.microseconds
             row.bound = launch_cost.bound
+            row.per_warp = per_warp
+            row.source_lines = lines_of_function[mangled]
         return list(rows.values())
 
     return run(forward), run(backward), plan, resources
@@ -782,6 +828,11 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--detach-routing", action="store_true", help="the detach_routing backward")
     parser.add_argument("--check", action="store_true", help="CI resource check at B in {32, 128, 512, 1024}")
+    parser.add_argument(
+        "--lines", metavar="KERNEL", default=None,
+        help="also print where the instructions of the kernels whose row contains KERNEL come from "
+        "(their top source lines; e.g. --lines kLater, --lines gradient_kernel)",
+    )
     return parser.parse_args(argv)
 
 
@@ -790,6 +841,15 @@ def main(argv=None) -> int:
     if args.check:
         return resource_check(args.arch)
     gpu = GPUS[args.arch]
+    if args.lines is not None:  # before the compile: the launch order alone names the kernels
+        _, forward_launches, backward_launches = plan_and_launches(
+            args.batch, CAPSNET_SHAPE, args.iterations, DTYPES[args.dtype][1], gpu.multiprocessors, args.detach_routing
+        )
+        names = sorted({row_key(launch) for launch in forward_launches + backward_launches if launch != MEMSET})
+        if not any(args.lines in name for name in names):
+            print(f"cuda_model: --lines {args.lines!r} matches no kernel of this call; its kernels: {', '.join(names)}",
+                  file=sys.stderr)
+            return 2
     forward, backward, plan, _ = estimate(args)
     print(f"{gpu.name} ({args.arch}: {gpu.multiprocessors} SMs, {gpu.clock_ghz} GHz), CapsNet shape "
           f"N_in={CAPSNET_SHAPE['num_in']} N_out={CAPSNET_SHAPE['num_out']} D_out={CAPSNET_SHAPE['dim_out']} "
@@ -802,6 +862,11 @@ def main(argv=None) -> int:
     print(format_table("forward", forward))
     print()
     print(format_table("backward", backward))
+    if args.lines is not None:
+        for row in forward + backward:
+            if args.lines in row.kernel and row.kernel != MEMSET:
+                print()
+                print(format_source_lines(row))
     fwd = sum(r.microseconds for r in forward)
     bwd = sum(r.microseconds for r in backward)
     print(f"\nforward {fwd:.1f} us, backward {bwd:.1f} us")

@@ -170,6 +170,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     pair += num_out;
   }
   if (kStep == ForwardStep::kUniformFirst && couplings != nullptr) {  // r = 1: the couplings are 1/J
+    // model-fraction-begin: 1 if iterations == 1 else 0
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
       if (t.active[s]) {
@@ -179,6 +180,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
         }
       }
     }
+    // model-fraction-end
   }
 
   // The tail works from the thread's place located again: cheaper to recompute than to

@@ -1,0 +1,68 @@
+"""benchmarks/cuda_model.py --lines: the attribution of a kernel's instructions to its source
+lines, on hand-made instructions (no nvcc needed), and the check of the kernel name before
+anything is compiled."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from mnist_testing import REPO
+
+sys.path.insert(0, str(REPO))  # benchmarks, when pytest is not run from the root
+from benchmarks import cuda_model  # noqa: E402
+
+
+def _instruction(opcode: str, chain: tuple) -> cuda_model.Instruction:
+    return cuda_model.Instruction(opcode, f"{opcode} R0, R1, R2", chain[0] if chain else None, chain)
+
+
+def test_costs_add_up_per_kernel_line_and_innermost_line():
+    kernel_line = ("routing_forward.cuh", 144)
+    fma_line = ("cmath", 1399)
+    load_line = ("routing_device.cuh", 98)
+    instructions = [
+        _instruction("FFMA", (fma_line, kernel_line)),
+        _instruction("FFMA", (fma_line, kernel_line)),
+        _instruction("LDG.E.128", (load_line, kernel_line)),
+        _instruction("IADD3", (kernel_line,)),
+        _instruction("BAR.SYNC", (load_line, kernel_line)),  # never issued: weight 0
+        _instruction("EXIT", ()),
+    ]
+    weights = [18.0, 18.0, 18.0, 2.0, 0.0, 1.0]
+    costs = cuda_model.source_line_costs(instructions, weights)
+    assert costs == {
+        (kernel_line, fma_line): {"ffma": 36.0},
+        (kernel_line, load_line): {"ldg.128": 18.0},
+        (kernel_line, kernel_line): {"integer": 2.0},
+        (None, None): {"control": 1.0},
+    }
+    total = sum(sum(classes.values()) for classes in costs.values())
+    assert total == pytest.approx(sum(weights))
+
+
+def test_the_table_ranks_lines_by_instructions_with_their_share():
+    row = cuda_model.KernelEstimate("forward_iteration_kernel<kLater>", per_warp=100.0)
+    row.source_lines = {
+        (("a.cuh", 1), ("b.h", 2)): {"integer": 10.0},
+        (("a.cuh", 3), ("cmath", 4)): {"ffma": 60.0, "integer": 5.0},
+        (("a.cuh", 5), ("a.cuh", 5)): {"lds": 25.0},
+    }
+    lines = cuda_model.format_source_lines(row, top=2).splitlines()
+    assert lines[0].startswith("forward_iteration_kernel<kLater>: 100 warp-instructions per warp; its top 2")
+    body = lines[3:]
+    assert len(body) == 2
+    assert body[0] == "| a.cuh:3 | cmath:4 | 65 | 65.0% | ffma 60, integer 5 |"
+    assert body[1] == "| a.cuh:5 | a.cuh:5 | 25 | 25.0% | lds 25 |"
+
+
+def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
+    def no_compile(*_args, **_kwargs):
+        raise AssertionError("the kernels were compiled for a name that matches none of them")
+
+    monkeypatch.setattr(cuda_model, "estimate", no_compile)
+    assert cuda_model.main(["--lines", "kLaterr"]) == 2
+    message = capsys.readouterr().err
+    assert "--lines 'kLaterr' matches no kernel of this call" in message
+    assert "forward_iteration_kernel<kLater>" in message and "gradient_kernel" in message
