@@ -30,7 +30,10 @@ What it does, step by step:
    ``// model-cold-begin`` and ``// model-cold-end`` (the squash's rescaling for huge or tiny
    |s|): a basic block is not counted when every instruction in it comes from such a region,
    directly or through the functions it calls (the inlining chain); code the compiler runs
-   unconditionally (predicated, or selected) stays counted; and the branches whose share of
+   unconditionally (predicated, or selected) stays counted; the calls of the compiler's
+   slow paths (``*_slowpath``: correctly rounded reciprocal, division and square root of a
+   zero, subnormal, huge or non-finite operand; the coupling step's reciprocal takes a row
+   sum in [1, J + 1]), a block made only of the call and its argument moves; and the branches whose share of
    the launch's blocks the launch plan fixes, between ``// model-fraction-begin: <expression>``
    and ``// model-fraction-end``: the code there runs in that fraction of the times its
    surroundings run (regions nest; the fractions multiply). A basic block takes the largest
@@ -435,10 +438,28 @@ def cold_instructions(instructions: list[Instruction], labels: dict[str, int], m
     for start, end in basic_blocks(instructions, labels):
         block = range(start, end)
         work = [i for i in block if instruction_class(instructions[i]) != "control"]
-        if work and all(from_cold[i] for i in work):
+        if (work and all(from_cold[i] for i in work)) or slow_path_call(instructions[start:end]):
             for i in block:
                 cold[i] = True
     return cold
+
+
+SLOW_PATH_CALL = re.compile(r"\bCALL\.\S*\s+`?\(?\$?\S*_slowpath")
+ARGUMENT_MOVES = ("MOV", "IMAD.MOV", "IMAD.MOV.U32", "MOV32I")
+
+
+def slow_path_call(block: list[Instruction]) -> bool:
+    """A basic block that only calls one of the compiler's slow paths (``*_slowpath``: the
+    correctly rounded reciprocal, division or square root of a zero, subnormal, huge or
+    non-finite operand) with its argument and return-address moves. The kernels' operands
+    there are normal numbers (the coupling step's reciprocal takes a row sum in [1, J + 1]),
+    so the fast path runs and the block does not."""
+    calls = [ins for ins in block if ins.opcode.split(".")[0] == "CALL"]
+    return (
+        len(calls) == 1
+        and SLOW_PATH_CALL.search(calls[0].text) is not None
+        and all(ins.opcode in ARGUMENT_MOVES or instruction_class(ins) == "control" for ins in block)
+    )
 
 
 def loop_weights(

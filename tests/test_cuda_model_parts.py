@@ -1,9 +1,11 @@
-"""benchmarks/cuda_model.py --lines: the attribution of a kernel's instructions to its source
-lines, on hand-made instructions (no nvcc needed), and the check of the kernel name before
-anything is compiled."""
+"""Parts of benchmarks/cuda_model.py on hand-made instructions (no nvcc needed): the blocks
+that only call a compiler slow path (not charged), the --lines attribution of a kernel's
+instructions to its source lines, and the check of --lines' kernel name before anything is
+compiled."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -16,6 +18,30 @@ from benchmarks import cuda_model  # noqa: E402
 
 def _instruction(opcode: str, chain: tuple) -> cuda_model.Instruction:
     return cuda_model.Instruction(opcode, f"{opcode} R0, R1, R2", chain[0] if chain else None, chain)
+
+
+def _block(*texts: str) -> list[cuda_model.Instruction]:
+    """Instructions as parse_sass makes them: the opcode without the guard predicate."""
+    return [cuda_model.Instruction(re.sub(r"^@!?P\w+\s+", "", text).split()[0], text, None, ()) for text in texts]
+
+
+def test_a_block_that_only_calls_a_slow_path_is_not_charged():
+    call = "CALL.REL.NOINC `($__internal_4_$__cuda_sm20_rcp_rn_f32_slowpath)"
+    assert cuda_model.slow_path_call(_block("MOV R4, R72", "MOV R5, 0x2b50", call, "BRA `(.L_x_522)"))
+    assert cuda_model.slow_path_call(_block("IMAD.MOV.U32 R4, RZ, RZ, R7", call, "BRA `(.L_x_9)"))
+    # Work in the block, another callee, or no call: the block runs or may run.
+    assert not cuda_model.slow_path_call(_block("FFMA R1, R2, R3, R4", call, "BRA `(.L_x_522)"))
+    assert not cuda_model.slow_path_call(_block("MOV R4, R72", "CALL.REL.NOINC `(helper)", "BRA `(.L_x_1)"))
+    assert not cuda_model.slow_path_call(_block("MOV R4, R72", "BRA `(.L_x_1)"))
+    # In a kernel: the fast path after the branch stays counted, the call's block does not.
+    instructions = _block(
+        "ISETP.GT.U32.AND P0, PT, R6, 0x1ffffff, PT", "@P0 BRA `(.L_x_2)",
+        "MOV R4, R72", "MOV R5, 0x2b50", call, "BRA `(.L_x_3)",
+        "MUFU.RCP R5, R72", "FFMA R4, R72, R5, -1",
+        "EXIT",
+    )
+    labels = {"L_x_2": 6, "L_x_3": 8}
+    assert cuda_model.cold_instructions(instructions, labels, {}) == [False] * 2 + [True] * 4 + [False] * 3
 
 
 def test_costs_add_up_per_kernel_line_and_innermost_line():
