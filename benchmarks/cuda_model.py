@@ -31,12 +31,13 @@ What it does, step by step:
    |s|): a basic block is not counted when every instruction in it comes from such a region,
    directly or through the functions it calls (the inlining chain); code the compiler runs
    unconditionally (predicated, or selected) stays counted; the calls of the compiler's
-   slow paths (``*_slowpath``: correctly rounded reciprocal, division and square root of a
-   zero, subnormal, huge or non-finite operand; the coupling step's reciprocal takes a row
-   sum in [1, J + 1]), a block made only of the call and its argument moves; and the branches whose share of
-   the launch's blocks the launch plan fixes, between ``// model-fraction-begin: <expression>``
-   and ``// model-fraction-end``: the code there runs in that fraction of the times its
-   surroundings run (regions nest; the fractions multiply). A basic block takes the largest
+   slow paths (``*_slowpath``: the correctly rounded reciprocal, division and square root
+   of a zero, subnormal, huge or non-finite operand; the coupling step's reciprocal takes a
+   row sum in [1, J + 1]), a basic block made only of the call and its argument moves; and
+   the branches whose share of the launch's blocks the launch plan fixes, between
+   ``// model-fraction-begin: <expression>`` and ``// model-fraction-end``: the code there
+   runs in that fraction of the times its surroundings run (regions nest; the fractions
+   multiply). A basic block takes the largest
    fraction among its instructions that come from a region or do work other than integer,
    uniform and constant-bank instructions (those the compiler re-derives inside a branch
    take the branch's fraction; work it hoisted out of one keeps the block fully counted).
