@@ -752,12 +752,12 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
     regions = fraction_regions()
     for mangled, (instructions, labels) in functions.items():
         weights = loop_weights(mangled, instructions, labels, env, markers, regions)
-        classes: dict[str, float] = {}
-        for ins, weight in zip(instructions, weights):
-            cls = instruction_class(ins)
-            classes[cls] = classes.get(cls, 0.0) + weight
-        per_function[mangled] = classes
         lines_of_function[mangled] = source_line_costs(instructions, weights)
+        classes: dict[str, float] = {}  # the lines' classes summed: the kernel's, per warp
+        for line_classes in lines_of_function[mangled].values():
+            for cls, count in line_classes.items():
+                classes[cls] = classes.get(cls, 0.0) + count
+        per_function[mangled] = classes
     enums = enum_values()
 
     def run(launches):
