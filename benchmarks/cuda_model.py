@@ -56,7 +56,10 @@ What it does, step by step:
    The first iteration's fill of the couplings output (1/J) runs only when r = 1.
 4. Takes the launch plan and the launch order from the code that launches the kernels (the
    CPU emulation module, ``benchmarks/emulator.py``, runs the real planner ``routing_launch.h``
-   and the real launch order ``routing_host.h``), memsets included.
+   and the real launch order ``routing_host.h``), memsets included: those of a call that
+   follows another on the same stream, as in a training loop (the launcher keeps the chunk
+   trees' counters zeroed between calls, ``tree_counters.h``, so such a call has none; a
+   stream's first call adds one memset, 1 us).
 5. Per launch: blocks per SM from the real register count (registers are allocated per SM
    quarter: 16384 per quarter, warps rounded to 256 registers, as ``cuda_occupancy.h``),
    shared memory, threads and the per-SM limits; the busiest SM gets ceil(blocks / SMs)
@@ -536,10 +539,16 @@ def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, 
     assert (tiny_plan.get("chunk_levels", 0) > 0) == (plan.get("chunk_levels", 0) > 0), "the tiny call must use the same launches"
     u = torch.randn(1, num_in, shape["dim_in"], generator=tiny)
     W = torch.randn(num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny)
-    simt.clear_launch_log()
-    _, s_saved, _ = simt.routing_forward(u, W, None, None, iterations, False, detach, False)
-    forward_count = len(simt.full_launch_log())
-    simt.routing_backward(torch.randn(1, shape["num_out"], shape["dim_out"]), u, W, None, s_saved, False, detach)
+    # The second of two calls: a training step's, which finds the chunk trees' counters kept
+    # by the launcher (tree_counters.h) and launches no memset; only a stream's first call
+    # (or one needing more counters than are kept) zeroes them.
+    grad_v = torch.randn(1, shape["num_out"], shape["dim_out"], generator=tiny)
+    simt.forget_tree_counters()
+    for _ in range(2):
+        simt.clear_launch_log()
+        _, s_saved, _ = simt.routing_forward(u, W, None, None, iterations, False, detach, False)
+        forward_count = len(simt.full_launch_log())
+        simt.routing_backward(grad_v, u, W, None, s_saved, False, detach)
     launches = list(simt.full_launch_log())
     return plan, launches[:forward_count], launches[forward_count:]
 
@@ -721,6 +730,7 @@ def plan_env(plan: dict, shape: dict, detach: bool) -> dict:
     env = dict(shape)
     env.update({key: value for key, value in plan.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
     env["grad_s_terms"] = 1 if detach else shape["iterations"]
+    env["has_prior"] = 0  # the model's calls have no logit prior (plan_and_launches)
     env.update(chunk_tree_counts(plan.get("num_chunks", 1), plan.get("chunk_levels", 0)))
     if plan.get("grad_input_slice"):
         env["input_slices"] = math.ceil(shape["dim_in"] / plan["grad_input_slice"])

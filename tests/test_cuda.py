@@ -224,6 +224,45 @@ def test_torch_compile_fullgraph_capsnet_shape():
         assert_close_report(actual, expected, name)
 
 
+def test_kept_tree_counters():
+    """The chunk trees' counters are zeroed once per stream and kept (tree_counters.h): calls
+    that reuse them, a larger call that replaces them, two streams running at once and a CUDA
+    graph captured before the replacement all give bitwise the results of the first call."""
+    small, large = capsnet_case(32), capsnet_case(200)
+    small_inputs = make_inputs(small, dtype=torch.float32, device="cuda")
+    large_inputs = make_inputs(large, dtype=torch.float32, device="cuda")
+    expected_small = run_routing(*small_inputs, small.iterations, backend="fused")
+    u, W, bias, grad_v = small_inputs
+    static = [t.detach().clone().requires_grad_() for t in (u, W, bias)]
+
+    def step():
+        v = dynamic_routing(*static, small.iterations, backend="fused")
+        return (v.detach(), *torch.autograd.grad(v, static, grad_v))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    expected_large = run_routing(*large_inputs, large.iterations, backend="fused")  # replaces the kept counters
+    other = torch.cuda.Stream()
+    other.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(other):  # a larger call on another stream, concurrently with the replays
+        on_other = run_routing(*large_inputs, large.iterations, backend="fused")
+    for _ in range(2):
+        graph.replay()
+    again_small = run_routing(*small_inputs, small.iterations, backend="fused")
+    torch.cuda.synchronize()
+    for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), captured):
+        assert torch.equal(actual, expected_small[name]), f"graph replay: {name}"
+    for name in expected_small:
+        assert torch.equal(again_small[name], expected_small[name]), f"small call after a large one: {name}"
+        assert torch.equal(on_other[name], expected_large[name]), f"call on another stream: {name}"
+
+
 def test_bitwise_deterministic_across_many_blocks():
     """B = 256: hundreds of blocks, all sums in a fixed order, no atomics."""
     case = capsnet_case(256)

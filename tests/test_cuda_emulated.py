@@ -284,20 +284,49 @@ def test_launchers_use_each_kernels_launch_bound():
 
 def test_launch_order(simt):
     """One launch per forward iteration and per sweep pass (the chunk trees squash inside
-    them, after one zeroing of their counters per call), then the gradient kernel."""
+    them), then the gradient kernel. The trees' counters are zeroed once, by the first call
+    that needs them: every tree leaves them at zero, and the launcher keeps them."""
     u, W, bias, _, grad_v = make_inputs(2, 20, 3, 16, 8, dtype=torch.float32)
     assert simt.describe_plan(2, 20, 3, 16, 8, 3)["chunk_levels"] > 0
+    forward = ["forward_iteration_kernel"] * 3
+    backward = ["backward_sweep_kernel"] * 2 + ["gradient_kernel"]
+    simt.forget_tree_counters()
     simt.clear_launch_log()
     run_emulated(simt, u, W, bias, None, grad_v, 3)
-    forward = ["cudaMemsetAsync"] + ["forward_iteration_kernel"] * 3
-    backward = ["cudaMemsetAsync"] + ["backward_sweep_kernel"] * 2 + ["gradient_kernel"]
+    assert simt.launch_log() == ["cudaMemsetAsync"] + forward + backward
+    simt.clear_launch_log()
+    run_emulated(simt, u, W, bias, None, grad_v, 3)
     assert simt.launch_log() == forward + backward
     simt.clear_launch_log()
     run_emulated(simt, u, W, bias, None, grad_v, 3, detach=True)
     assert simt.launch_log() == forward + ["backward_sweep_kernel", "gradient_kernel"]
     simt.clear_launch_log()
     run_emulated(simt, u, W, bias, None, grad_v, 1)
-    assert simt.launch_log() == ["cudaMemsetAsync", "forward_iteration_kernel", "backward_output_kernel", "gradient_kernel"]
+    assert simt.launch_log() == ["forward_iteration_kernel", "backward_output_kernel", "gradient_kernel"]
+
+
+def test_kept_tree_counters(simt):
+    """Calls that reuse the kept counters give bitwise the results of a call that zeroed
+    new ones; a call needing more counters than are kept zeroes a larger buffer first."""
+    simt.forget_tree_counters()
+    small = make_inputs(2, 20, 3, 16, 8, dtype=torch.float32, seed=1)
+    large = make_inputs(70, 40, 3, 16, 8, dtype=torch.float32, seed=2)  # 3 sample tiles
+    fresh = run_emulated(simt, *small, 3)
+    kept = run_emulated(simt, *small, 3)
+    for name, a, b in zip(OUTPUT_NAMES, fresh, kept):
+        assert torch.equal(a, b), f"{name} differs when the kept counters are reused"
+    plan = simt.describe_plan(2, 20, 3, 16, 8, 3)
+    assert simt.last_counters().numel() == plan["sample_tiles"] * plan["num_chunks"]
+    simt.clear_launch_log()
+    outputs = run_emulated(simt, *large, 3)
+    assert simt.launch_log()[0] == "cudaMemsetAsync", "a larger call must zero a larger buffer"
+    assert simt.launch_log().count("cudaMemsetAsync") == 1
+    assert_matches(outputs, reference_outputs(*large, 3), torch.float32)
+    simt.clear_launch_log()
+    again = run_emulated(simt, *small, 3)
+    assert "cudaMemsetAsync" not in simt.launch_log(), "a smaller call uses the larger kept buffer"
+    for name, a, b in zip(OUTPUT_NAMES, fresh, again):
+        assert torch.equal(a, b), f"{name} differs with a larger kept buffer"
 
 
 def test_tests_cover_both_tile_classes(simt):

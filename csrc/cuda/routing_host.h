@@ -43,8 +43,9 @@ KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name, in
 #define CAPSNET_KERNEL(bound, ...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__, bound)
 
 // A Launcher is callable as launcher(KernelRef<Params>, const KernelLaunch&, const Params&)
-// and runs the kernel once with that configuration, in stream order; launcher.zero(tensor)
-// sets a tensor's bytes to zero in stream order (cudaMemsetAsync on a GPU).
+// and runs the kernel once with that configuration, in stream order;
+// launcher.tree_counters(numel, like) returns at least `numel` int32 zeros on like's device
+// for the chunk trees (a buffer kept per stream, TreeCounterCache in tree_counters.h).
 
 struct HostOptions {
   c10::DeviceType device_type;  // where every tensor argument must live
@@ -156,16 +157,13 @@ at::Tensor prior_couplings(
 // Launch order.
 // ---------------------------------------------------------------------------------------
 
-// The chunk trees' arrival counters ([sample tiles, chunks] int32), zero at the start;
-// every tree leaves them at zero, so one zeroing serves all the launches of a call. Empty
-// when no launch of the call uses a tree.
+// The chunk trees' arrival counters ([sample tiles, chunks] int32, or a longer buffer), all
+// zero at the start; every tree leaves them at zero, so they serve all the launches of the
+// call (and, kept by the launcher, later calls: tree_counters.h). Empty when no launch of
+// the call uses a tree.
 template <typename Launcher>
 at::Tensor zeroed_counters(const Launcher& launch, bool uses_trees, int64_t numel, const at::Tensor& like) {
-  at::Tensor counters = at::empty({uses_trees ? numel : 0}, like.options().dtype(at::kInt));
-  if (uses_trees) {
-    launch.zero(counters);
-  }
-  return counters;
+  return uses_trees ? launch.tree_counters(numel, like) : at::empty({0}, like.options().dtype(at::kInt));
 }
 
 // One launch per iteration: the partial sums over each input chunk meet in the chunk tree,

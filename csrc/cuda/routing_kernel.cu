@@ -13,12 +13,20 @@
 #include <torch/library.h>
 
 #include "routing_host.h"
+#include "tree_counters.h"
 
 namespace capsnet::cuda {
 namespace {
 
 dim3 to_dim3(const LaunchDims& dims) {
   return dim3(dims.x, dims.y, dims.z);
+}
+
+// The chunk trees' counters kept per (device, stream); never destroyed, so that no CUDA
+// memory is freed while the process exits.
+TreeCounterCache& kept_tree_counters() {
+  static TreeCounterCache* const cache = new TreeCounterCache();
+  return *cache;
 }
 
 // Launches each kernel on one stream and checks the launch.
@@ -31,11 +39,28 @@ struct CudaLauncher {
     TORCH_CHECK(threads <= kernel.launch_bound, "capsnet: internal error: ", kernel.name, " launched with ",
         threads, " threads per block, above its __launch_bounds__ of ", kernel.launch_bound);
     kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const cudaError_t launched = cudaGetLastError();
+    if (launched != cudaSuccess) {
+      kept_tree_counters().drop(stream, c10::cuda::current_device());
+      C10_CUDA_CHECK(launched);
+    }
   }
 
-  void zero(at::Tensor& tensor) const {
-    C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
+  at::Tensor tree_counters(int64_t numel, const at::Tensor& like) const {
+    const auto zero = [&](at::Tensor& tensor) {
+      C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
+    };
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      // A CUDA graph replays with the addresses it captured: its counters are its own
+      // (allocated in the graph's pool, zeroed by a captured memset), never a kept buffer
+      // that a later call could replace and free.
+      at::Tensor counters = at::empty({numel}, like.options().dtype(at::kInt));
+      zero(counters);
+      return counters;
+    }
+    return kept_tree_counters().take(stream, like.options(), numel, zero);
   }
 };
 

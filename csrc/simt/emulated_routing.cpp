@@ -16,6 +16,7 @@
 #include "simt.h"
 // After simt.h: the kernels compile against the emulated CUDA built-ins.
 #include "cuda/routing_host.h"
+#include "cuda/tree_counters.h"
 
 namespace {
 
@@ -29,19 +30,34 @@ dim3 to_dim3(const LaunchDims& dims) {
   return dim3(dims.x, dims.y, dims.z);
 }
 
+// The chunk trees' counters kept between calls, as the CUDA launcher keeps one buffer per
+// stream (the emulator has one stream).
+capsnet::cuda::TreeCounterCache& kept_tree_counters() {
+  static capsnet::cuda::TreeCounterCache cache;
+  return cache;
+}
+constexpr const void* kEmulatedStream = nullptr;
+
 struct EmulatedLauncher {
   simt::LaunchOptions options;
 
   template <typename Params>
   void operator()(KernelRef<Params> kernel, const KernelLaunch& config, const Params& params) const {
-    simt::launch(
-        kernel.name, to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, options,
-        [&] { kernel.function(params); }, kernel.launch_bound);
+    try {
+      simt::launch(
+          kernel.name, to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, options,
+          [&] { kernel.function(params); }, kernel.launch_bound);
+    } catch (...) {
+      kept_tree_counters().drop(kEmulatedStream, -1);  // it may have stopped inside a tree
+      throw;
+    }
   }
 
-  void zero(at::Tensor& tensor) const {
-    simt::log_operation("cudaMemsetAsync");
-    tensor.zero_();
+  at::Tensor tree_counters(int64_t numel, const at::Tensor& like) const {
+    return kept_tree_counters().take(kEmulatedStream, like.options(), numel, [](at::Tensor& tensor) {
+      simt::log_operation("cudaMemsetAsync");
+      tensor.zero_();
+    });
   }
 };
 
@@ -167,6 +183,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
       py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false);
   m.def("last_counters", [] { return last_counters; }, "the chunk trees' counters after the last call");
+  m.def("forget_tree_counters", [] { kept_tree_counters().clear(); },
+      "drop the kept chunk-tree counters: the next call zeroes a new buffer (a memset in the launch log)");
   m.def("launch_log", [] { return simt::launch_log(); }, "kernel names launched since clear_launch_log()");
   m.def("full_launch_log", [] { return simt::full_launch_log(); },
       "the same launches, with template arguments as written in the launcher");
