@@ -57,6 +57,28 @@ __device__ __forceinline__ void put_gradient(scalar_t* out, acc_t* sum, bool fir
   }
 }
 
+// put_gradient for a row of kCount values at `index`: into the output, a whole number of
+// 16-byte vectors (dW rows; routing_host.h allocates it aligned), or added to the sums.
+template <int kCount, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void put_gradient_row(
+    scalar_t* out, acc_t* sum, bool first_slice, int64_t index, const acc_t (&values)[kCount]) {
+  if (sum == nullptr) {
+    // model-fraction-begin: 0 if backward_slice_batch < batch else 1
+    scalar_t row[kCount];
+#pragma unroll
+    for (int k = 0; k < kCount; ++k) {
+      row[k] = static_cast<scalar_t>(values[k]);
+    }
+    store_vector<true>(row, kCount, out + index);
+    // model-fraction-end
+  } else {
+#pragma unroll
+    for (int k = 0; k < kCount; ++k) {
+      put_gradient(out, sum, first_slice, index + k, values[k]);
+    }
+  }
+}
+
 // dL/dbias[column] = sum_b sum over the gs terms of gs_k[b, column] (the bias enters every
 // s_k; with detach_routing only s_{r-1}), column = (j, d), for the columns block, block +
 // blocks, ...: thread t sums the terms of samples t, t + threads, ...; the block adds the
@@ -156,8 +178,14 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   const int batch = int(n.batch);
   acc_t* shared = dynamic_shared_memory<acc_t>();
 
-  // The contributor entries past J x row groups stay zero.
+  // The contributor entries past J x row groups stay zero. Row r of a round (a dL/du value)
+  // goes to the same place in every round, shifted by the round's samples: its destination
+  // (GradientRowDestination) is worked out once, after the round's rows in shared memory.
   constexpr int kRoundRows = kRound * kSlots * kDimIn;  // dL/du values per round
+  GradientRowDestination* const destinations =
+      reinterpret_cast<GradientRowDestination*>(shared + kRoundRows * kContributors);
+  const int group_samples = int(g.part.gradient_group_samples);
+  const int sample_values = num_in * kDimIn;  // dL/du values per sample
 #pragma unroll 1
   for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
 #pragma unroll
@@ -166,6 +194,22 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
         shared[r * kContributors + k] = acc_t(0);
       }
     }
+    // r = (round sample * kSlots + slot) * kDimIn + e: unsigned, so that the divisions by
+    // these powers of two are shifts.
+    const unsigned row_index = unsigned(r);
+    const int e = int(row_index % kDimIn);
+    const int their_slot = int(row_index / kDimIn % kSlots);
+    const int their_group = their_slot >> g.part.gradient_input_shift;
+    const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
+    const int round_sample = int(row_index / (kDimIn * kSlots));
+    const int group_first = their_group * group_samples;
+    // Stored in the rounds whose first sample (counted in the group) is below `limit`:
+    // the sample must be in the group and in the batch, and the input must exist.
+    const int in_group = smaller(group_samples, batch - group_first) - round_sample;
+    destinations[r].limit = their_i < num_in ? in_group : 0;
+    destinations[r].offset = their_i < num_in && in_group > 0
+        ? (group_first + round_sample) * sample_values + their_i * kDimIn + e  // 32 bits: u has < 2^31 elements
+        : 0;
   }
 
   acc_t w[kRows][kDimIn];
@@ -182,7 +226,6 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   // 32-bit offsets: u[b, i], the term vectors (b, term 0, j, rows), the coefficients
   // (slot 0, i, j, b); the strides are kernel parameters (p.strides).
   const GradientStrides& walk = p.strides;
-  const int group_samples = int(g.part.gradient_group_samples);
   const int first = group * group_samples;
   const int end = active ? smaller(first + group_samples, batch) : first;
   int coefficient = int(g.coefficient(0, read_i, j, first));
@@ -217,33 +260,15 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
         }
       }
     }
-    if (sums_prior) {
-      // The round's G_0 coefficients: one 16-byte vector (B' and the rounds are whole
-      // vectors of samples), added in sample order; entries past the batch are not.
-      const Vector16<acc_t> prior = load_vector16(p.coefficients + (coefficient + walk.prior_slot));
-#pragma unroll
-      for (int q = 0; q < kRound; ++q) {
-        if (q < round_samples) {
-          grad_prior += prior.values[q];
-        }
-      }
-    }
     coefficient += kRound;
     vector += kRound * walk.sample_terms;
     u_row += kRound * walk.sample_input;
     __syncthreads();
     // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
+    const int round_first = b - first;  // the round's first sample, counted in the group
+    const int round_values = round_first * sample_values;
 #pragma unroll 1
     for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
-      // r = (round sample * kSlots + slot) * kDimIn + e: unsigned, so that the divisions by
-      // these powers of two are shifts.
-      const unsigned row_index = unsigned(r);
-      const int e = int(row_index % kDimIn);
-      const int their_slot = int(row_index / kDimIn % kSlots);
-      const int their_group = their_slot >> g.part.gradient_input_shift;
-      const int their_i = int(blockIdx.x) * inputs_per_block + (their_slot & (inputs_per_block - 1));
-      const int their_sample = (b - first) + int(row_index / (kDimIn * kSlots));  // in their group
-      const int their_b = their_group * group_samples + their_sample;
       const acc_t* entries = shared + r * kContributors;
       acc_t total = 0;
 #pragma unroll
@@ -254,22 +279,47 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
           total += chunk.values[v];
         }
       }
-      if (their_i < num_in && their_b < batch && their_sample < group_samples) {
-        p.grad_u[(their_b * num_in + their_i) * kDimIn + e] = static_cast<scalar_t>(total);  // 32 bits: u has < 2^31 elements
+      const GradientRowDestination destination = destinations[r];
+      if (round_first < destination.limit) {
+        p.grad_u[destination.offset + round_values] = static_cast<scalar_t>(total);
       }
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them
   }
 
+  if (sums_prior) {
+    // model-fraction-begin: has_prior
+    // The group's G_0 coefficients, a 16-byte vector of samples at a time (B' and the
+    // rounds are whole vectors of samples), added in sample order; entries past the batch
+    // are not. (A loop of its own: inside the rounds, the compiler would predicate it, and
+    // calls without a prior would issue it.)
+    const acc_t* prior = p.coefficients + (g.coefficient(0, read_i, j, first) + walk.prior_slot);
+#pragma unroll 1
+    for (int b = first; b < end; b += kRound) {  // model-loop: gradient_rounds
+      const Vector16<acc_t> values = load_vector16(prior);
+#pragma unroll
+      for (int q = 0; q < kRound; ++q) {
+        if (q < end - b) {
+          grad_prior += values.values[q];
+        }
+      }
+      prior += kRound;
+    }
+    // model-fraction-end
+  }
+
   // dW rows and the prior's sum: the groups' sums added pairwise, group g + step into
   // group g, each thread's whole share at once (gradient_group_share).
+  // The groups are blockDim.z, a power of two (2^gradient_group_levels).
   constexpr int kShare = gradient_group_share<Tile>(int(sizeof(acc_t)));
-  const int per_group = threads / groups;
-  const int in_group = flat - group * per_group;
+  const int per_group = int(blockDim.x * blockDim.y);
+  const int in_group = int(threadIdx.y * blockDim.x + threadIdx.x);
 #pragma unroll 1
-  for (int step = 1; step < groups; step *= 2) {  // model-loop: gradient_group_levels
-    acc_t* const share = shared + ((group / (2 * step)) * per_group + in_group) * kShare;
-    if (group % (2 * step) == step) {  // the sender
+  for (int level = 0; level < g.part.gradient_group_levels; ++level) {  // model-loop: gradient_group_levels
+    const int step = 1 << level;
+    const int place = group & (2 * step - 1);  // 0: a receiver, step: its sender
+    acc_t* const share = shared + ((group >> (level + 1)) * per_group + in_group) * kShare;
+    if (place == step) {  // the sender
 #pragma unroll
       for (int d = 0; d < kRows; ++d) {
         store_vector<true>(grad_w[d], kDimIn, share + d * kDimIn);
@@ -279,7 +329,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
       store_vector16(prior, share + kRows * kDimIn);
     }
     __syncthreads();
-    if (group % (2 * step) == 0 && group + step < groups) {  // its receiver
+    if (place == 0 && group + step < groups) {  // its receiver
 #pragma unroll
       for (int d = 0; d < kRows; ++d) {
         acc_t theirs[kDimIn];
@@ -296,11 +346,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   if (group == 0 && active) {
 #pragma unroll
     for (int d = 0; d < kRows; ++d) {
-      const int64_t out = g.weight_matrix(i, j) + (row + d) * kDimIn;
-#pragma unroll
-      for (int e = 0; e < kDimIn; ++e) {
-        put_gradient(p.grad_W, p.grad_W_sum, p.first_slice, out + e, grad_w[d][e]);
-      }
+      put_gradient_row(p.grad_W, p.grad_W_sum, p.first_slice, g.weight_matrix(i, j) + (row + d) * kDimIn, grad_w[d]);
     }
     if (sums_prior) {
       put_gradient(p.grad_prior, p.grad_prior_sum, p.first_slice, g.pair(i, j), grad_prior);

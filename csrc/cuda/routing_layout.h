@@ -76,6 +76,13 @@ constexpr int kGradWeightMaxThreads = 256;
 constexpr int kGradientMaxThreads = 160;
 // The CapsNet tile's gradient kernel: (inputs x sample groups) per block.
 constexpr int kGradientInputGroups = 8;
+// Where the gradient kernel stores a row of a round's dL/du sums (one per row, in shared
+// memory after the round's rows): in the round whose first sample, counted in the sample
+// group, is s < limit, at grad_u[offset + s * I * E].
+struct alignas(8) GradientRowDestination {
+  int offset;
+  int limit;
+};
 constexpr int kWarpSize = 32;
 
 // The CapsNet tile's gradient kernel adds its sample groups' dW in a pairwise tree through
