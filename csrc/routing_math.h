@@ -185,12 +185,19 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T squash_rescaled(T x, int exponent) {
   // model-cold-end
 }
 
-// v(d) = squash(s)(d), written through out(d, value).
+// v(d) = squash(s)(d), written through out(d, value). The exponents are tested once per
+// capsule, not per component: the loops of the common case have no branch.
 template <int kMaxDim, typename T, typename Component, typename Out>
 C10_HOST_DEVICE inline void squash_forward(
     const SquashCoefficients<T>& k, const Component& s, int64_t dim, const Out& out) {
+  if (k.exponent == 0) {
+    for_each_component<kMaxDim>(dim, [&](auto d) { out(d, k.scale * T(s(d))); });
+    return;
+  }
+  // model-cold-begin
   for_each_component<kMaxDim>(
       dim, [&](auto d) { out(d, k.scale * squash_rescaled(T(s(d)), -k.exponent)); });
+  // model-cold-end
 }
 
 // grad_s(d) from grad_v, written through out(d, value).
@@ -202,11 +209,20 @@ C10_HOST_DEVICE inline void squash_backward(
     along += (squash_rescaled(T(s(d)), -k.exponent) * k.inv_norm) * T(grad_v(d));
   });
   const T radial = k.radial * along;
+  if (k.exponent == 0 && k.out_exponent == 0) {
+    for_each_component<kMaxDim>(dim, [&](auto d) {
+      const T unit = T(s(d)) * k.inv_norm;
+      out(d, k.tangential * T(grad_v(d)) + radial * unit);
+    });
+    return;
+  }
+  // model-cold-begin
   for_each_component<kMaxDim>(dim, [&](auto d) {
     const T unit = squash_rescaled(T(s(d)), -k.exponent) * k.inv_norm;
     const T grad = k.tangential * T(grad_v(d)) + radial * unit;
     out(d, squash_rescaled(grad, k.out_exponent));
   });
+  // model-cold-end
 }
 
 // ---------------------------------------------------------------------------------------

@@ -81,24 +81,36 @@ __device__ __forceinline__ void recompute_state(
   const int dim = kExact ? kDim : int(n.dim_out);
   const BackwardTerms& terms = p.terms_of;
   const int last = int(n.iterations) - 1;
+  // 32-bit offsets, stepped (routing_launch.h keeps s_saved, the term vectors and the
+  // agreement below 2^31 elements): fewer integer instructions than the 64-bit index
+  // arithmetic per vector.
+  const int columns = int(g.columns());
+  const int agreement_step = int(n.batch) * columns;  // from V_k to V_{k+1}
 #pragma unroll
   for (int s = 0; s < kSamples; ++s) {
     const bool stores = store && t.active[s];
     fill(V[s], acc_t(0));
     acc_t s_t[kDim];
+    int saved = int(g.iteration_vector(t.read_b[s], 0, t.j));
+    // Used only where the sample is in the batch.
+    int squashed = stores ? int(g.term_vector(t.b[s], terms.squashed_term(0), t.j)) : 0;
+    int agreement = stores && last > 1 ? int(g.agreement_vector(1, t.b[s], t.j)) : 0;
     for (int step = 0; step < last; ++step) {  // model-loop: iterations - 1
-      load_vector<kExact>(p.s_saved + g.iteration_vector(t.read_b[s], step, t.j), dim, s_t);
+      load_vector<kExact>(p.s_saved + saved, dim, s_t);
+      saved += columns;
       acc_t v[kDim];
       squash_capsule(s_t, dim, v);
       if (!p.options.detach_routing && stores) {
-        store_vector<kExact>(v, dim, p.terms + g.term_vector(t.b[s], terms.squashed_term(step), t.j));
+        store_vector<kExact>(v, dim, p.terms + squashed);
       }
+      squashed += columns;
       add_squashed(v, V[s]);
       if (!p.options.detach_routing && stores && step + 1 < last) {
-        store_vector<kExact>(V[s], dim, p.agreement + g.agreement_vector(step + 1, t.b[s], t.j));
+        store_vector<kExact>(V[s], dim, p.agreement + agreement);
       }
+      agreement += agreement_step;
     }
-    load_vector<kExact>(p.s_saved + g.iteration_vector(t.read_b[s], last, t.j), dim, s_t);
+    load_vector<kExact>(p.s_saved + saved, dim, s_t);
     acc_t grad_v[kDim];
     fill(grad_v, acc_t(0));
     const scalar_t* grad_v_row = p.grad_v + g.output_vector(t.read_b[s], t.j);
