@@ -150,16 +150,13 @@ def test_half_precision_accuracy(case, half):
         assert ours <= 2 * theirs, f"{name} ({half}): error {ours:.3e} > 2 x {theirs:.3e}"
 
 
-def test_cuda_graph_capture():
-    """Forward and backward captured in a CUDA graph and replayed: no launch on another
-    stream, no host synchronisation, no allocation outside the graph's pool."""
-    case = capsnet_case(32)
-    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    expected = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+def captured_step(u, W, bias, grad_v, iterations):
+    """A CUDA graph of one fused forward and backward on copies of (u, W, bias), warmed up
+    on a side stream, and the tensors its replays write: (v, grad_u, grad_W, grad_bias)."""
     static = [t.detach().clone().requires_grad_() for t in (u, W, bias)]
 
     def step():
-        v = dynamic_routing(*static, case.iterations, backend="fused")
+        v = dynamic_routing(*static, iterations, backend="fused")
         return (v.detach(), *torch.autograd.grad(v, static, grad_v))
 
     side = torch.cuda.Stream()
@@ -171,6 +168,16 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outputs = step()
+    return graph, outputs
+
+
+def test_cuda_graph_capture():
+    """Forward and backward captured in a CUDA graph and replayed: no launch on another
+    stream, no host synchronisation, no allocation outside the graph's pool."""
+    case = capsnet_case(32)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    expected = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    graph, outputs = captured_step(u, W, bias, grad_v, case.iterations)
     for _ in range(2):
         graph.replay()
     torch.cuda.synchronize()
@@ -232,21 +239,7 @@ def test_kept_tree_counters():
     small_inputs = make_inputs(small, dtype=torch.float32, device="cuda")
     large_inputs = make_inputs(large, dtype=torch.float32, device="cuda")
     expected_small = run_routing(*small_inputs, small.iterations, backend="fused")
-    u, W, bias, grad_v = small_inputs
-    static = [t.detach().clone().requires_grad_() for t in (u, W, bias)]
-
-    def step():
-        v = dynamic_routing(*static, small.iterations, backend="fused")
-        return (v.detach(), *torch.autograd.grad(v, static, grad_v))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = captured_step(*small_inputs, small.iterations)
     expected_large = run_routing(*large_inputs, large.iterations, backend="fused")  # replaces the kept counters
     other = torch.cuda.Stream()
     other.wait_stream(torch.cuda.current_stream())
