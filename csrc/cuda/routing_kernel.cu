@@ -50,17 +50,12 @@ struct CudaLauncher {
     const auto zero = [&](at::Tensor& tensor) {
       C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
     };
+    // A CUDA graph replays with the addresses it captured: its counters are its own
+    // (allocated in the graph's pool, zeroed by a captured memset), never a kept buffer
+    // that a later call could replace and free.
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) {
-      // A CUDA graph replays with the addresses it captured: its counters are its own
-      // (allocated in the graph's pool, zeroed by a captured memset), never a kept buffer
-      // that a later call could replace and free.
-      at::Tensor counters = at::empty({numel}, like.options().dtype(at::kInt));
-      zero(counters);
-      return counters;
-    }
-    return kept_tree_counters().take(stream, like.options(), numel, zero);
+    return kept_tree_counters().take(stream, like.options(), numel, zero, capture == cudaStreamCaptureStatusNone);
   }
 };
 

@@ -6,8 +6,8 @@
 // calls start with no memset, one launch (and its gap) fewer in the forward and in the
 // backward. Each stream of each device has its own buffer, so work on two streams never
 // shares counters (streams are told apart by handle; PyTorch's come from fixed pools, so
-// the buffers are few). A launch that failed may have stopped inside a tree: the launchers drop
-// their stream's buffer then, and the next call zeroes a new one. Buffers larger than
+// the buffers are few). A launch that failed may have stopped inside a tree: the launchers
+// drop their stream's buffer then, and the next call zeroes a new one. Buffers larger than
 // kMaxKeptCounters are not kept (zeroed per call instead), so what stays allocated is small.
 #pragma once
 
@@ -26,11 +26,13 @@ constexpr int64_t kMaxKeptCounters = int64_t(1) << 18;
 class TreeCounterCache {
  public:
   // At least `numel` int32 zeros on `device`, for launches in the order of `stream`.
-  // `zero(tensor)` sets a new buffer to zero in that order (cudaMemsetAsync on a GPU).
+  // `zero(tensor)` sets a new buffer to zero in that order (cudaMemsetAsync on a GPU). With
+  // `keep` false (a stream being captured into a CUDA graph) the buffer is a new one.
   template <typename Zero>
-  at::Tensor take(const void* stream, const at::TensorOptions& options, int64_t numel, const Zero& zero) {
+  at::Tensor take(
+      const void* stream, const at::TensorOptions& options, int64_t numel, const Zero& zero, bool keep = true) {
     const at::TensorOptions counters = options.dtype(at::kInt);
-    if (numel > kMaxKeptCounters) {
+    if (!keep || numel > kMaxKeptCounters) {
       at::Tensor fresh = at::empty({numel}, counters);
       zero(fresh);
       return fresh;
