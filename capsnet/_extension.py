@@ -9,6 +9,8 @@ same holds when the extension's CPU kernels cannot run on this CPU, or when
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 
 import torch
@@ -20,12 +22,22 @@ BUILD_HINT = (
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
-try:
-    from capsnet import _C  # noqa: F401  (loading it registers torch.ops.capsnet.*)
 
-    _LOAD_ERROR: str | None = None
-except ImportError as error:  # not built, or built against another torch
-    _LOAD_ERROR = str(error)
+def _load_extension() -> str | None:
+    """Imports capsnet._C (which registers torch.ops.capsnet.*); None, or why it failed."""
+    # Python words a missing module inside a package that is still importing as "cannot
+    # import name '_C' from partially initialized module 'capsnet' (most likely due to a
+    # circular import)", which sends the reader the wrong way: say plainly that it is not built.
+    if importlib.util.find_spec("capsnet._C") is None:
+        return f"no compiled module capsnet._C in {os.path.dirname(__file__)}: it has not been built"
+    try:
+        from capsnet import _C  # noqa: F401
+    except ImportError as error:  # e.g. built against another torch: undefined symbols
+        return str(error)
+    return None
+
+
+_LOAD_ERROR: str | None = _load_extension()
 
 
 def _registered_device_types() -> frozenset[str]:

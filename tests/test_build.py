@@ -48,6 +48,30 @@ def test_build_without_torch_stops_with_instructions():
     assert result.stdout == "", f"setup.py did work before checking for torch:\n{result.stdout}"
 
 
+def test_unbuilt_package_says_the_extension_is_not_built(tmp_path):
+    """A source checkout that was never built (no capsnet/_C*.so): the package still imports
+    (the reference backend works) and the reason names the missing build, not the "circular
+    import" that Python's own message suggests."""
+    shutil.copytree(REPO / "capsnet", tmp_path / "capsnet", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    show_reason = (
+        # An editable install's import hook would find the real capsnet/_C*.so for the copy.
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
+        "getattr(f, '__module__', '').startswith('__editable__')]; "
+        "import capsnet, torch; from capsnet import _extension as e; print(e._LOAD_ERROR); "
+        "u = torch.randn(2, 3, 4); W = torch.randn(3, 2, 5, 4); "
+        "print(capsnet.dynamic_routing(u, W, None, 3, backend='reference').shape)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", show_reason], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    reason, shape = result.stdout.splitlines()[-2:]
+    assert reason == f"no compiled module capsnet._C in {tmp_path / 'capsnet'}: it has not been built", reason
+    assert "circular" not in result.stdout + result.stderr
+    assert shape == "torch.Size([2, 2, 5])"
+
+
 def _nvcc_available() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME")
     candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
