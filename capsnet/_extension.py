@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 
 import torch
 
@@ -29,7 +30,7 @@ def _load_extension() -> str | None:
     # import name '_C' from partially initialized module 'capsnet' (most likely due to a
     # circular import)", which sends the reader the wrong way: say plainly that it is not built.
     if importlib.util.find_spec("capsnet._C") is None:
-        return f"no compiled module capsnet._C in {os.path.dirname(__file__)}: it has not been built"
+        return f"it has not been built: no compiled module in {os.path.dirname(__file__)}"
     try:
         from capsnet import _C  # noqa: F401
     except ImportError as error:  # e.g. built against another torch: undefined symbols
@@ -112,24 +113,49 @@ REBUILD_FOR_DEVICE_HINT = (
 
 def compiled_cuda_archs() -> tuple[str, ...] | None:
     """The TORCH_CUDA_ARCH_LIST entries capsnet._C was built with (compiled into it by
-    setup.py, read through build info), e.g. ("7.5", "8.0", "9.0+PTX"); None when not known."""
+    setup.py, read through build info), e.g. ("7.5", "8.0", "9.0+PTX"); None when not known,
+    or when an entry is not a number (torch also takes names such as "Hopper" and "native",
+    which this module does not resolve: no claim is made then, and a launch on an uncovered
+    GPU reports it)."""
     arch_list = _BUILD_INFO.get("cuda_arch_list")
     if not arch_list:
         return None
-    return tuple(entry for entry in arch_list.replace(" ", ";").split(";") if entry)
+    entries = tuple(entry for entry in arch_list.replace(" ", ";").split(";") if entry)
+    if any(_parse_arch(entry) is None for entry in entries):
+        return None
+    return entries
+
+
+_ARCH_ENTRY = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?", re.IGNORECASE)
+
+
+def _parse_arch(entry: str) -> tuple[int, int, str, bool] | None:
+    """"9.0a+PTX" -> (9, 0, "a", True); None for anything else than major.minor, an optional
+    "a" or "f" and an optional "+PTX"."""
+    m = _ARCH_ENTRY.fullmatch(entry.strip())
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2)), m.group(3).lower(), m.group(4) is not None
 
 
 def arch_covers(capability: tuple[int, int], archs: tuple[str, ...]) -> bool:
-    """Whether code built for `archs` runs on a GPU of compute `capability`: a cubin for
-    sm_XY runs on X.Z for Z >= Y (sm_80 code on sm_86 and sm_89), and PTX for X.Y is
-    compiled by the driver for any X.Y or newer."""
-    major, minor = capability
+    """Whether code built for `archs` runs on a GPU of compute `capability`. A cubin for
+    sm_XY runs on X.Z for Z >= Y (sm_80 code on sm_86 and sm_89), and so does a
+    family-specific one (sm_XYf); an arch-specific one (sm_XYa, e.g. 9.0a, with Hopper-only
+    instructions) runs on X.Y alone, its PTX too. Other PTX for X.Y is compiled by the
+    driver for any X.Y or newer. Entries that are not numbers cover nothing."""
     for entry in archs:
-        number, _, suffix = entry.strip().partition("+")
-        built_major, built_minor = (int(part) for part in number.split(".")[:2])
-        if built_major == major and built_minor <= minor:
+        parsed = _parse_arch(entry)
+        if parsed is None:
+            continue
+        built_major, built_minor, variant, ptx = parsed
+        if variant == "a":
+            if (built_major, built_minor) == capability:
+                return True
+            continue
+        if built_major == capability[0] and built_minor <= capability[1]:
             return True
-        if suffix.upper() == "PTX" and (built_major, built_minor) <= (major, minor):
+        if ptx and (built_major, built_minor) <= capability:
             return True
     return False
 

@@ -47,6 +47,38 @@ def test_without_ptx_newer_gpus_are_not_covered():
     assert _extension.arch_covers((8, 9), ("7.5", "8.0"))
 
 
+@pytest.mark.parametrize(
+    "archs, capability, covered",
+    [
+        # 9.0a: Hopper-only instructions, for 9.0 alone (an H200's environment set this list)
+        (("9.0a",), (9, 0), True),
+        (("9.0a",), (8, 0), False),
+        (("9.0a+PTX",), (10, 0), False),  # arch-specific PTX is not forward compatible
+        (("8.0", "9.0a"), (8, 6), True),
+        # family-specific: the later GPUs of the family (10.3), not the next family
+        (("10.0f",), (10, 3), True),
+        (("10.0f",), (12, 0), False),
+        ((" 9.0 ",), (9, 0), True),
+    ],
+)
+def test_arch_suffixes(archs, capability, covered):
+    assert _extension.arch_covers(capability, archs) is covered
+
+
+@pytest.mark.parametrize("arch_list", ["Hopper", "native", "8.0;Ampere", "9.0b", "sm_90"])
+def test_arch_lists_that_are_not_numbers_make_no_claim(monkeypatch, arch_list):
+    """torch also takes arch names and "native"; the check does not resolve those, so it stays
+    silent rather than refusing a GPU the build may cover."""
+    monkeypatch.setitem(_extension._BUILD_INFO, "cuda_arch_list", arch_list)
+    assert _extension.compiled_cuda_archs() is None
+    assert _extension.arch_problem("NVIDIA H200", (9, 0), _extension.compiled_cuda_archs()) is None
+
+
+def test_numeric_arch_lists_are_read_whatever_the_separator(monkeypatch):
+    monkeypatch.setitem(_extension._BUILD_INFO, "cuda_arch_list", "7.5 8.0;9.0a+PTX")
+    assert _extension.compiled_cuda_archs() == ("7.5", "8.0", "9.0a+PTX")
+
+
 def test_problem_names_the_device_the_archs_and_the_fix():
     problem = _extension.arch_problem("Tesla V100-SXM2-16GB", (7, 0), BUILT)
     assert "Tesla V100-SXM2-16GB" in problem and "7.0" in problem
