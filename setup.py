@@ -30,6 +30,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 
 MIN_TORCH = (2, 11)
 TORCH_MISSING = """capsnet: cannot build: torch is not importable in this build environment.
@@ -237,6 +238,16 @@ def check_kernel_object(path: str, variant: str) -> None:
 class BuildExtensionWithCpuVariants(BuildExtension):
     """torch's BuildExtension, plus one object per CPU kernel variant with its own flags."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # An editable install (pip install -e ., make install) builds in a new temporary
+        # folder each time, so every rebuild would compile everything again: minutes of
+        # nvcc. A folder of the checkout keeps the objects between builds, and ninja
+        # compiles only what changed (its depfiles cover the headers, its log the flags),
+        # and resumes a build that was stopped.
+        if getattr(self, "editable_mode", False):
+            self.build_temp = os.path.join(ROOT, "build", f"editable-{sys.implementation.cache_tag}")
+
     def build_extension(self, ext):
         variants = getattr(ext, "cpu_kernel_variants", {})
         # The -D flags BuildExtension added (TORCH_EXTENSION_NAME, ...), for the same view of
@@ -300,7 +311,10 @@ def build_extension():
         extra_compile_args=extra_compile_args,
         extra_link_args=["-fopenmp"],
         define_macros=define_macros,
-        depends=_relative(glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True)),
+        depends=_relative(
+            glob.glob(os.path.join(csrc, "**", "*.h"), recursive=True)
+            + glob.glob(os.path.join(csrc, "**", "*.cuh"), recursive=True)
+        ),
     )
     extension.cpu_kernel_variants = variants
     return extension

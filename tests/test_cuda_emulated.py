@@ -275,7 +275,7 @@ def test_launchers_use_each_kernels_launch_bound():
     """The bound the launchers check a block against (CAPSNET_KERNEL's first argument) is the
     expression the kernel's __launch_bounds__ names."""
     declared = declared_kernels()
-    host = re.sub(r"//.*", "", (CUDA_DIR / "routing_host.h").read_text())
+    host = re.sub(r"//.*", "", (CUDA_DIR / "routing_launches.h").read_text())
     uses = re.findall(r"CAPSNET_KERNEL\(\s*([^,]+?),\s*(\w+)<", host)
     assert {name for _, name in uses} == set(declared), uses
     for bound, name in uses:

@@ -1,9 +1,10 @@
 // Host side of one routing_forward / routing_backward call on the CUDA kernels: argument
-// checks, input preparation, outputs and workspaces, and the order of the kernel launches.
+// checks, input preparation, outputs and workspaces; the kernel launches themselves, in
+// order, are routing_launches.h.
 //
-// Shared by the CUDA launcher (routing_kernel.cu) and the CPU emulator's launcher
-// (csrc/simt/emulated_routing.cpp), which differ only in how one kernel is launched (the
-// `Launcher` below) and in where the tensors live.
+// Shared by the CUDA launcher (routing_kernel.cu, cuda_launcher.h) and the CPU emulator's
+// launcher (csrc/simt/emulated_routing.cpp), which differ only in how one kernel is
+// launched (the `Launcher` of routing_launches.h) and in where the tensors live.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,37 +16,10 @@
 #include <string>
 #include <tuple>
 
-#include "routing_gradients.cuh"
 #include "routing_checks.h"
-#include "routing_launch.h"
+#include "routing_launches.h"
 
 namespace capsnet::cuda {
-
-// A kernel as a launcher sees it: its address, its name as written in the source (the
-// emulator logs it, so that tests can check that every kernel ran) and its
-// __launch_bounds__ (both launchers refuse a block larger than that: on a GPU such a
-// launch fails).
-template <typename Params>
-struct KernelRef {
-  void (*function)(Params);
-  const char* name;
-  int launch_bound;
-};
-
-template <typename Params>
-KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name, int launch_bound) {
-  return {function, name, launch_bound};
-}
-
-// CAPSNET_KERNEL(bound, kernel<args>) -> KernelRef. `bound` must be the expression the
-// kernel's __launch_bounds__ names (tests/test_cuda_emulated.py checks that they match);
-// variadic because template argument lists contain commas.
-#define CAPSNET_KERNEL(bound, ...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__, bound)
-
-// A Launcher is callable as launcher(KernelRef<Params>, const KernelLaunch&, const Params&)
-// and runs the kernel once with that configuration, in stream order;
-// launcher.tree_counters(numel, like) returns at least `numel` int32 zeros on like's device
-// for the chunk trees (a buffer kept per stream, TreeCounterCache in tree_counters.h).
 
 struct HostOptions {
   c10::DeviceType device_type;  // where every tensor argument must live
@@ -149,12 +123,12 @@ at::Tensor prior_couplings(
   p.options = routing;
   p.logit_prior = logit_prior.const_data_ptr<scalar_t>();
   p.prior_couplings = out.data_ptr<acc_t>();
-  launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, prior_coupling_kernel<scalar_t>), plan.prior_coupling, p);
+  launch_prior_coupling(launch, plan, p);
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
-// Launch order.
+// The chunk trees' counters, and the scalar types the kernels are instantiated for.
 // ---------------------------------------------------------------------------------------
 
 // The chunk trees' arrival counters ([sample tiles, chunks] int32, or a longer buffer), all
@@ -166,74 +140,8 @@ at::Tensor zeroed_counters(const Launcher& launch, bool uses_trees, int64_t nume
   return uses_trees ? launch.tree_counters(numel, like) : at::empty({0}, like.options().dtype(at::kInt));
 }
 
-// One launch per iteration: the partial sums over each input chunk meet in the chunk tree,
-// whose last block per sample tile squashes (V_{k+1}, or v at the last iteration).
-template <typename scalar_t, typename Launcher>
-void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardParams<scalar_t> p) {
-  visit_tile(plan.tile, [&](auto tile) {
-    using Tile = decltype(tile);
-    for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
-      p.iteration = k;
-      const KernelLaunch& config = plan.forward_iteration;
-      if (k == 0 && p.prior_couplings == nullptr) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst>), config, p);
-      } else if (k == 0) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kPriorFirst>), config, p);
-      } else if (p.options.leaky) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLaterLeaky>), config, p);
-      } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater>), config, p);
-      }
-    }
-  });
-}
-
-// The reverse sweep (the per-sample state, c_m, G_m, gs_{m-1}), then dL/dW and dL/du (and
-// dL/dbias, grad_prior) for one slice of the batch.
-template <typename scalar_t, typename Launcher>
-void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardParams<scalar_t> p) {
-  visit_tile(plan.tile, [&](auto tile) {
-    using Tile = decltype(tile);
-    const int last = int(plan.geometry.shape.iterations) - 1;
-    p.iteration = last;
-    const KernelLaunch& sweep = plan.backward_sweep;
-    const bool leaky = p.options.leaky;
-    if (last == 0) {  // gs_0 from grad_v, no couplings to recompute
-      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_output_kernel<scalar_t, Tile>), plan.backward_output, p);
-    } else if (p.options.detach_routing) {  // the state and c_{r-1}
-      if (leaky) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, true>), sweep, p);
-      } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, false>), sweep, p);
-      }
-    } else {  // the state, c_{r-1}, G_{r-1}, gs_{r-2}; then c_m, G_m, gs_{m-1}
-      if (leaky) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, true>), sweep, p);
-      } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, false>), sweep, p);
-      }
-      for (int m = last - 1; m >= 1; --m) {
-        p.iteration = m;
-        if (leaky) {
-          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, true>), sweep, p);
-        } else {
-          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>), sweep, p);
-        }
-      }
-    }
-    if (p.grad_prior != nullptr) {
-      p.iteration = 0;  // G_0
-      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
-    }
-    if constexpr (Tile::kLanes > 0) {
-      launch(CAPSNET_KERNEL(kGradientMaxThreads, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
-    } else {
-      launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
-      launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
-    }
-  });
-}
-
+// The CUDA build instantiates the launches of these types in its launch_*.cu files
+// (CAPSNET_FOR_EACH_ROUTING_TYPE in routing_instances.h lists the same four).
 #define CAPSNET_DISPATCH_ROUTING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

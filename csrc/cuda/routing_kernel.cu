@@ -2,25 +2,27 @@
 //
 // The kernels are in routing_forward.cuh, routing_backward.cuh and routing_gradients.cuh
 // (device utilities in routing_device.cuh and routing_tree.cuh), the launch plan in
-// routing_launch.h, and the host
-// side shared with the CPU emulator (checks, tensors, launch order) in routing_host.h. What
-// is CUDA-specific lives here: the device guard, the current stream, the device's limits,
-// the <<<>>> launch with its error check, and the registration for the CUDA dispatch key.
-#include <c10/cuda/CUDAException.h>
+// routing_launch.h, and the host side shared with the CPU emulator (checks, tensors, launch
+// order) in routing_host.h, the launches of one call in routing_launches.h. The <<<>>> launch
+// with its checks is cuda_launcher.h; the kernels compile in the launch_*.cu files
+// (routing_instances.h). What is left here: the device guard, the current stream, the
+// device's limits, the kept tree counters, and the registration for the CUDA dispatch key.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "cuda_launcher.h"
 #include "routing_host.h"
+#include "routing_instances.h"
 #include "tree_counters.h"
 
 namespace capsnet::cuda {
-namespace {
 
-dim3 to_dim3(const LaunchDims& dims) {
-  return dim3(dims.x, dims.y, dims.z);
-}
+// Compiled in the launch_*.cu files.
+CAPSNET_FOR_EACH_ROUTING_TYPE(CAPSNET_FORWARD_LAUNCHES, extern template)
+CAPSNET_FOR_EACH_ROUTING_TYPE(CAPSNET_BACKWARD_LAUNCHES, extern template)
+
+namespace {
 
 // The chunk trees' counters kept per (device, stream); never destroyed, so that no CUDA
 // memory is freed while the process exits.
@@ -29,35 +31,25 @@ TreeCounterCache& kept_tree_counters() {
   return *cache;
 }
 
-// Launches each kernel on one stream and checks the launch.
-struct CudaLauncher {
-  cudaStream_t stream;
+}  // namespace
 
-  template <typename Params>
-  void operator()(KernelRef<Params> kernel, const KernelLaunch& config, const Params& params) const {
-    const int64_t threads = int64_t(config.block.x) * config.block.y * config.block.z;
-    TORCH_CHECK(threads <= kernel.launch_bound, "capsnet: internal error: ", kernel.name, " launched with ",
-        threads, " threads per block, above its __launch_bounds__ of ", kernel.launch_bound);
-    kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
-    const cudaError_t launched = cudaGetLastError();
-    if (launched != cudaSuccess) {
-      kept_tree_counters().drop(stream, c10::cuda::current_device());
-      C10_CUDA_CHECK(launched);
-    }
-  }
+void forget_tree_counters(cudaStream_t stream) {
+  kept_tree_counters().drop(stream, c10::cuda::current_device());
+}
 
-  at::Tensor tree_counters(int64_t numel, const at::Tensor& like) const {
-    const auto zero = [&](at::Tensor& tensor) {
-      C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
-    };
-    // A CUDA graph replays with the addresses it captured: its counters are its own
-    // (allocated in the graph's pool, zeroed by a captured memset), never a kept buffer
-    // that a later call could replace and free.
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    return kept_tree_counters().take(stream, like.options(), numel, zero, capture == cudaStreamCaptureStatusNone);
-  }
-};
+at::Tensor CudaLauncher::tree_counters(int64_t numel, const at::Tensor& like) const {
+  const auto zero = [&](at::Tensor& tensor) {
+    C10_CUDA_CHECK(cudaMemsetAsync(tensor.data_ptr(), 0, tensor.nbytes(), stream));
+  };
+  // A CUDA graph replays with the addresses it captured: its counters are its own
+  // (allocated in the graph's pool, zeroed by a captured memset), never a kept buffer that
+  // a later call could replace and free.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  return kept_tree_counters().take(stream, like.options(), numel, zero, capture == cudaStreamCaptureStatusNone);
+}
+
+namespace {
 
 int device_attribute(cudaDeviceAttr attribute, c10::DeviceIndex device) {
   int value = 0;

@@ -1,0 +1,6 @@
+// The forward kernels for c10::BFloat16, in a translation unit of their own (routing_instances.h).
+#include "routing_instances.h"
+
+namespace capsnet::cuda {
+CAPSNET_FORWARD_LAUNCHES(template, c10::BFloat16)
+}  // namespace capsnet::cuda

@@ -1,0 +1,115 @@
+// The kernel launches of one routing_forward / routing_backward call, in order: which
+// kernel runs, with which plan, for each iteration and option.
+//
+// Plain host C++ around the kernels, without ATen (only the c10 scalar types of the
+// kernels), so that the translation units that instantiate the launches (the launch_*.cu
+// files, routing_instances.h) compile without parsing ATen's headers. routing_host.h calls
+// these after it has checked the arguments and allocated the tensors; the CUDA launcher
+// (cuda_launcher.h) and the CPU emulator's (csrc/simt/emulated_routing.cpp) run them.
+#pragma once
+
+#include "routing_gradients.cuh"
+#include "routing_launch.h"
+
+namespace capsnet::cuda {
+
+// A kernel as a launcher sees it: its address, its name as written in the source (the
+// emulator logs it, so that tests can check that every kernel ran) and its
+// __launch_bounds__ (both launchers refuse a block larger than that: on a GPU such a
+// launch fails).
+template <typename Params>
+struct KernelRef {
+  void (*function)(Params);
+  const char* name;
+  int launch_bound;
+};
+
+template <typename Params>
+KernelRef<Params> make_kernel_ref(void (*function)(Params), const char* name, int launch_bound) {
+  return {function, name, launch_bound};
+}
+
+// CAPSNET_KERNEL(bound, kernel<args>) -> KernelRef. `bound` must be the expression the
+// kernel's __launch_bounds__ names (tests/test_cuda_emulated.py checks that they match);
+// variadic because template argument lists contain commas.
+#define CAPSNET_KERNEL(bound, ...) ::capsnet::cuda::make_kernel_ref(&__VA_ARGS__, #__VA_ARGS__, bound)
+
+// A Launcher is callable as launcher(KernelRef<Params>, const KernelLaunch&, const Params&)
+// and runs the kernel once with that configuration, in stream order. (routing_host.h also
+// asks it for the chunk trees' counters: launcher.tree_counters(numel, like).)
+
+// c_0 = softmax over outputs of the logit prior, one launch.
+template <typename scalar_t, typename Launcher>
+void launch_prior_coupling(const Launcher& launch, const RoutingPlan& plan, const PriorParams<scalar_t>& p) {
+  launch(CAPSNET_KERNEL(kColumnKernelMaxThreads, prior_coupling_kernel<scalar_t>), plan.prior_coupling, p);
+}
+
+// One launch per iteration: the partial sums over each input chunk meet in the chunk tree,
+// whose last block per sample tile squashes (V_{k+1}, or v at the last iteration).
+template <typename scalar_t, typename Launcher>
+void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardParams<scalar_t> p) {
+  visit_tile(plan.tile, [&](auto tile) {
+    using Tile = decltype(tile);
+    for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
+      p.iteration = k;
+      const KernelLaunch& config = plan.forward_iteration;
+      if (k == 0 && p.prior_couplings == nullptr) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst>), config, p);
+      } else if (k == 0) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kPriorFirst>), config, p);
+      } else if (p.options.leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLaterLeaky>), config, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater>), config, p);
+      }
+    }
+  });
+}
+
+// The reverse sweep (the per-sample state, c_m, G_m, gs_{m-1}), then dL/dW and dL/du (and
+// dL/dbias, grad_prior) for one slice of the batch.
+template <typename scalar_t, typename Launcher>
+void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardParams<scalar_t> p) {
+  visit_tile(plan.tile, [&](auto tile) {
+    using Tile = decltype(tile);
+    const int last = int(plan.geometry.shape.iterations) - 1;
+    p.iteration = last;
+    const KernelLaunch& sweep = plan.backward_sweep;
+    const bool leaky = p.options.leaky;
+    if (last == 0) {  // gs_0 from grad_v, no couplings to recompute
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_output_kernel<scalar_t, Tile>), plan.backward_output, p);
+    } else if (p.options.detach_routing) {  // the state and c_{r-1}
+      if (leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, true>), sweep, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, false>), sweep, p);
+      }
+    } else {  // the state, c_{r-1}, G_{r-1}, gs_{r-2}; then c_m, G_m, gs_{m-1}
+      if (leaky) {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, true>), sweep, p);
+      } else {
+        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, false>), sweep, p);
+      }
+      for (int m = last - 1; m >= 1; --m) {
+        p.iteration = m;
+        if (leaky) {
+          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, true>), sweep, p);
+        } else {
+          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>), sweep, p);
+        }
+      }
+    }
+    if (p.grad_prior != nullptr) {
+      p.iteration = 0;  // G_0
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
+    }
+    if constexpr (Tile::kLanes > 0) {
+      launch(CAPSNET_KERNEL(kGradientMaxThreads, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
+    } else {
+      launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
+      launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
+    }
+  });
+}
+
+}  // namespace capsnet::cuda
