@@ -31,6 +31,8 @@ ifeq ($(origin CUDA_HOME), undefined)
     export CUDA_HOME := /usr/local/cuda
   endif
 endif
+# Parallel compile jobs for the extension (each nvcc job takes a GB or more): 2 unless set,
+# for this project's 2-core CI machines; gpu-check, on a GPU machine, uses every core.
 export MAX_JOBS ?= 2
 
 # MNIST in torchvision's layout (DATA_DIR/MNIST/raw): $CAPSNET_DATA_DIR if set, else the
@@ -109,7 +111,8 @@ cuda-model: venv
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.
 gpu-check:
-	PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) ONLY="$(ONLY)" scripts/gpu_check.sh
+	MAX_JOBS=$(if $(filter file,$(origin MAX_JOBS)),$$(nproc),$(MAX_JOBS)) \
+	  PYTHON=$(PYTHON) DATA_DIR=$(DATA_DIR) DRY_RUN=$(DRY_RUN) ONLY="$(ONLY)" scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist $(PACKAGE_CHECK_DIR) $(BENCH_CHECK_DIR) capsnet/*.so *.egg-info

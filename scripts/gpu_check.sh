@@ -50,7 +50,17 @@ OUT=${GPU_CHECK_OUT:-benchmarks/results/gpu-check-${SLUG:-unknown}}
 mkdir -p "$OUT"
 STATUS=0
 
+# Whether capsnet._C loads with CUDA kernels; if not, prints why. The steps after build
+# need them: without, each would only fail, slowly (on an H200 whose build had been cut
+# short, such failures took 136 s of a 15-minute lease).
+extension_missing_reason() {
+  "$PYTHON" -c "
+import sys, torch, capsnet._extension as e
+sys.exit(0 if 'cuda' in e.KERNEL_DEVICE_TYPES else e.missing_reason('cuda', torch.float32))" 2>&1
+}
+
 # step NAME COMMAND...: runs (or, dry, prints) one step, timed, its output in $OUT/NAME.log.
+# NEEDS_GPU=0: runs in a dry run too; NEEDS_EXTENSION=1: skipped unless the CUDA kernels load.
 step() {
   local name=$1; shift
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
@@ -61,6 +71,15 @@ step() {
   if [ "$DRY_RUN" = 1 ] && [ "${NEEDS_GPU:-1}" = 1 ]; then
     echo "   (dry run: skipped, needs the GPU)"
     return 0
+  fi
+  if [ "${NEEDS_EXTENSION:-0}" = 1 ] && [ "$DRY_RUN" != 1 ]; then
+    local missing
+    if ! missing=$(extension_missing_reason); then
+      echo "   skipped: the CUDA kernels are not built ($missing)"
+      echo "| $name | skipped: CUDA kernels not built | 0 |" >> "$OUT/steps.md"
+      STATUS=1
+      return 0
+    fi
   fi
   local start=$(date +%s)
   "$@" > "$OUT/$name.log" 2>&1
@@ -86,16 +105,16 @@ NEEDS_GPU=1 step environment bash -c "
 
 NEEDS_GPU=1 step build env CAPSNET_FORCE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
 
-NEEDS_GPU=1 step tests env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m pytest tests -m needs_cuda -q -p no:cacheprovider \
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step tests env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m pytest tests -m needs_cuda -q -p no:cacheprovider \
   --junitxml="$OUT/tests-junit.xml"
 
-NEEDS_GPU=1 step benchmark "$PYTHON" -m benchmarks.bench_routing --device cuda --batch-sizes 32 128 512 1024 \
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step benchmark "$PYTHON" -m benchmarks.bench_routing --device cuda --batch-sizes 32 128 512 1024 \
   --name "gpu-check-${SLUG}/benchmark"
 
-NEEDS_GPU=0 step kernels "$PYTHON" -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out "$OUT" \
+NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out "$OUT" \
   $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
-NEEDS_GPU=1 step training "$PYTHON" train_mnist.py --data-dir "$DATA_DIR" --out-dir "$OUT/training" \
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step training "$PYTHON" train_mnist.py --data-dir "$DATA_DIR" --out-dir "$OUT/training" \
   --epochs "$EPOCHS" --device cuda --no-progress --overwrite
 
 echo
