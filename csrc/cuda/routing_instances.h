@@ -1,12 +1,12 @@
 // The kernel launches of routing_launches.h for the CUDA launcher, one scalar type and one
 // direction per translation unit.
 //
-// Each launch function instantiates every kernel it can launch: seven to eleven heavily
-// unrolled kernels per scalar type and direction, which take nvcc up to a minute each per
-// GPU architecture. Compiled in one file they were one serial job of minutes per
-// architecture; in the launch_*.cu files (one explicit instantiation each, no ATen headers)
-// they compile in parallel, MAX_JOBS at a time. routing_kernel.cu sees them as `extern
-// template` and compiles none of them.
+// Each launch function instantiates every kernel it can launch, for both tile classes: 9
+// forward and 19 backward kernels per scalar type, heavily unrolled. In one file they were
+// one serial nvcc job of about 4 minutes per GPU architecture; in the launch_*.cu files
+// (one explicit instantiation each, no ATen headers) they compile in parallel, MAX_JOBS at
+// a time, 20 to 50 s each per architecture (docs/CUDA.md, "Build time"). routing_kernel.cu
+// sees them as `extern template` and compiles none of them.
 #pragma once
 
 #include "cuda_launcher.h"
