@@ -50,13 +50,24 @@ OUT=${GPU_CHECK_OUT:-benchmarks/results/gpu-check-${SLUG:-unknown}}
 mkdir -p "$OUT"
 STATUS=0
 
-# Whether capsnet._C loads with CUDA kernels; if not, prints why. The steps after build
-# need them: without, each would only fail, slowly (on an H200 whose build had been cut
-# short, such failures took 136 s of a 15-minute lease).
-extension_missing_reason() {
-  "$PYTHON" -c "
+# Whether capsnet._C loads with CUDA kernels; if not, EXTENSION_PROBLEM says why. The steps
+# after build need them: without, each would only fail, slowly (on an H200 whose build had
+# been cut short, such failures took 136 s of a 15-minute lease). Asked once per run (the
+# build step, which could change the answer, comes before every step that asks).
+EXTENSION_PROBLEM=
+EXTENSION_CHECKED=0
+extension_ready() {
+  if [ "$EXTENSION_CHECKED" = 0 ]; then
+    if EXTENSION_PROBLEM=$("$PYTHON" -c "
 import sys, torch, capsnet._extension as e
-sys.exit(0 if 'cuda' in e.KERNEL_DEVICE_TYPES else e.missing_reason('cuda', torch.float32))" 2>&1
+sys.exit(0 if 'cuda' in e.KERNEL_DEVICE_TYPES else e.missing_reason('cuda', torch.float32))" 2>&1); then
+      EXTENSION_PROBLEM=
+    else
+      EXTENSION_PROBLEM=${EXTENSION_PROBLEM:-"$PYTHON could not run the check"}
+    fi
+    EXTENSION_CHECKED=1
+  fi
+  [ -z "$EXTENSION_PROBLEM" ]
 }
 
 # step NAME COMMAND...: runs (or, dry, prints) one step, timed, its output in $OUT/NAME.log.
@@ -73,9 +84,8 @@ step() {
     return 0
   fi
   if [ "${NEEDS_EXTENSION:-0}" = 1 ] && [ "$DRY_RUN" != 1 ]; then
-    local missing
-    if ! missing=$(extension_missing_reason); then
-      echo "   skipped: the CUDA kernels are not built ($missing)"
+    if ! extension_ready; then
+      echo "   skipped: the CUDA kernels are not built ($EXTENSION_PROBLEM)"
       echo "| $name | skipped: CUDA kernels not built | 0 |" >> "$OUT/steps.md"
       STATUS=1
       return 0
