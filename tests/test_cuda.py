@@ -12,6 +12,7 @@ The same kernels run without a GPU in test_cuda_emulated.py.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -150,9 +151,19 @@ def test_half_precision_accuracy(case, half):
         assert ours <= 2 * theirs, f"{name} ({half}): error {ours:.3e} > 2 x {theirs:.3e}"
 
 
-def captured_step(u, W, bias, grad_v, iterations):
-    """A CUDA graph of one fused forward and backward on copies of (u, W, bias), warmed up
-    on a side stream, and the tensors its replays write: (v, grad_u, grad_W, grad_bias)."""
+class CapturedStep(NamedTuple):
+    """A CUDA graph of one fused forward and backward. A graph replays with the addresses it
+    captured and holds no reference to its inputs: `inputs` keeps them alive, else the
+    caching allocator hands their memory to later work and the replays read that instead."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: list  # the copies of (u, W, bias) the graph reads
+    outputs: tuple  # (v, grad_u, grad_W, grad_bias), written by each replay
+
+
+def captured_step(u, W, bias, grad_v, iterations) -> CapturedStep:
+    """Captures one fused forward and backward on copies of (u, W, bias), warmed up on a side
+    stream first (as torch.cuda.graph asks)."""
     static = [t.detach().clone().requires_grad_() for t in (u, W, bias)]
 
     def step():
@@ -168,21 +179,26 @@ def captured_step(u, W, bias, grad_v, iterations):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outputs = step()
-    return graph, outputs
+    return CapturedStep(graph, static, outputs)
 
 
 def test_cuda_graph_capture():
     """Forward and backward captured in a CUDA graph and replayed: no launch on another
-    stream, no host synchronisation, no allocation outside the graph's pool."""
+    stream, no host synchronisation, no allocation outside the graph's pool. Between the
+    replays, other work allocates and writes memory (as a training loop would): a replay
+    reads only its own pool and its inputs."""
     case = capsnet_case(32)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
     expected = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-    graph, outputs = captured_step(u, W, bias, grad_v, case.iterations)
+    captured = captured_step(u, W, bias, grad_v, case.iterations)
     for _ in range(2):
-        graph.replay()
-    torch.cuda.synchronize()
-    for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), outputs):
-        assert torch.equal(actual, expected[name]), name
+        captured.graph.replay()
+        torch.cuda.synchronize()
+        for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), captured.outputs):
+            assert torch.equal(actual, expected[name]), name
+        # Other work: NaN in new blocks of the inputs' sizes, where freed inputs would be.
+        scratch = [torch.full_like(t, float("nan")) for t in (u, W, bias, grad_v)]
+        del scratch
 
 
 @pytest.mark.parametrize("case", [CAPSNET_TILE, GENERIC_TILE], ids=str)
@@ -239,17 +255,17 @@ def test_kept_tree_counters():
     small_inputs = make_inputs(small, dtype=torch.float32, device="cuda")
     large_inputs = make_inputs(large, dtype=torch.float32, device="cuda")
     expected_small = run_routing(*small_inputs, small.iterations, backend="fused")
-    graph, captured = captured_step(*small_inputs, small.iterations)
+    captured = captured_step(*small_inputs, small.iterations)
     expected_large = run_routing(*large_inputs, large.iterations, backend="fused")  # replaces the kept counters
     other = torch.cuda.Stream()
     other.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(other):  # a larger call on another stream, concurrently with the replays
         on_other = run_routing(*large_inputs, large.iterations, backend="fused")
     for _ in range(2):
-        graph.replay()
+        captured.graph.replay()
     again_small = run_routing(*small_inputs, small.iterations, backend="fused")
     torch.cuda.synchronize()
-    for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), captured):
+    for name, actual in zip(("v", "grad_u", "grad_W", "grad_bias"), captured.outputs):
         assert torch.equal(actual, expected_small[name]), f"graph replay: {name}"
     for name in expected_small:
         assert torch.equal(again_small[name], expected_small[name]), f"small call after a large one: {name}"
