@@ -13,11 +13,14 @@ library is loaded:
 * the autocast policy (``capsnet/autocast.py``).
 
 :func:`dynamic_routing` validates its arguments, applies the autocast policy and runs the
-fused op or the pure-PyTorch reference. In eager mode it calls the op through
-:class:`_FusedRouting`, an ``autograd.Function`` at the Python level, because
-``torch.func.grad``/``jacrev``/``vmap(grad)`` can only differentiate a Python-level
-``autograd.Function``, not a custom op's autograd kernel; under ``torch.compile`` it calls the
-op itself, whose registered autograd AOTAutograd traces. Both use the same formula below.
+fused op or the pure-PyTorch reference. In eager mode it calls the op through an
+``autograd.Function`` at the Python level, because ``torch.func.grad``/``jacrev``/
+``vmap(grad)`` can only differentiate a Python-level ``autograd.Function``, not a custom op's
+autograd kernel: :class:`_FusedRouting` under the torch.func transforms, and the leaner
+:class:`_EagerFusedRouting` otherwise (a training step's usual path, where the per-call cost
+of the Python layers is most of a GPU step's time at small batches). Under ``torch.compile``
+it calls the op itself, whose registered autograd AOTAutograd traces. All use the same
+formula below.
 """
 
 from __future__ import annotations
@@ -184,6 +187,22 @@ def _input_gradients(ctx, grad_u, grad_W, grad_bias, grad_prior):
     )
 
 
+# The dispatcher's guard that skips the Autograd keys (torch's own Python autograd kernels use
+# it); None in a torch without it, where the ops are called through their autograd kernels.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _kernel_call(op, *args):
+    """op's CPU or CUDA kernel itself, below its Autograd kernel: for callers that do the
+    autograd themselves (an autograd.Function's forward, or a backward that records nothing).
+    The Autograd kernels are Python (registered in this module and by
+    torch.library.register_autograd): about 40 us a call on this project's CI host."""
+    if _BELOW_AUTOGRAD is None:
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
+
+
 def _routing_forward_backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
     u, W, logit_prior, s_saved = ctx.saved_tensors
     grads = torch.ops.capsnet.routing_backward(
@@ -246,6 +265,33 @@ class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError(FORWARD_AD_ERROR)
+
+
+class _EagerFusedRouting(torch.autograd.Function):
+    """_FusedRouting for calls outside the torch.func transforms: the same formula without
+    the costs that only those transforms need. A Function with setup_context binds its
+    arguments to forward's signature on every apply (inspect.signature, about 40 us on this
+    project's CI host), and each op call through its Python Autograd kernel costs as much
+    again; this one calls the kernels below autograd. A backward that is itself recorded
+    (create_graph=True) goes through _RoutingBackward, whose derivative raises
+    DOUBLE_BACKWARD_ERROR."""
+
+    @staticmethod
+    def forward(ctx, u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings):
+        inputs = (u, W, bias, logit_prior, num_iterations, leaky, detach_routing, return_couplings)
+        output = _kernel_call(torch.ops.capsnet.routing_forward.default, *inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
+        u, W, logit_prior, s_saved = ctx.saved_tensors
+        args = (grad_v.contiguous(), u, W, logit_prior, s_saved, ctx.leaky, ctx.detach_routing)
+        if torch.is_grad_enabled():
+            grads = _RoutingBackward.apply(*args)
+        else:
+            grads = _kernel_call(torch.ops.capsnet.routing_backward.default, *args)
+        return _input_gradients(ctx, *grads)
 
 
 def _no_double_backward(ctx, *grads):
@@ -490,11 +536,12 @@ def dynamic_routing(
         else:
             if _has_forward_tangent((u, W, bias, logit_prior)):
                 raise RuntimeError(FORWARD_AD_ERROR)
-            if _needs_autograd((u, W, bias, logit_prior)):
+            if not _needs_autograd((u, W, bias, logit_prior)):
+                # Nothing to differentiate (inference, no_grad): the op itself, without an
+                # autograd.Function's per-call cost, a tenth of a CapsNet call at batch 1.
+                v, _s_saved, couplings = torch.ops.capsnet.routing_forward(*args)
+            elif torch._C._are_functorch_transforms_active():
                 v, _s_saved, couplings = _FusedRouting.apply(*args)
             else:
-                # Nothing to differentiate (inference, no_grad): the op itself, without the
-                # autograd.Function's per-call cost (about 40 us, most of it binding the
-                # arguments to forward's signature), a tenth of a CapsNet call at batch 1.
-                v, _s_saved, couplings = torch.ops.capsnet.routing_forward(*args)
+                v, _s_saved, couplings = _EagerFusedRouting.apply(*args)
     return (v, couplings) if return_couplings else v

@@ -3,7 +3,8 @@
 #
 # For someone with a GPU for half an hour and no network: uses the Python that already has
 # torch (no venv, no downloads), builds the extension in place, runs the CUDA tests with
-# CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024}, the
+# CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024} and the
+# per-call cost of the Python layers (benchmarks/call_overhead.py), the
 # per-kernel profile beside the static model's estimates, and a short MNIST training on the
 # full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
 #
@@ -118,8 +119,9 @@ NEEDS_GPU=1 step build env CAPSNET_FORCE_CUDA=1 "$PYTHON" -m pip install --no-bu
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step tests env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m pytest tests -m needs_cuda -q -p no:cacheprovider \
   --junitxml="$OUT/tests-junit.xml"
 
-NEEDS_GPU=1 NEEDS_EXTENSION=1 step benchmark "$PYTHON" -m benchmarks.bench_routing --device cuda --batch-sizes 32 128 512 1024 \
-  --name "gpu-check-${SLUG}/benchmark"
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step benchmark bash -c "
+  $PYTHON -m benchmarks.bench_routing --device cuda --batch-sizes 32 128 512 1024 --name gpu-check-${SLUG}/benchmark &&
+  $PYTHON -m benchmarks.call_overhead --device cuda"
 
 NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out "$OUT" \
   $([ "$DRY_RUN" = 1 ] && echo --dry-run)

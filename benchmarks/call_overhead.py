@@ -1,0 +1,106 @@
+"""The per-call cost of the Python layers around the fused op, on a shape too small to compute.
+
+    python -m benchmarks.call_overhead [--device cuda] [--rounds 7] [--steps 300]
+
+One forward + backward of dynamic routing on a tiny shape (B = 1, N_in = 8, N_out = 10,
+D_out = 16, D_in = 8, r = 3), where the kernels take a few microseconds: what is left is
+the cost of the layers between Python and the kernels. Three paths, timed alternately in
+one process (rounds of ``--steps`` steps each; the medians): ``dynamic_routing`` as a
+training step calls it (capsnet.ops._EagerFusedRouting), the same through
+``_FusedRouting`` (the autograd.Function used under the torch.func transforms, which binds
+its arguments to forward's signature on every call and calls the ops through their Python
+Autograd kernels), and the pure-PyTorch reference. On a GPU the kernels run
+asynchronously: each step ends with a synchronisation, as a training step's loss does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.machine import describe, machine_context
+from capsnet import dynamic_routing
+from capsnet import ops as capsnet_ops
+
+TINY = dict(batch=1, num_in=8, num_out=10, dim_out=16, dim_in=8, iterations=3)
+
+
+def make_steps(device: str) -> dict:
+    """{path name: one forward + backward step}."""
+    generator = torch.Generator().manual_seed(0)
+    shape = TINY
+    u = torch.randn(shape["batch"], shape["num_in"], shape["dim_in"], generator=generator).to(device)
+    W = 0.05 * torch.randn(shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], generator=generator)
+    bias = torch.zeros(shape["num_out"], shape["dim_out"])
+    grad_v = torch.randn(shape["batch"], shape["num_out"], shape["dim_out"], generator=generator).to(device)
+    leaves = [t.to(device).requires_grad_() for t in (u, W, bias)]
+    r = shape["iterations"]
+
+    def through(function):
+        def step():
+            v, _, _ = function.apply(*leaves, None, r, False, False, False)
+            torch.autograd.grad(v, leaves, grad_v)
+
+        return step
+
+    def dynamic(backend):
+        def step():
+            torch.autograd.grad(dynamic_routing(*leaves, r, backend=backend), leaves, grad_v)
+
+        return step
+
+    steps = {
+        "dynamic_routing (fused)": dynamic("fused"),
+        "_FusedRouting (torch.func's path)": through(capsnet_ops._FusedRouting),
+        "dynamic_routing (reference)": dynamic("reference"),
+    }
+    if torch.device(device).type == "cuda":
+        steps = {name: _synchronized(step) for name, step in steps.items()}
+    return steps
+
+
+def _synchronized(step):
+    def synchronized():
+        step()
+        torch.cuda.synchronize()
+
+    return synchronized
+
+
+def measure(steps: dict, rounds: int, count: int) -> dict[str, float]:
+    """{path: median microseconds per step}, the paths timed in turn within each round."""
+    for step in steps.values():
+        for _ in range(20):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(count):
+                step()
+            times[name].append((time.perf_counter() - start) / count * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the layers run on one thread; keep the kernels' share small and steady
+    context = machine_context(args.device)
+    print("\n".join(describe(context)))
+    shape = ", ".join(f"{key}={value}" for key, value in TINY.items())
+    print(f"forward + backward, {shape}, float32, {args.device}, 1 torch thread; median of {args.rounds} rounds:")
+    results = measure(make_steps(args.device), args.rounds, args.steps)
+    fused = results["dynamic_routing (fused)"]
+    for name, microseconds in results.items():
+        print(f"  {name}: {microseconds:.1f} us per step ({microseconds / fused:.2f}x dynamic_routing's fused path)")
+
+
+if __name__ == "__main__":
+    main()
