@@ -17,8 +17,8 @@ fused op or the pure-PyTorch reference. In eager mode it calls the op through an
 ``autograd.Function`` at the Python level, because ``torch.func.grad``/``jacrev``/
 ``vmap(grad)`` can only differentiate a Python-level ``autograd.Function``, not a custom op's
 autograd kernel: :class:`_FusedRouting` under the torch.func transforms, and the leaner
-:class:`_EagerFusedRouting` otherwise (a training step's usual path, where the per-call cost
-of the Python layers is most of a GPU step's time at small batches). Under ``torch.compile``
+:class:`_EagerFusedRouting` otherwise (a training step's usual path: on a GPU at small
+batches, host work between launches is more than half of a step). Under ``torch.compile``
 it calls the op itself, whose registered autograd AOTAutograd traces. All use the same
 formula below.
 """
