@@ -11,6 +11,11 @@ training step calls it (capsnet.ops._EagerFusedRouting), the same through
 its arguments to forward's signature on every call and calls the ops through their Python
 Autograd kernels), and the pure-PyTorch reference. On a GPU the kernels run
 asynchronously: each step ends with a synchronisation, as a training step's loss does.
+
+On a GPU, also the CapsNet shape at B = 32 and 128: the fused forward + backward as called
+eagerly, and the same step captured once in a CUDA graph and replayed, which leaves the
+kernels' time and none of the host's (what ``torch.compile(mode="reduce-overhead")`` aims
+at).
 """
 
 from __future__ import annotations
@@ -70,6 +75,33 @@ def _synchronized(step):
     return synchronized
 
 
+def capsnet_steps(batch: int) -> dict:
+    """{path: one CapsNet-shape forward + backward on the GPU, ending synchronised}: eager, and
+    replaying a CUDA graph of it."""
+    from benchmarks.routing_cases import CAPSNET
+    from benchmarks.routing_cases import make_inputs as capsnet_inputs
+
+    u, W, bias, grad_v = capsnet_inputs(CAPSNET, batch, "cuda", torch.float32)
+    leaves = [t.requires_grad_() for t in (u, W, bias)]
+
+    def step():
+        return torch.autograd.grad(dynamic_routing(*leaves, 3, backend="fused"), leaves, grad_v)
+
+    side = torch.cuda.Stream()  # torch.cuda.graph asks for a warm-up on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    # The graph reads `leaves` and `grad_v` at the addresses it captured and holds no
+    # reference to them: `step`, in the same dict as the replay, keeps them alive.
+    return {f"B={batch} eager": _synchronized(step), f"B={batch} CUDA graph replay": _synchronized(graph.replay)}
+
+
 def measure(steps: dict, rounds: int, count: int) -> dict[str, float]:
     """{path: median microseconds per step}, the paths timed in turn within each round."""
     for step in steps.values():
@@ -100,6 +132,13 @@ def main(argv=None) -> None:
     fused = results["dynamic_routing (fused)"]
     for name, microseconds in results.items():
         print(f"  {name}: {microseconds:.1f} us per step ({microseconds / fused:.2f}x dynamic_routing's fused path)")
+    if torch.device(args.device).type == "cuda":
+        print("CapsNet shape (N_in=1152, N_out=10, D_out=16, D_in=8), r=3, float32, fused forward + backward:")
+        for batch in (32, 128):
+            graph_results = measure(capsnet_steps(batch), args.rounds, max(1, args.steps // 10))
+            eager, replay = graph_results.values()
+            print(f"  B={batch}: eager {eager:.1f} us, CUDA graph replay {replay:.1f} us "
+                  f"(the host's share of the eager step: {1 - replay / eager:.0%})")
 
 
 if __name__ == "__main__":
