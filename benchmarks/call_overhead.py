@@ -27,6 +27,8 @@ import time
 import torch
 
 from benchmarks.machine import describe, machine_context
+from benchmarks.routing_cases import CAPSNET
+from benchmarks.routing_cases import make_inputs as capsnet_inputs
 from capsnet import dynamic_routing
 from capsnet import ops as capsnet_ops
 
@@ -78,9 +80,6 @@ def _synchronized(step):
 def capsnet_steps(batch: int) -> dict:
     """{path: one CapsNet-shape forward + backward on the GPU, ending synchronised}: eager, and
     replaying a CUDA graph of it."""
-    from benchmarks.routing_cases import CAPSNET
-    from benchmarks.routing_cases import make_inputs as capsnet_inputs
-
     u, W, bias, grad_v = capsnet_inputs(CAPSNET, batch, "cuda", torch.float32)
     leaves = [t.requires_grad_() for t in (u, W, bias)]
 
