@@ -27,24 +27,19 @@ import time
 import torch
 
 from benchmarks.machine import describe, machine_context
-from benchmarks.routing_cases import CAPSNET
-from benchmarks.routing_cases import make_inputs as capsnet_inputs
+from benchmarks.routing_cases import CAPSNET, RoutingShape, make_inputs, synchronize_after
 from capsnet import dynamic_routing
 from capsnet import ops as capsnet_ops
 
-TINY = dict(batch=1, num_in=8, num_out=10, dim_out=16, dim_in=8, iterations=3)
+TINY = RoutingShape("tiny", num_in=8, num_out=10, dim_out=16, dim_in=8)
+ITERATIONS = 3
 
 
 def make_steps(device: str) -> dict:
     """{path name: one forward + backward step}."""
-    generator = torch.Generator().manual_seed(0)
-    shape = TINY
-    u = torch.randn(shape["batch"], shape["num_in"], shape["dim_in"], generator=generator).to(device)
-    W = 0.05 * torch.randn(shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], generator=generator)
-    bias = torch.zeros(shape["num_out"], shape["dim_out"])
-    grad_v = torch.randn(shape["batch"], shape["num_out"], shape["dim_out"], generator=generator).to(device)
-    leaves = [t.to(device).requires_grad_() for t in (u, W, bias)]
-    r = shape["iterations"]
+    u, W, bias, grad_v = make_inputs(TINY, 1, device, torch.float32)
+    leaves = [t.requires_grad_() for t in (u, W, bias)]
+    r = ITERATIONS
 
     def through(function):
         def step():
@@ -64,27 +59,17 @@ def make_steps(device: str) -> dict:
         "_FusedRouting (torch.func's path)": through(capsnet_ops._FusedRouting),
         "dynamic_routing (reference)": dynamic("reference"),
     }
-    if torch.device(device).type == "cuda":
-        steps = {name: _synchronized(step) for name, step in steps.items()}
-    return steps
-
-
-def _synchronized(step):
-    def synchronized():
-        step()
-        torch.cuda.synchronize()
-
-    return synchronized
+    return {name: synchronize_after(step, device) for name, step in steps.items()}
 
 
 def capsnet_steps(batch: int) -> dict:
     """{path: one CapsNet-shape forward + backward on the GPU, ending synchronised}: eager, and
     replaying a CUDA graph of it."""
-    u, W, bias, grad_v = capsnet_inputs(CAPSNET, batch, "cuda", torch.float32)
+    u, W, bias, grad_v = make_inputs(CAPSNET, batch, "cuda", torch.float32)
     leaves = [t.requires_grad_() for t in (u, W, bias)]
 
     def step():
-        return torch.autograd.grad(dynamic_routing(*leaves, 3, backend="fused"), leaves, grad_v)
+        return torch.autograd.grad(dynamic_routing(*leaves, ITERATIONS, backend="fused"), leaves, grad_v)
 
     side = torch.cuda.Stream()  # torch.cuda.graph asks for a warm-up on a side stream
     side.wait_stream(torch.cuda.current_stream())
@@ -98,7 +83,10 @@ def capsnet_steps(batch: int) -> dict:
 
     # The graph reads `leaves` and `grad_v` at the addresses it captured and holds no
     # reference to them: `step`, in the same dict as the replay, keeps them alive.
-    return {f"B={batch} eager": _synchronized(step), f"B={batch} CUDA graph replay": _synchronized(graph.replay)}
+    return {
+        f"B={batch} eager": synchronize_after(step, "cuda"),
+        f"B={batch} CUDA graph replay": synchronize_after(graph.replay, "cuda"),
+    }
 
 
 def measure(steps: dict, rounds: int, count: int) -> dict[str, float]:
@@ -125,14 +113,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # the layers run on one thread; keep the kernels' share small and steady
     context = machine_context(args.device)
     print("\n".join(describe(context)))
-    shape = ", ".join(f"{key}={value}" for key, value in TINY.items())
+    shape = f"B=1, {TINY.describe()}, r={ITERATIONS}"
     print(f"forward + backward, {shape}, float32, {args.device}, 1 torch thread; median of {args.rounds} rounds:")
     results = measure(make_steps(args.device), args.rounds, args.steps)
     fused = results["dynamic_routing (fused)"]
     for name, microseconds in results.items():
         print(f"  {name}: {microseconds:.1f} us per step ({microseconds / fused:.2f}x dynamic_routing's fused path)")
     if torch.device(args.device).type == "cuda":
-        print("CapsNet shape (N_in=1152, N_out=10, D_out=16, D_in=8), r=3, float32, fused forward + backward:")
+        print(f"{CAPSNET.describe()}, r={ITERATIONS}, float32, fused forward + backward:")
         for batch in (32, 128):
             graph_results = measure(capsnet_steps(batch), args.rounds, max(1, args.steps // 10))
             eager, replay = graph_results.values()

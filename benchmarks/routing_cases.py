@@ -54,7 +54,7 @@ def routing_function(variant: str, iterations: int):
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def _synchronize_after(step, device: str):
+def synchronize_after(step, device: str):
     """CUDA runs asynchronously: a timed step ends only when the GPU has finished it."""
     if torch.device(device).type != "cuda":
         return step
@@ -73,7 +73,7 @@ def forward_step(fn, u, W, bias):
         with torch.no_grad():
             fn(u, W, bias)
 
-    return _synchronize_after(step, u.device)
+    return synchronize_after(step, u.device)
 
 
 def forward_backward_step(fn, u, W, bias, grad_v):
@@ -84,7 +84,7 @@ def forward_backward_step(fn, u, W, bias, grad_v):
             t.grad = None
         fn(u, W, bias).backward(grad_v)
 
-    return _synchronize_after(step, u.device)
+    return synchronize_after(step, u.device)
 
 
 def make_step(direction: str, fn, u, W, bias, grad_v):

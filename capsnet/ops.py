@@ -203,11 +203,14 @@ def _kernel_call(op, *args):
         return op(*args)
 
 
-def _routing_forward_backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
+def _backward_args(ctx, grad_v):
+    """The backward op's arguments from what _setup_context saved."""
     u, W, logit_prior, s_saved = ctx.saved_tensors
-    grads = torch.ops.capsnet.routing_backward(
-        grad_v.contiguous(), u, W, logit_prior, s_saved, ctx.leaky, ctx.detach_routing
-    )
+    return (grad_v.contiguous(), u, W, logit_prior, s_saved, ctx.leaky, ctx.detach_routing)
+
+
+def _routing_forward_backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
+    grads = torch.ops.capsnet.routing_backward(*_backward_args(ctx, grad_v))
     return _input_gradients(ctx, *grads)
 
 
@@ -258,9 +261,7 @@ class _FusedRouting(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
-        u, W, logit_prior, s_saved = ctx.saved_tensors
-        grads = _RoutingBackward.apply(grad_v.contiguous(), u, W, logit_prior, s_saved, ctx.leaky, ctx.detach_routing)
-        return _input_gradients(ctx, *grads)
+        return _input_gradients(ctx, *_RoutingBackward.apply(*_backward_args(ctx, grad_v)))
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -285,8 +286,7 @@ class _EagerFusedRouting(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_v, _grad_s_saved, _grad_couplings):
-        u, W, logit_prior, s_saved = ctx.saved_tensors
-        args = (grad_v.contiguous(), u, W, logit_prior, s_saved, ctx.leaky, ctx.detach_routing)
+        args = _backward_args(ctx, grad_v)
         if torch.is_grad_enabled():
             grads = _RoutingBackward.apply(*args)
         else:
