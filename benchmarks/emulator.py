@@ -40,6 +40,14 @@ def build_directory() -> str:
 @functools.lru_cache(maxsize=1)
 def load():
     """The compiled emulator module (built on first use)."""
+    return build_module("capsnet_simt", [CSRC / "simt" / name for name in SOURCES])
+
+
+def build_module(name: str, sources: list, include_paths: tuple = ()):
+    """Compiles `sources` (with csrc/simt/simt.cpp, or a file that includes it, among them)
+    against the emulator into module `name`, with the emulator's flags; sanitized (and
+    named `name`_asan) under CAPSNET_SIMT_SANITIZE=1. Each module builds in its own folder
+    under build_directory()."""
     from torch.utils.cpp_extension import load as load_extension
 
     # C++20 for std::source_location; `#pragma unroll` means nothing to g++; no contraction
@@ -49,11 +57,16 @@ def load():
     if sanitized():
         cflags += SANITIZER_FLAGS
         ldflags += ["-fsanitize=address,undefined"]
+        name += "_asan"
+    directory = build_directory()
+    if name.removesuffix("_asan") != "capsnet_simt":  # the emulator's module in the folder, others below it
+        directory = os.path.join(directory, name)
+        os.makedirs(directory, exist_ok=True)
     return load_extension(
-        name="capsnet_simt_asan" if sanitized() else "capsnet_simt",
-        sources=[str(CSRC / "simt" / name) for name in SOURCES],
-        extra_include_paths=[str(CSRC), str(CSRC / "simt")],
+        name=name,
+        sources=[str(source) for source in sources],
+        extra_include_paths=[str(CSRC), str(CSRC / "simt"), *map(str, include_paths)],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
-        build_directory=build_directory(),
+        build_directory=directory,
     )

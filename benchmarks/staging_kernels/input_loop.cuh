@@ -1,0 +1,153 @@
+// An experiment, not part of the library: does staging the next inputs' W and u in shared
+// memory with asynchronous copies hide the round trip to L2 that the routing kernels pay
+// once per input capsule? (docs/CUDA.md, "Measured on an H200": about 1.3 us per input
+// where the issue rate says 0.4.)
+//
+// Both kernels run the input loop of forward_iteration_kernel<kUniformFirst> (CapsNet tile,
+// float32): block (16 lanes, J), two samples per thread, partial[s][d] += W[i, j] u[s][i]
+// over the chunk's inputs, through the library's add_prediction (the same order of
+// operations, so both kernels' sums are bitwise the same), and store the chunk's partial sums
+// (no chunk tree: the loop is what is measured).
+//   kStages == 0: W and u are loaded from global memory where they are used, as the library does.
+//   kStages >= 2: a ring of kStages slots in shared memory; while input i is computed from its
+//   slot, the copies of inputs i+1 .. i+kStages-1 are in flight (cp.async on sm_80 and later,
+//   which needs no registers for them; the pipeline primitives copy synchronously before).
+// benchmarks/staging_experiment.py builds and times them (input_loop.cu launches them);
+// tests/test_staging_experiment.py runs them on the CPU emulator (emulated_input_loop.cpp).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_pipeline.h>
+#endif
+
+#include "cuda/routing_device.cuh"
+#include "input_loop.h"
+
+// The asynchronous copy's three primitives. On the emulator (csrc/simt) a copy lands at
+// once: a slot overwritten while another thread still reads it then shows up as results
+// that differ between thread orders.
+#if defined(__CUDACC__)
+#define STAGING_COPY16(destination, source) __pipeline_memcpy_async(destination, source, 16)
+#define STAGING_COMMIT() __pipeline_commit()
+#define STAGING_WAIT_PRIOR(groups) __pipeline_wait_prior(groups)
+#else
+#define STAGING_COPY16(destination, source) std::memcpy(destination, source, 16)
+#define STAGING_COMMIT() ((void)0)
+#define STAGING_WAIT_PRIOR(groups) ((void)0)
+#endif
+
+namespace capsnet::cuda::staging_experiment {
+
+using Tile = CapsNetTile;
+constexpr int kSamples = samples_per_thread<Tile>(int(sizeof(float)));
+constexpr int kBlockSamples = Tile::kLanes * kSamples;
+constexpr int kDim = Tile::kMaxDimOut;
+constexpr int kDimIn = Tile::kMaxDimIn;
+constexpr int kMatrix = kDim * kDimIn;  // floats of one W[i, j]
+// A slot's u rows are 12 floats (48 bytes) apart: 16-byte loads by 8 consecutive lanes then
+// hit different banks (32 bytes apart, two lanes would share one).
+constexpr int kURowStride = 12;
+constexpr int kPiece = 16 / sizeof(float);  // floats per 16-byte copy
+
+__host__ __device__ inline int stage_floats(int num_out) {
+  return num_out * kMatrix + kBlockSamples * kURowStride;
+}
+
+inline size_t shared_bytes(int stages, int num_out) {
+  return size_t(stages) * size_t(stage_floats(num_out)) * sizeof(float);
+}
+
+// Grid (sample tiles, chunks) and block (lanes, J), as the library's routing launches.
+inline dim3 loop_grid(const LoopProblem& p) {
+  return dim3(unsigned((p.batch + kBlockSamples - 1) / kBlockSamples),
+              unsigned((p.num_in + p.inputs_per_chunk - 1) / p.inputs_per_chunk));
+}
+inline dim3 loop_block(const LoopProblem& p) { return dim3(unsigned(Tile::kLanes), unsigned(p.num_out)); }
+
+template <int kStages>
+__global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loop_kernel(const LoopProblem p) {
+  const int lane = threadIdx.x;
+  const int j = threadIdx.y;
+  const int flat = j * Tile::kLanes + lane;
+  const int threads = blockDim.x * blockDim.y;
+  const int tile_first = blockIdx.x * kBlockSamples;
+  const int i_begin = blockIdx.y * p.inputs_per_chunk;
+  const int inputs = smaller(p.inputs_per_chunk, p.num_in - i_begin);
+  const int slab = p.num_out * kMatrix;  // W[i, :] (all J matrices of input i): contiguous
+  // Samples past the batch read sample B-1's rows, as in the library.
+  const auto read_sample = [&](int slot) { return smaller(tile_first + slot, p.batch - 1); };
+
+  float sums[kSamples][kDim];
+  fill(sums, 0.0f);
+  if constexpr (kStages == 0) {
+    for (int input = 0; input < inputs; ++input) {
+      const int i = i_begin + input;
+      float u_i[kSamples][kDimIn];
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+        load_row<Tile>(p.u + (int64_t(read_sample(s * Tile::kLanes + lane)) * p.num_in + i) * kDimIn, kDimIn, u_i[s]);
+      }
+      add_prediction<Tile>(p.W + int64_t(i) * slab + j * kMatrix, u_i, kDim, kDimIn, sums);
+    }
+  } else {
+    static_assert(kStages >= 2, "a ring needs a slot to compute from and one to fill");
+    float* const ring = dynamic_shared_memory<float>();
+    const int stage = stage_floats(p.num_out);
+    // The block's copies of input `input` into slot `slot`: the W slab in 16-byte pieces
+    // spread over all threads, and one piece per thread for the 32 u rows (two each).
+    const auto fill_slot = [&](int input, int slot) {
+      const float* W_slab = p.W + int64_t(i_begin + input) * slab;
+      float* W_slot = ring + slot * stage;
+      for (int piece = flat; piece < slab / kPiece; piece += threads) {
+        STAGING_COPY16(W_slot + piece * kPiece, W_slab + piece * kPiece);
+      }
+      if (flat < kBlockSamples * kDimIn / kPiece) {
+        const int row = flat / (kDimIn / kPiece);
+        const int part = flat % (kDimIn / kPiece);
+        const float* source = p.u + (int64_t(read_sample(row)) * p.num_in + i_begin + input) * kDimIn + part * kPiece;
+        STAGING_COPY16(W_slot + slab + row * kURowStride + part * kPiece, source);
+      }
+    };
+    // One commit per input (an empty group past the chunk's end), so that "all but the
+    // newest kStages - 2 groups are complete" always means "input `input` has arrived".
+#pragma unroll
+    for (int ahead = 0; ahead < kStages - 1; ++ahead) {
+      if (ahead < inputs) {
+        fill_slot(ahead, ahead);
+      }
+      STAGING_COMMIT();
+    }
+    for (int input = 0; input < inputs; ++input) {
+      STAGING_WAIT_PRIOR(kStages - 2);
+      // Every thread's copies of this input have landed, and every thread has finished
+      // reading the slot that the next copies overwrite (that of input - 1).
+      __syncthreads();
+      const int next = input + kStages - 1;
+      if (next < inputs) {
+        fill_slot(next, next % kStages);
+      }
+      STAGING_COMMIT();
+      const float* slot = ring + (input % kStages) * stage;
+      float u_i[kSamples][kDimIn];
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+        load_row<Tile>(slot + slab + (s * Tile::kLanes + lane) * kURowStride, kDimIn, u_i[s]);
+      }
+      add_prediction<Tile>(slot + j * kMatrix, u_i, kDim, kDimIn, sums);
+    }
+  }
+  // partials [chunks, B, J, D]
+#pragma unroll
+  for (int s = 0; s < kSamples; ++s) {
+    const int b = tile_first + s * Tile::kLanes + lane;
+    if (b < p.batch) {
+      store_vector<true>(sums[s], kDim, p.partials + ((int64_t(blockIdx.y) * p.batch + b) * p.num_out + j) * kDim);
+    }
+  }
+}
+
+}  // namespace capsnet::cuda::staging_experiment

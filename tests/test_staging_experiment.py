@@ -1,0 +1,55 @@
+"""The staging experiment's kernels (benchmarks/staging_kernels, timed on a GPU by
+benchmarks/staging_experiment.py) on the CPU emulator: W and u staged in a ring of shared
+memory slots must give the direct loop's partial sums bit for bit, under every thread order
+(a slot refilled while a thread still reads it would show as a difference), and those sums
+must be the chunks' sums of W[i, j] u[b, i]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import emulator
+from benchmarks.staging_experiment import KERNELS, STAGES, reference_partials
+
+
+@pytest.fixture(scope="module")
+def loop():
+    module = emulator.build_module(
+        "capsnet_staging_experiment_emulated",
+        [KERNELS / "emulated_input_loop.cpp", emulator.CSRC / "simt" / "simt.cpp"],
+        include_paths=(KERNELS,),
+    )
+    return module.input_loop
+
+
+def _inputs(batch: int, num_in: int, num_out: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, num_in, 8, generator=generator)
+    W = torch.randn(num_in, num_out, 16, 8, generator=generator) * 0.1
+    return u, W
+
+
+# Samples past the batch in the last tile (B = 37: 5 of 64), a last chunk shorter than the
+# others (13 = 4 + 4 + 4 + 1), chunks shorter and longer than the ring, J < 10.
+@pytest.mark.parametrize("batch, num_in, num_out, chunk", [(37, 13, 10, 4), (16, 9, 3, 9), (32, 7, 10, 1)])
+@pytest.mark.parametrize("schedule", ["ascending", "descending", "shuffled"])
+def test_staged_loop_equals_direct_loop_bitwise(loop, batch, num_in, num_out, chunk, schedule):
+    u, W = _inputs(batch, num_in, num_out)
+    direct = loop(u, W, chunk, 0, "ascending", 0)
+    reference = reference_partials(u, W, chunk)
+    assert direct.shape == reference.shape
+    torch.testing.assert_close(direct.double(), reference, rtol=1e-5, atol=1e-5)
+    for stages in STAGES[1:]:
+        staged = loop(u, W, chunk, stages, schedule, 7)
+        assert torch.equal(staged, direct), f"{stages} stages, {schedule}: max diff {(staged - direct).abs().max()}"
+
+
+def test_bad_arguments_are_refused_with_their_names(loop):
+    u, W = _inputs(4, 5, 10)
+    with pytest.raises(RuntimeError, match="stages must be 0, 2, 3 or 4, got 1"):
+        loop(u, W, 2, 1, "ascending", 0)
+    with pytest.raises(RuntimeError, match="inputs_per_chunk must be >= 1, got 0"):
+        loop(u, W, 0, 0, "ascending", 0)
+    with pytest.raises(RuntimeError, match=r"W must be \[N_in, 1 <= N_out <= 10, 16, 8\]"):
+        loop(u, W[:4], 2, 0, "ascending", 0)
