@@ -52,6 +52,9 @@ constexpr int kMatrix = kDim * kDimIn;  // floats of one W[i, j]
 // hit different banks (32 bytes apart, two lanes would share one).
 constexpr int kURowStride = 12;
 constexpr int kPiece = 16 / sizeof(float);  // floats per 16-byte copy
+// A slab's pieces per thread at most (J = kMaxNumOut: 320 pieces, 160 threads): a loop
+// unrolled at compile time.
+constexpr int kMaxPiecesPerThread = (Tile::kMaxNumOut * kMatrix / kPiece + Tile::kMaxThreads - 1) / Tile::kMaxThreads;
 
 __host__ __device__ inline int stage_floats(int num_out) {
   return num_out * kMatrix + kBlockSamples * kURowStride;
@@ -102,8 +105,12 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
     const auto fill_slot = [&](int input, int slot) {
       const float* W_slab = p.W + int64_t(i_begin + input) * slab;
       float* W_slot = ring + slot * stage;
-      for (int piece = flat; piece < slab / kPiece; piece += threads) {
-        STAGING_COPY16(W_slot + piece * kPiece, W_slab + piece * kPiece);
+#pragma unroll
+      for (int k = 0; k < kMaxPiecesPerThread; ++k) {
+        const int piece = flat + k * threads;
+        if (piece < slab / kPiece) {
+          STAGING_COPY16(W_slot + piece * kPiece, W_slab + piece * kPiece);
+        }
       }
       if (flat < kBlockSamples * kDimIn / kPiece) {
         const int row = flat / (kDimIn / kPiece);
