@@ -37,6 +37,9 @@ from benchmarks.machine import describe, machine_context
 
 KERNELS = pathlib.Path(__file__).resolve().parent / "staging_kernels"
 STAGES = (0, 2, 3, 4)
+# The direct loop's sums against float64: 144 inputs x 8 float32 multiply-adds per component
+# at most, relative to the largest sum, stay near 1e-7; a wrong input or slot is off by O(1).
+MAX_RELATIVE_ERROR = 1e-5
 CAPSNET = cuda_model.CAPSNET_SHAPE
 
 
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     ]
     print("\n".join(lines))
     failed = [row["batch"] for row in rows if not all(row["bitwise_equal_to_direct"].values())
-              or row["max_relative_error_vs_float64"] > 1e-5]
+              or row["max_relative_error_vs_float64"] > MAX_RELATIVE_ERROR]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         pathlib.Path(args.out, "staging.md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@
 //   kStages == 0: W and u are loaded from global memory where they are used, as the library does.
 //   kStages >= 2: a ring of kStages slots in shared memory; while input i is computed from its
 //   slot, the copies of inputs i+1 .. i+kStages-1 are in flight (cp.async on sm_80 and later,
-//   which needs no registers for them; the pipeline primitives copy synchronously before).
+//   which needs no registers for them; before sm_80 the pipeline primitives copy synchronously).
 // benchmarks/staging_experiment.py builds and times them (input_loop.cu launches them);
 // tests/test_staging_experiment.py runs them on the CPU emulator (emulated_input_loop.cpp).
 #pragma once
@@ -51,7 +51,7 @@ constexpr int kMatrix = kDim * kDimIn;  // floats of one W[i, j]
 // A slot's u rows are 12 floats (48 bytes) apart: 16-byte loads by 8 consecutive lanes then
 // hit different banks (32 bytes apart, two lanes would share one).
 constexpr int kURowStride = 12;
-constexpr int kPiece = 16 / sizeof(float);  // floats per 16-byte copy
+constexpr int kPiece = int(16 / sizeof(float));  // floats per 16-byte copy
 // A slab's pieces per thread at most (J = kMaxNumOut: 320 pieces, 160 threads): a loop
 // unrolled at compile time.
 constexpr int kMaxPiecesPerThread = (Tile::kMaxNumOut * kMatrix / kPiece + Tile::kMaxThreads - 1) / Tile::kMaxThreads;
