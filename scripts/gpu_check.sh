@@ -5,9 +5,10 @@
 # torch (no venv, no downloads), builds the extension in place, runs the CUDA tests with
 # CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024} and the
 # per-call cost of the Python layers (benchmarks/call_overhead.py), the
-# per-kernel profile beside the static model's estimates, an experiment on the routing loop
-# (benchmarks/staging_experiment.py: W and u staged in shared memory, timed against the
-# direct loads), and a short MNIST training on the full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
+# per-kernel profile beside the static model's estimates, two experiments (the routing loop
+# with W and u staged in shared memory against the direct loads, benchmarks/staging_experiment.py;
+# the kernels' times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
+# training on the full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
 #
 #   PYTHON         the interpreter with torch (default: python3)
 #   DATA_DIR       MNIST in torchvision's layout (DATA_DIR/MNIST/raw; default ../shared/data)
@@ -28,7 +29,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
 ONLY=${ONLY:-}
-STEPS="environment build tests benchmark kernels staging training"
+STEPS="environment build tests benchmark kernels staging plans training"
 for name in $ONLY; do
   case " $STEPS " in
     *" $name "*) ;;
@@ -129,6 +130,8 @@ NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile 
 
 # Builds its own small extension (nvcc): needs the GPU, not capsnet._C's kernels.
 NEEDS_GPU=1 step staging "$PYTHON" -m benchmarks.staging_experiment --batch-sizes 32 128 512 1024 --out "$OUT"
+
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step plans "$PYTHON" -m benchmarks.plan_sweep --batch-sizes 32 128 512 1024 --out "$OUT"
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step training "$PYTHON" train_mnist.py --data-dir "$DATA_DIR" --out-dir "$OUT/training" \
   --epochs "$EPOCHS" --device cuda --no-progress --overwrite

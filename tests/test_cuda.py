@@ -283,6 +283,23 @@ def test_bitwise_deterministic_across_many_blocks():
             assert torch.equal(first[name], again[name]), f"{name} differs between runs"
 
 
+@pytest.mark.parametrize("choices", ["inputs_per_chunk=1,sample_groups=1", "inputs_per_chunk=200,sample_groups=8"])
+def test_plan_choices(monkeypatch, choices):
+    """CAPSNET_CUDA_PLAN (benchmarks/plan_sweep.py) changes the plan, read on every call; the
+    results stay those of the reference."""
+    case = capsnet_case(64)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    expected_inputs = _to([u, W, bias], dtype=torch.float64)
+    expected = run_routing(*expected_inputs, grad_v.double(), case.iterations, backend="reference")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
+    actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    for name in expected:
+        assert_close_report(actual[name], expected[name], f"{choices} {name}", dtype=torch.float32)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sample_groups=3")
+    with pytest.raises(RuntimeError, match="CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got 3"):
+        run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+
+
 def test_batch_1024():
     case = capsnet_case(1024)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")

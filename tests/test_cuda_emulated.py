@@ -187,6 +187,43 @@ def test_real_plan_structure(simt):
         assert_matches(actual, reference_outputs(u, W, bias, prior, grad_v, 3, leaky=leaky), torch.float32)
 
 
+def test_plan_choices_replace_the_planners(simt, monkeypatch):
+    """CAPSNET_CUDA_PLAN (benchmarks/plan_sweep.py) sets the chunk size and the gradient
+    kernel's sample groups; the results stay those of the reference whatever the plan."""
+    batch, num_in, sm_count = 96, 100, 9
+    default = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count)
+    u, W, bias, prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=True)
+    expected = reference_outputs(u, W, bias, prior, grad_v, 3)
+    for inputs, groups in [(7, 8), (1, 1)]:
+        assert (inputs, groups) != (default["inputs_per_chunk"], default["sample_groups"])
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", f"inputs_per_chunk={inputs},sample_groups={groups}")
+        plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count)
+        assert (plan["inputs_per_chunk"], plan["num_chunks"], plan["sample_groups"]) == (inputs, -(-num_in // inputs), groups)
+        assert_matches(run_emulated(simt, u, W, bias, prior, grad_v, 3, multiprocessor_count=sm_count), expected, torch.float32)
+    # Out of what the shape allows: the nearest allowed value (N_in; a group per 4 samples).
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "inputs_per_chunk=5000,sample_groups=8")
+    plan = simt.describe_plan(6, num_in, 10, 16, 8, 3, 4, sm_count)
+    assert (plan["inputs_per_chunk"], plan["num_chunks"], plan["sample_groups"]) == (num_in, 1, 2)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    assert simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count) == default
+
+
+@pytest.mark.parametrize("text, message", [
+    ("chunk=4", "CAPSNET_CUDA_PLAN: unknown choice 'chunk' in 'chunk=4'"),
+    ("inputs_per_chunk=four", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be an integer, got 'four'"),
+    ("inputs_per_chunk", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be an integer, got ''"),
+    ("inputs_per_chunk=0", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got 0"),
+    ("inputs_per_chunk=4,sample_groups=3", "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got 3"),
+])
+def test_bad_plan_choices_are_refused_with_their_name(simt, monkeypatch, text, message):
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", text)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        simt.describe_plan(4, 20, 10, 16, 8, 3, 4, 132)
+    u, W, bias, prior, grad_v = make_inputs(4, 20, 10, 16, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        simt.routing_forward(u, W, bias, None, 3, False, False, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_backward_in_slices_of_the_batch(simt, dtype):
     """A coefficient workspace above its bound makes the backward run slice by slice,

@@ -1,5 +1,5 @@
 // The staging experiment's kernels on the CPU emulator (csrc/simt), for
-// tests/test_staging_experiment.py: the staged loop must give the direct loop's sums bit for
+// tests/test_gpu_experiments.py: the staged loop must give the direct loop's sums bit for
 // bit under every thread order, on any machine.
 #include <torch/extension.h>
 

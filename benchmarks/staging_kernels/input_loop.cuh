@@ -13,7 +13,7 @@
 //   slot, the copies of inputs i+1 .. i+kStages-1 are in flight (cp.async on sm_80 and later,
 //   which needs no registers for them; before sm_80 the pipeline primitives copy synchronously).
 // benchmarks/staging_experiment.py builds and times them (input_loop.cu launches them);
-// tests/test_staging_experiment.py runs them on the CPU emulator (emulated_input_loop.cpp).
+// tests/test_gpu_experiments.py runs them on the CPU emulator (emulated_input_loop.cpp).
 #pragma once
 
 #include <cstddef>

@@ -11,6 +11,8 @@
 #include <ATen/Dispatch.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <string>
@@ -33,7 +35,54 @@ struct HostOptions {
   at::Tensor* counters_out = nullptr;
   // The backward's coefficient workspace bound (tests make it small to run the slices).
   int64_t max_coefficient_bytes = kMaxCoefficientBytes;
+  // Choices that replace the planner's (plan_choices_from_environment); none by default.
+  PlanChoices plan_choices = {};
 };
+
+// CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py): a comma-separated list of
+// `inputs_per_chunk=N` (N >= 1) and `sample_groups=N` (1, 2, 4 or 8) that replace the
+// planner's choices (PlanChoices, routing_launch.h), e.g. "inputs_per_chunk=9,sample_groups=8".
+// Read on every call, so that one process can time several plans. Unset or empty: none.
+inline PlanChoices plan_choices_from_environment() {
+  PlanChoices choices;
+  const char* text = std::getenv("CAPSNET_CUDA_PLAN");
+  if (text == nullptr) {
+    return choices;
+  }
+  const std::string all(text);
+  size_t start = 0;
+  while (start < all.size()) {
+    size_t end = all.find(',', start);
+    end = end == std::string::npos ? all.size() : end;
+    const std::string item = all.substr(start, end - start);
+    start = end + 1;
+    if (item.empty()) {
+      continue;
+    }
+    const size_t equals = item.find('=');
+    const std::string key = item.substr(0, equals);
+    const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
+    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups", "CAPSNET_CUDA_PLAN: unknown choice '", key,
+                "' in '", all, "'; the choices are inputs_per_chunk=N and sample_groups=N");
+    size_t parsed = 0;
+    long long number = 0;
+    try {
+      number = std::stoll(value, &parsed);
+    } catch (const std::exception&) {
+      parsed = 0;
+    }
+    TORCH_CHECK(parsed > 0 && parsed == value.size(), "CAPSNET_CUDA_PLAN: ", key, " must be an integer, got '", value, "'");
+    if (key == "inputs_per_chunk") {
+      TORCH_CHECK(number >= 1, "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got ", number);
+      choices.inputs_per_chunk = number;
+    } else {
+      TORCH_CHECK(number == 1 || number == 2 || number == 4 || number == 8,
+                  "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got ", number);
+      choices.sample_groups = number;
+    }
+  }
+  return choices;
+}
 
 // ---------------------------------------------------------------------------------------
 // Argument checks: those of every backend (csrc/routing_checks.h), plus where the tensors
@@ -170,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
     return {v, s_saved, couplings};
   }
   const RoutingPlan plan = plan_routing(
-      shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits);
+      shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits, options.plan_choices);
   at::Tensor partials = new_buffer({plan.partials_numel}, acc_dtype, u, options);
   at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
   at::Tensor counters = zeroed_counters(launch, plan.geometry.part.chunk_levels > 0, plan.counters_numel, u);
@@ -232,10 +281,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host
   const int64_t remainder = shape.batch % slice;
   RoutingShape slice_shape = shape;
   slice_shape.batch = slice;
-  const RoutingPlan plan = plan_routing(slice_shape, has_prior, detach_routing, acc_bytes, options.limits);
+  const RoutingPlan plan =
+      plan_routing(slice_shape, has_prior, detach_routing, acc_bytes, options.limits, options.plan_choices);
   RoutingShape remainder_shape = shape;
   remainder_shape.batch = remainder > 0 ? remainder : slice;
-  const RoutingPlan remainder_plan = plan_routing(remainder_shape, has_prior, detach_routing, acc_bytes, options.limits);
+  const RoutingPlan remainder_plan =
+      plan_routing(remainder_shape, has_prior, detach_routing, acc_bytes, options.limits, options.plan_choices);
   const auto larger = [](int64_t a, int64_t b) { return a < b ? b : a; };
   at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
   at::Tensor terms = new_buffer({plan.terms_numel}, acc_dtype, u, options);

@@ -65,7 +65,9 @@ HostOptions cuda_options() {
       device_attribute(cudaDevAttrMultiProcessorCount, device),
       device_attribute(cudaDevAttrMaxThreadsPerBlock, device),
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlock, device)};
-  return HostOptions{c10::DeviceType::CUDA, limits, /*poison_memory=*/false};
+  HostOptions options{c10::DeviceType::CUDA, limits, /*poison_memory=*/false};
+  options.plan_choices = plan_choices_from_environment();
+  return options;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_cuda(

@@ -26,6 +26,17 @@ struct DeviceLimits {
 // An H100 SXM: what the emulator plans for unless a test asks for another count of SMs.
 constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024};
 
+// Choices that replace the planner's own, for experiments that map how a GPU's time depends
+// on them (benchmarks/plan_sweep.py; set through CAPSNET_CUDA_PLAN, routing_host.h). 0: the
+// planner's choice. A choice outside what the shape allows is brought to its nearest allowed
+// value: inputs_per_chunk to [ceil(N_in / kMaxChunks), N_in]; sample_groups (the CapsNet
+// tile's gradient kernel: a power of two up to kGradientInputGroups) to at most one group
+// per 16-byte vector of samples.
+struct PlanChoices {
+  int64_t inputs_per_chunk = 0;
+  int64_t sample_groups = 0;
+};
+
 enum class TileKind { kCapsNet, kGeneric };
 
 inline const char* tile_name(TileKind tile) {
@@ -79,6 +90,7 @@ constexpr int64_t kRoutingBlocksPerMultiprocessor = 2;
 // the work of this many input capsules when the planner sizes the chunks.
 constexpr int64_t kRoutingBlockOverheadInputs = 3;
 constexpr int64_t kMinInputsPerChunk = 4;
+constexpr int64_t kMaxChunks = 65535;  // the grid's y dimension
 constexpr int64_t kGradWeightWarpsPerMultiprocessor = 24;
 constexpr int64_t kGradInputSharedBudget = 32 * 1024;
 // The CapsNet tile's gradient kernel: a group's fixed work (loading W, its level of the
@@ -180,7 +192,8 @@ inline int64_t backward_slice_batch(
 // unsupported_shape_reason accepts. acc_bytes: the size of the op-math type (workspaces
 // and shared memory are in it).
 inline RoutingPlan plan_routing(
-    const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits) {
+    const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits,
+    const PlanChoices& choices = {}) {
   using plan_detail::ceil_div;
   using plan_detail::clamp;
   using plan_detail::smallest;
@@ -219,6 +232,9 @@ inline RoutingPlan plan_routing(
       best_cost = cost;
       part.inputs_per_chunk = inputs;
     }
+  }
+  if (choices.inputs_per_chunk > 0) {
+    part.inputs_per_chunk = clamp(choices.inputs_per_chunk, ceil_div(num_in, kMaxChunks), num_in);
   }
   part.num_chunks = ceil_div(num_in, part.inputs_per_chunk);
   part.chunk_levels = plan_detail::bit_length(part.num_chunks - 1);
@@ -266,6 +282,13 @@ inline RoutingPlan plan_routing(
       if (best < 0 || cost < best) {
         best = cost;
         groups = z;
+      }
+    }
+    if (choices.sample_groups > 0) {
+      groups = 1;
+      while (groups * 2 <= smallest(choices.sample_groups, int64_t(kGradientInputGroups)) &&
+             ceil_div(batch, vector_values) >= groups * 2) {
+        groups *= 2;
       }
     }
     part.sample_groups = groups;

@@ -65,7 +65,9 @@ struct EmulatedLauncher {
 HostOptions emulated_host(int64_t multiprocessor_count) {
   DeviceLimits limits = capsnet::cuda::kH100Limits;
   limits.multiprocessor_count = multiprocessor_count;
-  return HostOptions{c10::DeviceType::CPU, limits, /*poison_memory=*/true};
+  HostOptions host{c10::DeviceType::CPU, limits, /*poison_memory=*/true};
+  host.plan_choices = capsnet::cuda::plan_choices_from_environment();  // as the CUDA launcher
+  return host;
 }
 
 EmulatedLauncher emulated_launcher(const HostOptions& host, const std::string& schedule, uint64_t seed) {
@@ -127,7 +129,7 @@ pybind11::dict describe_plan(
   const HostOptions host = emulated_host(multiprocessor_count);
   const capsnet::RoutingShape shape{batch, num_in, num_out, dim_out, dim_in, num_iterations};
   const capsnet::cuda::RoutingPlan plan =
-      capsnet::cuda::plan_routing(shape, has_prior, detach_routing, acc_bytes, host.limits);
+      capsnet::cuda::plan_routing(shape, has_prior, detach_routing, acc_bytes, host.limits, host.plan_choices);
   const capsnet::cuda::RoutingPartition& part = plan.geometry.part;
   pybind11::dict out;
   out["tile"] = capsnet::cuda::tile_name(plan.tile);

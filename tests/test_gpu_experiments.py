@@ -1,15 +1,20 @@
-"""The staging experiment's kernels (benchmarks/staging_kernels, timed on a GPU by
+"""The GPU experiments of make gpu-check, checked without a GPU.
+
+The staging experiment's kernels (benchmarks/staging_kernels, timed on a GPU by
 benchmarks/staging_experiment.py) on the CPU emulator: W and u staged in a ring of shared
 memory slots must give the direct loop's partial sums bit for bit, under every thread order
 (a slot refilled while a thread still reads it would show as a difference), and those sums
-must be the chunks' sums of W[i, j] u[b, i]."""
+must be the chunks' sums of W[i, j] u[b, i]. The plan sweep (benchmarks/plan_sweep.py): the
+plans it asks for and its fit of a kernel's time to inputs per chunk and tree levels."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from benchmarks import emulator
+from benchmarks import emulator, plan_sweep
 from benchmarks.staging_experiment import KERNELS, STAGES, reference_partials
 
 
@@ -53,3 +58,27 @@ def test_bad_arguments_are_refused_with_their_names(loop):
         loop(u, W, 0, 0, "ascending", 0)
     with pytest.raises(RuntimeError, match=r"W must be \[N_in, 1 <= N_out <= 10, 16, 8\]"):
         loop(u, W[:4], 2, 0, "ascending", 0)
+
+
+def test_plan_sweep_asks_for_the_plans_it_names(monkeypatch):
+    monkeypatch.delenv("CAPSNET_CUDA_PLAN", raising=False)
+    planned = plan_sweep.describe(128, 132)
+    choices = plan_sweep.choices_for(128, 132)
+    assert choices[0] == "" and len(choices) == len(set(choices))
+    for choice in choices[1:]:
+        with plan_sweep.plan_choices(choice):
+            plan = plan_sweep.describe(128, 132)
+        key, value = choice.split("=")
+        assert plan[key] == int(value) and plan[key] != planned[key], (choice, plan, planned)
+    assert "CAPSNET_CUDA_PLAN" not in os.environ
+
+
+def test_plan_sweep_fit_separates_inputs_and_levels():
+    a, b, c = 4.0, 1.5, 3.0
+    rows = [dict(choices=f"inputs_per_chunk={n}", plan=dict(inputs_per_chunk=n, chunk_levels=levels),
+                 us={"k": a + b * n + c * levels})
+            for n, levels in [(1, 11), (2, 10), (5, 8), (10, 7), (20, 6)]]
+    rows.append(dict(choices="sample_groups=8", plan=dict(inputs_per_chunk=5, chunk_levels=8), us={"k": 1000.0}))
+    fit = plan_sweep.fit_chunk_costs(rows, "k")
+    assert fit == pytest.approx(dict(a=a, b=b, c=c), abs=1e-9)
+    assert plan_sweep.fit_chunk_costs(rows[:2], "k") is None
