@@ -519,6 +519,17 @@ def loop_weights(
 # ---------------------------------------------------------------------------------------
 # The plan, the launches, the estimate.
 # ---------------------------------------------------------------------------------------
+def describe_plan(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool = False) -> dict:
+    """The real planner's plan (routing_launch.h, through the emulator module) for a call
+    without a logit prior, under the current CAPSNET_CUDA_PLAN."""
+    from benchmarks import emulator
+
+    return emulator.load().describe_plan(
+        batch, shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms,
+        False, detach,
+    )
+
+
 def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool):
     """(plan dict, [(launch text, plan key)]) from the emulator module: the real planner and
     launch order."""
@@ -527,10 +538,7 @@ def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, 
     from benchmarks import emulator
 
     simt = emulator.load()
-    plan = simt.describe_plan(
-        batch, shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms,
-        False, detach,
-    )
+    plan = describe_plan(batch, shape, iterations, acc_bytes, sms, detach)
     # The launch order depends on r, the options and whether the chunks are added up in a
     # tree (a memset of its counters) only: run a tiny call of the same kind.
     tiny = torch.Generator().manual_seed(0)

@@ -46,8 +46,8 @@ def load():
 def build_module(name: str, sources: list, include_paths: tuple = ()):
     """Compiles `sources` (with csrc/simt/simt.cpp, or a file that includes it, among them)
     against the emulator into module `name`, with the emulator's flags; sanitized (and
-    named `name`_asan) under CAPSNET_SIMT_SANITIZE=1. Each module builds in its own folder
-    under build_directory()."""
+    named `name`_asan) under CAPSNET_SIMT_SANITIZE=1, in its own folder under
+    build_directory()."""
     from torch.utils.cpp_extension import load as load_extension
 
     # C++20 for std::source_location; `#pragma unroll` means nothing to g++; no contraction
@@ -58,10 +58,8 @@ def build_module(name: str, sources: list, include_paths: tuple = ()):
         cflags += SANITIZER_FLAGS
         ldflags += ["-fsanitize=address,undefined"]
         name += "_asan"
-    directory = build_directory()
-    if name.removesuffix("_asan") != "capsnet_simt":  # the emulator's module in the folder, others below it
-        directory = os.path.join(directory, name)
-        os.makedirs(directory, exist_ok=True)
+    directory = os.path.join(build_directory(), name)
+    os.makedirs(directory, exist_ok=True)
     return load_extension(
         name=name,
         sources=[str(source) for source in sources],

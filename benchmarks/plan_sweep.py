@@ -60,10 +60,7 @@ def plan_choices(text: str):
 
 def describe(batch: int, sms: int) -> dict:
     """The plan the kernels get for this batch under the current CAPSNET_CUDA_PLAN."""
-    from benchmarks import emulator
-
-    plan = emulator.load().describe_plan(
-        batch, CAPSNET["num_in"], CAPSNET["num_out"], CAPSNET["dim_out"], CAPSNET["dim_in"], 3, 4, sms, False, False)
+    plan = cuda_model.describe_plan(batch, CAPSNET, 3, 4, sms)
     return {key: int(plan[key]) for key in ("inputs_per_chunk", "num_chunks", "chunk_levels", "sample_groups")}
 
 

@@ -63,8 +63,7 @@ def build():
 def inputs_per_chunk(batch: int) -> int:
     """The chunk size the library's planner gives a float32 CapsNet-shape call on this GPU."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    plan, _, _ = cuda_model.plan_and_launches(batch, CAPSNET, 3, 4, sms, False)
-    return int(plan["inputs_per_chunk"])
+    return int(cuda_model.describe_plan(batch, CAPSNET, 3, 4, sms)["inputs_per_chunk"])
 
 
 def reference_partials(u: torch.Tensor, W: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -14,13 +14,6 @@ namespace {
 
 namespace experiment = capsnet::cuda::staging_experiment;
 
-template <int kStages>
-void launch(const experiment::LoopProblem& p, const simt::LaunchOptions& options) {
-  simt::launch("input_loop_kernel", experiment::loop_grid(p), experiment::loop_block(p),
-               kStages == 0 ? 0 : experiment::shared_bytes(kStages, p.num_out), options,
-               [&] { experiment::input_loop_kernel<kStages>(p); }, experiment::Tile::kMaxThreads);
-}
-
 torch::Tensor input_loop(const torch::Tensor& u, const torch::Tensor& W, int64_t inputs_per_chunk, int64_t stages,
                          const std::string& schedule, uint64_t seed) {
   TORCH_CHECK(u.is_cpu(), "input_loop (emulated): u and W must be CPU tensors, got ", u.device());
@@ -28,12 +21,12 @@ torch::Tensor input_loop(const torch::Tensor& u, const torch::Tensor& W, int64_t
   simt::LaunchOptions options;
   options.schedule = simt::parse_schedule(schedule);
   options.seed = seed;
-  switch (stages) {
-    case 0: launch<0>(t.problem, options); break;
-    case 2: launch<2>(t.problem, options); break;
-    case 3: launch<3>(t.problem, options); break;
-    default: launch<4>(t.problem, options); break;
-  }
+  const experiment::LoopProblem& p = t.problem;
+  experiment::with_stages(int(stages), [&](auto count) {
+    simt::launch("input_loop_kernel", experiment::loop_grid(p), experiment::loop_block(p),
+                 experiment::shared_bytes(int(stages), p.num_out), options,
+                 [&] { experiment::input_loop_kernel<decltype(count)::value>(p); }, experiment::Tile::kMaxThreads);
+  });
   return t.partials;
 }
 

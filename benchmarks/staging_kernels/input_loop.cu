@@ -8,14 +8,10 @@ cudaError_t launch_input_loop(const LoopProblem& p, int stages, cudaStream_t str
   const dim3 grid = loop_grid(p);
   const dim3 block = loop_block(p);
   const size_t shared = shared_bytes(stages, p.num_out);
-  switch (stages) {
-    case 0: input_loop_kernel<0><<<grid, block, 0, stream>>>(p); break;
-    case 2: input_loop_kernel<2><<<grid, block, shared, stream>>>(p); break;
-    case 3: input_loop_kernel<3><<<grid, block, shared, stream>>>(p); break;
-    case 4: input_loop_kernel<4><<<grid, block, shared, stream>>>(p); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  const bool known = with_stages(stages, [&](auto count) {
+    input_loop_kernel<decltype(count)::value><<<grid, block, shared, stream>>>(p);
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 }  // namespace capsnet::cuda::staging_experiment

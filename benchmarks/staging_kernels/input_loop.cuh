@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_pipeline.h>
@@ -70,6 +71,19 @@ inline dim3 loop_grid(const LoopProblem& p) {
               unsigned((p.num_in + p.inputs_per_chunk - 1) / p.inputs_per_chunk));
 }
 inline dim3 loop_block(const LoopProblem& p) { return dim3(unsigned(Tile::kLanes), unsigned(p.num_out)); }
+
+// launch(std::integral_constant<int, kStages>{}) for a run-time stage count; false (nothing
+// called) for a count without a kernel.
+template <typename Launch>
+bool with_stages(int stages, Launch&& launch) {
+  switch (stages) {
+    case 0: launch(std::integral_constant<int, 0>{}); return true;
+    case 2: launch(std::integral_constant<int, 2>{}); return true;
+    case 3: launch(std::integral_constant<int, 3>{}); return true;
+    case 4: launch(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
+}
 
 template <int kStages>
 __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loop_kernel(const LoopProblem p) {
