@@ -287,13 +287,15 @@ def instruction_class(instruction: Instruction) -> str:
         return "ldg.128" if ".128" in op else "ldg"
     if base in ("STG", "ST", "RED", "ATOM", "ATOMG", "REDG"):
         return "stg"
+    if base == "LDGSTS":  # an asynchronous copy from global to shared memory (cp.async)
+        return "ldgsts"
     if base == "LDS":
         return "lds"
     if base == "STS":
         return "sts"
     if base in ("LDL", "STL"):
         return "local"
-    if base in ("BAR", "BSYNC", "BSSY", "WARPSYNC", "MEMBAR", "ERRBAR", "CGAERRBAR", "CCTL", "DEPBAR"):
+    if base in ("BAR", "BSYNC", "BSSY", "WARPSYNC", "MEMBAR", "ERRBAR", "CGAERRBAR", "CCTL", "DEPBAR", "LDGDEPBAR"):
         return "barrier" if base == "BAR" else "control"
     if base in ("BRA", "EXIT", "RET", "CALL", "JMP", "BRX", "NOP", "YIELD"):
         return "control"
@@ -309,7 +311,7 @@ def instruction_class(instruction: Instruction) -> str:
 # The execution pipe of each class ("issue": an issue slot only).
 PIPE_OF_CLASS = {
     "ffma": "fp32", "fp32 other": "fp32", "fp32 compare": "alu", "integer": "alu", "fp64": "fp64", "mufu": "mufu",
-    "convert": "convert", "ldg": "lsu", "ldg.128": "lsu", "stg": "lsu", "lds": "lsu", "sts": "lsu", "local": "lsu",
+    "convert": "convert", "ldg": "lsu", "ldg.128": "lsu", "ldgsts": "lsu", "stg": "lsu", "lds": "lsu", "sts": "lsu", "local": "lsu",
     "constant": "issue", "uniform": "issue", "barrier": "issue", "control": "issue",
 }
 
@@ -615,7 +617,8 @@ def row_key(launch: str) -> str:
     if "<" in launch and re.search(r"\btrue\b", launch) and name.startswith("forward_partial_sums"):
         return name + "<first>"  # the kernels before the rework
     m = re.search(r"::(k\w+)", launch)
-    return f"{name}<{m.group(1)}>" if m else name
+    staged = ", staged" if "kInputRingSlots" in launch else ""  # W and u through the InputRing
+    return f"{name}<{m.group(1)}{staged}>" if m else name
 
 
 @dataclass
@@ -819,7 +822,7 @@ def format_table(title: str, rows: list[KernelEstimate]) -> str:
     for row in rows:
         total = row.warp_instructions or 1.0
         ffma = row.classes.get("ffma", 0.0) + row.classes.get("fp64", 0.0)
-        ldg = row.classes.get("ldg", 0.0) + row.classes.get("ldg.128", 0.0)
+        ldg = sum(row.classes.get(cls, 0.0) for cls in ("ldg", "ldg.128", "ldgsts"))  # cp.async too
         lds = row.classes.get("lds", 0.0) + row.classes.get("sts", 0.0)
         if row.kernel == MEMSET:
             lines.append(f"| {row.kernel} | {row.launches} | | | | | | | | | | | gap | {row.microseconds:.1f} |")

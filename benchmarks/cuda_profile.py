@@ -2,12 +2,14 @@
 
     python -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out benchmarks/results/gpu-check
     python -m benchmarks.cuda_profile --dry-run      # no GPU: the model's side only, to check the script
+    CAPSNET_CUDA_PLAN=staging_slots=3 python -m benchmarks.cuda_profile --suffix=-staged   # another plan
 
 For each batch size: a CapsNet-shape float32 forward+backward (r = 3), warmed up, then
 ``--steps`` steps under torch.profiler; each CUDA kernel's device time per step, grouped as
 benchmarks/cuda_model.py groups them (``forward_iteration_kernel<kLater>``, ...), beside the
 model's estimate for the architecture of the device (sm_90 without a GPU) and the ratio.
-Writes ``cuda-kernels.md`` and ``.json`` into ``--out``.
+Writes ``cuda-kernels<suffix>.md`` and ``.json`` into ``--out``. Both sides follow
+CAPSNET_CUDA_PLAN (docs/CUDA.md, "Launch plan"), which the header line names.
 """
 
 from __future__ import annotations
@@ -29,20 +31,23 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     """A profiler event's name as cuda_model names its rows:
     'void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2>(...)'
     (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
-    -> 'cudaMemsetAsync'; None for other kernels."""
+    -> 'cudaMemsetAsync'; None for other kernels. A forward kernel whose last template argument
+    (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'."""
     if kernel_name.startswith("Memset"):
         return cuda_model.MEMSET
     m = re.search(r"capsnet::cuda::(\w+_kernel)<(.*)>\s*\(", kernel_name)
     if not m:
         return None
     name, arguments = m.groups()
+    slots = re.search(r",\s*(\d+)\s*$", arguments) if name == "forward_iteration_kernel" else None
+    staged = ", staged" if slots and int(slots.group(1)) > 0 else ""
     named = re.search(r"::(k\w+)\b", arguments)
     if named:
-        return f"{name}<{named.group(1)}>"
+        return f"{name}<{named.group(1)}{staged}>"
     numbered = re.search(r"\(capsnet::cuda::(\w+)\)(\d+)", arguments)
     if numbered:
         enums = cuda_model.enum_values() if enums is None else enums
-        return f"{name}<{enums[numbered.group(1)][int(numbered.group(2))]}>"
+        return f"{name}<{enums[numbered.group(1)][int(numbered.group(2))]}{staged}>"
     return name
 
 
@@ -91,6 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--dry-run", action="store_true", help="no GPU: the model's estimates only")
+    parser.add_argument("--suffix", default="", help="added to the output files' names (cuda-kernels<suffix>.md)")
     return parser.parse_args(argv)
 
 
@@ -100,9 +106,11 @@ def main(argv=None) -> int:
         raise SystemExit("cuda_profile: no CUDA GPU is visible (use --dry-run to check the script without one)")
     arch = device_arch()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
+    plan = os.environ.get("CAPSNET_CUDA_PLAN", "")
     lines = [
         f"Per-kernel times of one CapsNet-shape float32 forward+backward (r = 3) on {device}, "
-        f"beside benchmarks/cuda_model.py's estimates for {arch}.",
+        f"beside benchmarks/cuda_model.py's estimates for {arch}"
+        + (f", under CAPSNET_CUDA_PLAN={plan}." if plan else ", under the planner's own plan."),
         "",
         "| B | kernel | measured us | model us | measured / model |",
         "|---|---|---|---|---|",
@@ -132,10 +140,10 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cuda-kernels.md"), "w") as f:
+    with open(os.path.join(args.out, f"cuda-kernels{args.suffix}.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "cuda-kernels.json"), "w") as f:
-        json.dump(dict(device=device, arch=arch, dry_run=args.dry_run, rows=records), f, indent=2)
+    with open(os.path.join(args.out, f"cuda-kernels{args.suffix}.json"), "w") as f:
+        json.dump(dict(device=device, arch=arch, dry_run=args.dry_run, plan=plan, rows=records), f, indent=2)
     return 0
 
 

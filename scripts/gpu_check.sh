@@ -5,9 +5,10 @@
 # torch (no venv, no downloads), builds the extension in place, runs the CUDA tests with
 # CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024} and the
 # per-call cost of the Python layers (benchmarks/call_overhead.py), the
-# per-kernel profile beside the static model's estimates, two experiments (the routing loop
+# per-kernel profile beside the static model's estimates, three experiments (the routing loop
 # with W and u staged in shared memory against the direct loads, benchmarks/staging_experiment.py;
-# the kernels' times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
+# the library's forward kernels with their input ring, CAPSNET_CUDA_PLAN=staging_slots=3; the
+# kernels' times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
 # training on the full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
 #
 #   PYTHON         the interpreter with torch (default: python3)
@@ -29,7 +30,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
 ONLY=${ONLY:-}
-STEPS="environment build tests benchmark kernels staging plans training"
+STEPS="environment build tests benchmark kernels staging staged plans training"
 for name in $ONLY; do
   case " $STEPS " in
     *" $name "*) ;;
@@ -130,6 +131,11 @@ NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile 
 
 # Builds its own small extension (nvcc): needs the GPU, not capsnet._C's kernels.
 NEEDS_GPU=1 step staging "$PYTHON" -m benchmarks.staging_experiment --batch-sizes 32 128 512 1024 --out "$OUT"
+
+# The library's forward kernels with W and u through their shared-memory ring
+# (CAPSNET_CUDA_PLAN=staging_slots=3), per kernel beside the kernels step's direct loads.
+NEEDS_GPU=0 NEEDS_EXTENSION=1 step staged env CAPSNET_CUDA_PLAN=staging_slots=3 "$PYTHON" -m benchmarks.cuda_profile \
+  --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-staged $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step plans "$PYTHON" -m benchmarks.plan_sweep --batch-sizes 32 128 512 1024 --out "$OUT"
 

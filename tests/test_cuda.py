@@ -300,6 +300,27 @@ def test_plan_choices(monkeypatch, choices):
         run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
 
 
+@pytest.mark.parametrize("batch", [37, 128])
+def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
+    """staging_slots=3 (W and u through the forward's shared-memory ring, cp.async on sm_80
+    and later): the very bits of the direct loads, and the reference's values. On the GPU the
+    copies really are asynchronous, which the emulator cannot show: a missing wait would
+    read a slot before its copies landed."""
+    case = capsnet_case(batch)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", return_couplings=True)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
+    for _ in range(3):
+        staged = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", return_couplings=True)
+        for name in direct:
+            assert torch.equal(staged[name], direct[name]), f"B={batch} {name}: staged differs from direct"
+    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference",
+                           return_couplings=True)
+    for name in expected:
+        assert_close_report(staged[name], expected[name], f"staged B={batch} {name}", dtype=torch.float32)
+
+
 def test_batch_1024():
     case = capsnet_case(1024)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")

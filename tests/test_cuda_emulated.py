@@ -208,12 +208,74 @@ def test_plan_choices_replace_the_planners(simt, monkeypatch):
     assert simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count) == default
 
 
+def staged_launches(simt):
+    """The forward launches since clear_launch_log() that read W and u through the InputRing."""
+    return [name for name in simt.full_launch_log() if "forward_iteration" in name and "kInputRingSlots" in name]
+
+
+# (batch, N_in, J, CAPSNET_CUDA_PLAN's other choices, SMs): several chunks with a short last
+# one and idle samples in the last sample tile; chunks shorter than the ring (1 and 2
+# inputs); the smallest staged block (J = 4: one u piece per thread, every thread copying).
+STAGED_PROBLEMS = [(37, 100, 10, "", 9), (37, 20, 10, "inputs_per_chunk=1", 9), (40, 20, 10, "inputs_per_chunk=2", 9),
+                   (33, 30, 4, "", 5)]
+
+
+@pytest.mark.parametrize("problem", STAGED_PROBLEMS, ids=["chunks", "one-input-chunks", "two-input-chunks", "four-capsules"])
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True)], ids=["default", "prior", "leaky"])
+def test_staged_inputs_give_the_direct_loads_bits(simt, monkeypatch, problem, flags):
+    """staging_slots=3: the forward kernels read W and u through a ring of shared-memory
+    slots filled inputs ahead (routing_staging.cuh). Under every thread and block order the
+    outputs are bitwise those of the direct loads: each slot holds exactly what the direct
+    loads would have read, and no copy lands in a slot that a thread still reads (on the
+    emulator a copy lands at once, so a missing barrier shows as a difference)."""
+    batch, num_in, num_out, other_choices, sm_count = problem
+    prior, leaky = flags
+    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, num_out, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    choices = ",".join(c for c in (other_choices,) if c)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
+    direct_plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count)
+    direct = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, multiprocessor_count=sm_count)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "staging_slots=3") if c))
+    plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count)
+    assert plan["staging_slots"] == 3 and plan["inputs_per_chunk"] == direct_plan["inputs_per_chunk"], plan
+    ring_bytes = 3 * (num_out * 16 * 8 + 32 * 12) * 4  # three slots: W slab + 32 padded u rows
+    added = plan["launches"]["forward_iteration_kernel"]["shared_bytes"] - direct_plan["launches"]["forward_iteration_kernel"]["shared_bytes"]
+    assert added == ring_bytes, plan
+    for schedule, seed in SCHEDULES:
+        simt.clear_launch_log()
+        staged = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, schedule=schedule, seed=seed,
+                              multiprocessor_count=sm_count)
+        assert len(staged_launches(simt)) == 3, simt.full_launch_log()
+        for name, a, e in zip(OUTPUT_NAMES, staged, direct):
+            assert torch.equal(a, e), f"{name} differs from the direct loads' under the {schedule} order (seed {seed})"
+
+
+@pytest.mark.parametrize("case", ["float16", "float64", "three-capsules", "generic-tile"])
+def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
+    """The ring holds float32 rows of the CapsNet tile with J >= 4; elsewhere staging_slots=3
+    plans and runs the direct loads (with their results)."""
+    dtype = {"float16": torch.float16, "float64": torch.float64}.get(case, torch.float32)
+    shape = {"three-capsules": (5, 12, 3, 16, 8), "generic-tile": (5, 12, 10, 8, 8)}.get(case, (5, 12, 10, 16, 8))
+    u, W, bias, _, _ = make_inputs(*shape, dtype)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    expected = simt.routing_forward(u, W, bias, None, 3, False, False, True)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
+    if dtype != torch.float16:  # the planner sees the op-math size only; the host drops the choice for half storage
+        assert simt.describe_plan(*shape, 3, 8 if dtype == torch.float64 else 4, 132)["staging_slots"] == 0
+    simt.clear_launch_log()
+    actual = simt.routing_forward(u, W, bias, None, 3, False, False, True)
+    assert staged_launches(simt) == [] and "forward_iteration_kernel" in simt.launch_log()
+    for name, a, e in zip(("v", "s_saved", "couplings"), actual, expected):
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.parametrize("text, message", [
     ("chunk=4", "CAPSNET_CUDA_PLAN: unknown choice 'chunk' in 'chunk=4'"),
     ("inputs_per_chunk=four", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be an integer, got 'four'"),
     ("inputs_per_chunk", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be an integer, got ''"),
     ("inputs_per_chunk=0", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got 0"),
     ("inputs_per_chunk=4,sample_groups=3", "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got 3"),
+    ("staging_slots=2", "CAPSNET_CUDA_PLAN: staging_slots must be 0 or 3, got 2"),
 ])
 def test_bad_plan_choices_are_refused_with_their_name(simt, monkeypatch, text, message):
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", text)

@@ -92,3 +92,27 @@ def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
     message = capsys.readouterr().err
     assert "--lines 'kLaterr' matches no kernel of this call" in message
     assert "forward_iteration_kernel<kLater>" in message and "gradient_kernel" in message
+
+
+@pytest.mark.parametrize("launch, profiled, key", [
+    ("forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater>",
+     "void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2, 0>"
+     "(capsnet::cuda::ForwardParams<float>)", "forward_iteration_kernel<kLater>"),
+    ("forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater, kInputRingSlots>",
+     "void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2, 3>"
+     "(capsnet::cuda::ForwardParams<float>)", "forward_iteration_kernel<kLater, staged>"),
+    ("forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst, kInputRingSlots>",
+     "void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, capsnet::cuda::ForwardStep::kUniformFirst, 3>"
+     "(capsnet::cuda::ForwardParams<float>)", "forward_iteration_kernel<kUniformFirst, staged>"),
+    ("backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>",
+     "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)1, false>"
+     "(capsnet::cuda::BackwardParams<float>)", "backward_sweep_kernel<kLogitGrads>"),
+])
+def test_the_model_and_the_profiler_name_a_kernel_alike(launch, profiled, key):
+    """The model's row (from the emulator's launch log) and the profiler's event (the
+    demangled name, enumerators as numbers or names, the ring's slots as the last argument)
+    meet under one key, so that cuda_profile puts a measured time beside its estimate."""
+    from benchmarks import cuda_profile
+
+    assert cuda_model.row_key(launch) == key
+    assert cuda_profile.model_key(profiled) == key

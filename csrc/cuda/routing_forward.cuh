@@ -14,6 +14,7 @@
 // (routing_tree.cuh), whose last block squashes.
 #pragma once
 
+#include "routing_staging.cuh"
 #include "routing_tree.cuh"
 
 namespace capsnet::cuda {
@@ -77,7 +78,9 @@ enum class ForwardStep {
 // the prediction's multiply-adds). At the last iteration, when asked, couplings[b, i, j] =
 // c_k[i, j]. Then the chunk tree adds the partials up, and its last block per sample tile
 //   s_k = sum + bias -> s_saved[b, k];  V_{k+1} = V_k + squash(s_k), or v = squash(s_k) (Eq. 1).
-template <typename scalar_t, typename Tile, ForwardStep kStep>
+// kStagingSlots > 0 (CapsNet tile, float32): W and u come through an InputRing of that many
+// slots in shared memory instead of straight from global memory, with the same results.
+template <typename scalar_t, typename Tile, ForwardStep kStep, int kStagingSlots = 0>
 __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_iteration_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   using Rows = ThreadRows<acc_t, Tile>;
@@ -85,6 +88,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
   constexpr int kDim = Tile::kMaxDimOut;
   constexpr bool kExact = Tile::kExactDimOut;
   constexpr bool kLogits = kStep == ForwardStep::kLater || kStep == ForwardStep::kLaterLeaky;
+  constexpr bool kStaged = kStagingSlots > 0;
+  static_assert(!kStaged || std::is_same_v<scalar_t, float>, "the input ring holds float32 rows");
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const RoutingThread<Tile, kSamples> t = RoutingThread<Tile, kSamples>::locate(g);
@@ -129,19 +134,40 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
 
   acc_t sums[kSamples][kDim];
   fill(sums, acc_t(0));
+  using Ring = std::conditional_t<kStaged, InputRing<Tile, kStagingSlots>, DirectInputs>;
+  [[maybe_unused]] Ring ring{};
+  if constexpr (kStaged) {
+    ring = Ring::locate(g, t);
+    ring.start(p.W, p.u, t.inputs);
+  }
   for (int left = t.inputs; left > 0; --left) {  // model-loop: inputs_per_chunk
+    // This input's W[i, j] and u rows: in global memory, or in the ring's slot.
+    const scalar_t* W_ij = p.W + W_offset;
+    const scalar_t* u_rows[kSamples];
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      u_rows[s] = p.u + u_offset[s];
+    }
+    if constexpr (kStaged) {
+      const float* slot = ring.arrive(p.W, p.u, t.inputs - left, t.inputs);
+      W_ij = ring.weights(slot, t.j);
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+        u_rows[s] = ring.input_row(slot, s, t.lane);
+      }
+    }
     acc_t u_i[kSamples][Tile::kMaxDimIn];
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
-      load_row<Tile>(p.u + u_offset[s], dim_in, u_i[s]);
+      load_row<Tile>(u_rows[s], dim_in, u_i[s]);
       u_offset[s] += dim_in;
     }
     if constexpr (kStep == ForwardStep::kUniformFirst) {
       // Every c_0 is the same: sum u_hat, scaled once at the end.
-      add_prediction<Tile>(p.W + W_offset, u_i, dim_out, dim_in, sums);
+      add_prediction<Tile>(W_ij, u_i, dim_out, dim_in, sums);
     } else {
       acc_t u_hat[kSamples][kDim];
-      predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
+      predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
       acc_t c[kSamples];
       if constexpr (kStep == ForwardStep::kPriorFirst) {
         fill(c, p.prior_couplings[pair]);

@@ -39,9 +39,10 @@ struct HostOptions {
   PlanChoices plan_choices = {};
 };
 
-// CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py): a comma-separated list of
-// `inputs_per_chunk=N` (N >= 1) and `sample_groups=N` (1, 2, 4 or 8) that replace the
-// planner's choices (PlanChoices, routing_launch.h), e.g. "inputs_per_chunk=9,sample_groups=8".
+// CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py, benchmarks/cuda_profile.py):
+// a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8)
+// and `staging_slots=N` (0 or kInputRingSlots) that replace the planner's choices
+// (PlanChoices, routing_launch.h), e.g. "inputs_per_chunk=9,sample_groups=8".
 // Read on every call, so that one process can time several plans. Unset or empty: none.
 inline PlanChoices plan_choices_from_environment() {
   PlanChoices choices;
@@ -62,8 +63,9 @@ inline PlanChoices plan_choices_from_environment() {
     const size_t equals = item.find('=');
     const std::string key = item.substr(0, equals);
     const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
-    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups", "CAPSNET_CUDA_PLAN: unknown choice '", key,
-                "' in '", all, "'; the choices are inputs_per_chunk=N and sample_groups=N");
+    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots",
+                "CAPSNET_CUDA_PLAN: unknown choice '", key, "' in '", all,
+                "'; the choices are inputs_per_chunk=N, sample_groups=N and staging_slots=N");
     size_t parsed = 0;
     long long number = 0;
     try {
@@ -75,6 +77,10 @@ inline PlanChoices plan_choices_from_environment() {
     if (key == "inputs_per_chunk") {
       TORCH_CHECK(number >= 1, "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got ", number);
       choices.inputs_per_chunk = number;
+    } else if (key == "staging_slots") {
+      TORCH_CHECK(number == 0 || number == kInputRingSlots, "CAPSNET_CUDA_PLAN: staging_slots must be 0 or ",
+                  kInputRingSlots, ", got ", number);
+      choices.staging_slots = number;
     } else {
       TORCH_CHECK(number == 1 || number == 2 || number == 4 || number == 8,
                   "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got ", number);
@@ -218,8 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
   if (shape.batch == 0) {
     return {v, s_saved, couplings};
   }
-  const RoutingPlan plan = plan_routing(
-      shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits, options.plan_choices);
+  PlanChoices choices = options.plan_choices;
+  if (u.scalar_type() != at::kFloat) {
+    choices.staging_slots = 0;  // the input ring holds float32 rows
+  }
+  const RoutingPlan plan =
+      plan_routing(shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits, choices);
   at::Tensor partials = new_buffer({plan.partials_numel}, acc_dtype, u, options);
   at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
   at::Tensor counters = zeroed_counters(launch, plan.geometry.part.chunk_levels > 0, plan.counters_numel, u);

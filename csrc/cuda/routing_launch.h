@@ -31,10 +31,14 @@ constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024};
 // planner's choice. A choice outside what the shape allows is brought to its nearest allowed
 // value: inputs_per_chunk to [ceil(N_in / kMaxChunks), N_in]; sample_groups (the CapsNet
 // tile's gradient kernel: a power of two up to kGradientInputGroups) to at most one group
-// per 16-byte vector of samples.
+// per 16-byte vector of samples. staging_slots: 0 (direct loads) or kInputRingSlots (the
+// forward kernels read W and u through an InputRing, routing_staging.cuh), honoured for
+// the CapsNet tile with float32 storage and J >= kMinStagedNumOut when the ring fits in the
+// shared memory of a block, else 0.
 struct PlanChoices {
   int64_t inputs_per_chunk = 0;
   int64_t sample_groups = 0;
+  int64_t staging_slots = 0;
 };
 
 enum class TileKind { kCapsNet, kGeneric };
@@ -70,6 +74,7 @@ struct RoutingPlan {
   TileKind tile;
   KernelLaunch prior_coupling;
   KernelLaunch forward_iteration;  // forward_iteration_kernel
+  int staging_slots;               // of its InputRing (0: direct loads)
   KernelLaunch backward_sweep;     // backward_sweep_kernel
   KernelLaunch backward_output;    // backward_output_kernel (r = 1: no sweep)
   KernelLaunch gradients;          // gradient_kernel (CapsNet tile)
@@ -190,7 +195,8 @@ inline int64_t backward_slice_batch(
 
 // The plan for one call (or one backward slice) with batch >= 1 on a shape that
 // unsupported_shape_reason accepts. acc_bytes: the size of the op-math type (workspaces
-// and shared memory are in it).
+// and shared memory are in it). choices.staging_slots must be 0 unless the storage is
+// float32 (routing_host.h).
 inline RoutingPlan plan_routing(
     const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits,
     const PlanChoices& choices = {}) {
@@ -256,6 +262,13 @@ inline RoutingPlan plan_routing(
                                               : thread_row_elements<GenericTile>(routing_threads, kinds, int(acc_bytes)));
   };
   plan.forward_iteration = {routing_grid, routing_block, exchange_bytes + thread_rows(1)};
+  if (choices.staging_slots > 0 && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
+    const size_t ring_bytes = size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
+    if (plan.forward_iteration.shared_bytes + ring_bytes <= size_t(limits.max_shared_bytes_per_block)) {
+      plan.forward_iteration.shared_bytes += ring_bytes;
+      plan.staging_slots = kInputRingSlots;
+    }
+  }
   plan.backward_sweep = {routing_grid, routing_block, exchange_bytes + thread_rows(2)};
 
   // backward_output_kernel (r = 1): the sweep's blocks without the input chunks.

@@ -8,6 +8,8 @@
 // (cuda_launcher.h) and the CPU emulator's (csrc/simt/emulated_routing.cpp) run them.
 #pragma once
 
+#include <type_traits>
+
 #include "routing_gradients.cuh"
 #include "routing_launch.h"
 
@@ -53,6 +55,20 @@ void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardPara
     for (int k = 0; k < plan.geometry.shape.iterations; ++k) {
       p.iteration = k;
       const KernelLaunch& config = plan.forward_iteration;
+      if constexpr (std::is_same_v<scalar_t, float> && Tile::kLanes > 0) {
+        if (plan.staging_slots == kInputRingSlots) {  // W and u through the InputRing
+          if (k == 0 && p.prior_couplings == nullptr) {
+            launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst, kInputRingSlots>), config, p);
+          } else if (k == 0) {
+            launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kPriorFirst, kInputRingSlots>), config, p);
+          } else if (p.options.leaky) {
+            launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLaterLeaky, kInputRingSlots>), config, p);
+          } else {
+            launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kLater, kInputRingSlots>), config, p);
+          }
+          continue;
+        }
+      }
       if (k == 0 && p.prior_couplings == nullptr) {
         launch(CAPSNET_KERNEL(Tile::kMaxThreads, forward_iteration_kernel<scalar_t, Tile, ForwardStep::kUniformFirst>), config, p);
       } else if (k == 0) {

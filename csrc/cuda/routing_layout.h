@@ -125,6 +125,23 @@ C10_HOST_DEVICE inline int64_t thread_row_elements(int64_t threads, int kinds, i
   return Tile::kLanes > 0 ? int64_t(kinds) * threads * samples_per_thread<Tile>(acc_bytes) * Tile::kMaxDimOut : 0;
 }
 
+// The CapsNet tile's forward kernels can read W and u from a ring of kInputRingSlots slots
+// in shared memory, after the thread rows, filled by asynchronous copies inputs ahead of
+// their use (InputRing, routing_staging.cuh; float32 storage; chosen through
+// CAPSNET_CUDA_PLAN). A slot holds input capsule i's W slab (the J matrices W[i, j], D x E
+// each, contiguous in W) and the block's u rows of input i, each row padded by one 16-byte
+// vector so that the 16-byte loads of 8 consecutive lanes hit different banks. Floats per
+// slot.
+constexpr int kInputRingSlots = 3;
+constexpr int kInputRowStride = CapsNetTile::kMaxDimIn + 4;
+// The u rows of a slot are copied by one thread each per 16-byte piece: J >= 4 (64 threads).
+constexpr int kMinStagedNumOut = 4;
+
+C10_HOST_DEVICE inline int64_t input_slot_floats(int64_t num_out) {
+  return num_out * CapsNetTile::kMaxDimOut * CapsNetTile::kMaxDimIn +
+         int64_t(CapsNetTile::kLanes) * samples_per_thread<CapsNetTile>(4) * kInputRowStride;
+}
+
 // ---------------------------------------------------------------------------------------
 // The partition of one call's work, chosen by the planner (routing_launch.h).
 // ---------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ pybind11::dict describe_plan(
   out["inputs_per_chunk"] = part.inputs_per_chunk;
   out["num_chunks"] = part.num_chunks;
   out["chunk_levels"] = part.chunk_levels;
+  out["staging_slots"] = plan.staging_slots;
   out["sample_groups"] = part.sample_groups;
   out["gradient_inputs_per_block"] = part.gradient_inputs_per_block;
   out["gradient_group_samples"] = part.gradient_group_samples;
