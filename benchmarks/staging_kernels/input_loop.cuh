@@ -12,6 +12,9 @@
 //   kStages >= 2: a ring of kStages slots in shared memory; while input i is computed from its
 //   slot, the copies of inputs i+1 .. i+kStages-1 are in flight (cp.async on sm_80 and later,
 //   which needs no registers for them; before sm_80 the pipeline primitives copy synchronously).
+// The copies go through the library's primitives (copy16_async, commit_copies,
+// wait_for_copies: routing_staging.cuh), whose InputRing is this ring in the library's
+// forward kernels (CAPSNET_CUDA_PLAN=staging_slots=3); the experiment isolates the loop.
 // benchmarks/staging_experiment.py builds and times them (input_loop.cu launches them);
 // tests/test_gpu_experiments.py runs them on the CPU emulator (emulated_input_loop.cpp).
 #pragma once
@@ -21,25 +24,8 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#include <cuda_pipeline.h>
-#endif
-
-#include "cuda/routing_device.cuh"
+#include "cuda/routing_staging.cuh"
 #include "input_loop.h"
-
-// The asynchronous copy's three primitives. On the emulator (csrc/simt) a copy lands at
-// once: a slot overwritten while another thread still reads it then shows up as results
-// that differ between thread orders.
-#if defined(__CUDACC__)
-#define STAGING_COPY16(destination, source) __pipeline_memcpy_async(destination, source, 16)
-#define STAGING_COMMIT() __pipeline_commit()
-#define STAGING_WAIT_PRIOR(groups) __pipeline_wait_prior(groups)
-#else
-#define STAGING_COPY16(destination, source) std::memcpy(destination, source, 16)
-#define STAGING_COMMIT() ((void)0)
-#define STAGING_WAIT_PRIOR(groups) ((void)0)
-#endif
 
 namespace capsnet::cuda::staging_experiment {
 
@@ -49,16 +35,17 @@ constexpr int kBlockSamples = Tile::kLanes * kSamples;
 constexpr int kDim = Tile::kMaxDimOut;
 constexpr int kDimIn = Tile::kMaxDimIn;
 constexpr int kMatrix = kDim * kDimIn;  // floats of one W[i, j]
-// A slot's u rows are 12 floats (48 bytes) apart: 16-byte loads by 8 consecutive lanes then
-// hit different banks (32 bytes apart, two lanes would share one).
-constexpr int kURowStride = 12;
+// A slot's layout is the library's (input_slot_floats, routing_layout.h): the W slab, then
+// the u rows kInputRowStride floats (48 bytes) apart, so that the 16-byte loads of 8
+// consecutive lanes hit different banks (32 bytes apart, two lanes would share one).
+constexpr int kURowStride = kInputRowStride;
 constexpr int kPiece = int(16 / sizeof(float));  // floats per 16-byte copy
 // A slab's pieces per thread at most (J = kMaxNumOut: 320 pieces, 160 threads): a loop
 // unrolled at compile time.
 constexpr int kMaxPiecesPerThread = (Tile::kMaxNumOut * kMatrix / kPiece + Tile::kMaxThreads - 1) / Tile::kMaxThreads;
 
 __host__ __device__ inline int stage_floats(int num_out) {
-  return num_out * kMatrix + kBlockSamples * kURowStride;
+  return int(input_slot_floats(num_out));
 }
 
 inline size_t shared_bytes(int stages, int num_out) {
@@ -123,14 +110,14 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
       for (int k = 0; k < kMaxPiecesPerThread; ++k) {
         const int piece = flat + k * threads;
         if (piece < slab / kPiece) {
-          STAGING_COPY16(W_slot + piece * kPiece, W_slab + piece * kPiece);
+          copy16_async(W_slot + piece * kPiece, W_slab + piece * kPiece);
         }
       }
       if (flat < kBlockSamples * kDimIn / kPiece) {
         const int row = flat / (kDimIn / kPiece);
         const int part = flat % (kDimIn / kPiece);
         const float* source = p.u + (int64_t(read_sample(row)) * p.num_in + i_begin + input) * kDimIn + part * kPiece;
-        STAGING_COPY16(W_slot + slab + row * kURowStride + part * kPiece, source);
+        copy16_async(W_slot + slab + row * kURowStride + part * kPiece, source);
       }
     };
     // One commit per input (an empty group past the chunk's end), so that "all but the
@@ -140,10 +127,10 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
       if (ahead < inputs) {
         fill_slot(ahead, ahead);
       }
-      STAGING_COMMIT();
+      commit_copies();
     }
     for (int input = 0; input < inputs; ++input) {
-      STAGING_WAIT_PRIOR(kStages - 2);
+      wait_for_copies<kStages - 2>();
       // Every thread's copies of this input have landed, and every thread has finished
       // reading the slot that the next copies overwrite (that of input - 1).
       __syncthreads();
@@ -151,7 +138,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
       if (next < inputs) {
         fill_slot(next, next % kStages);
       }
-      STAGING_COMMIT();
+      commit_copies();
       const float* slot = ring + (input % kStages) * stage;
       float u_i[kSamples][kDimIn];
 #pragma unroll
