@@ -231,8 +231,7 @@ def test_staged_inputs_give_the_direct_loads_bits(simt, monkeypatch, problem, fl
     batch, num_in, num_out, other_choices, sm_count = problem
     prior, leaky = flags
     u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, num_out, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
-    choices = ",".join(c for c in (other_choices,) if c)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
     direct_plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count)
     direct = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, multiprocessor_count=sm_count)
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "staging_slots=3") if c))

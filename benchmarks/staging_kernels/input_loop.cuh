@@ -21,7 +21,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/routing_staging.cuh"
@@ -38,18 +37,13 @@ constexpr int kMatrix = kDim * kDimIn;  // floats of one W[i, j]
 // A slot's layout is the library's (input_slot_floats, routing_layout.h): the W slab, then
 // the u rows kInputRowStride floats (48 bytes) apart, so that the 16-byte loads of 8
 // consecutive lanes hit different banks (32 bytes apart, two lanes would share one).
-constexpr int kURowStride = kInputRowStride;
 constexpr int kPiece = int(16 / sizeof(float));  // floats per 16-byte copy
 // A slab's pieces per thread at most (J = kMaxNumOut: 320 pieces, 160 threads): a loop
 // unrolled at compile time.
 constexpr int kMaxPiecesPerThread = (Tile::kMaxNumOut * kMatrix / kPiece + Tile::kMaxThreads - 1) / Tile::kMaxThreads;
 
-__host__ __device__ inline int stage_floats(int num_out) {
-  return int(input_slot_floats(num_out));
-}
-
 inline size_t shared_bytes(int stages, int num_out) {
-  return size_t(stages) * size_t(stage_floats(num_out)) * sizeof(float);
+  return size_t(stages) * size_t(input_slot_floats(num_out)) * sizeof(float);
 }
 
 // Grid (sample tiles, chunks) and block (lanes, J), as the library's routing launches.
@@ -100,7 +94,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
   } else {
     static_assert(kStages >= 2, "a ring needs a slot to compute from and one to fill");
     float* const ring = dynamic_shared_memory<float>();
-    const int stage = stage_floats(p.num_out);
+    const int stage = int(input_slot_floats(p.num_out));
     // The block's copies of input `input` into slot `slot`: the W slab in 16-byte pieces
     // spread over all threads, and one piece per thread for the 32 u rows (two each).
     const auto fill_slot = [&](int input, int slot) {
@@ -117,7 +111,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
         const int row = flat / (kDimIn / kPiece);
         const int part = flat % (kDimIn / kPiece);
         const float* source = p.u + (int64_t(read_sample(row)) * p.num_in + i_begin + input) * kDimIn + part * kPiece;
-        copy16_async(W_slot + slab + row * kURowStride + part * kPiece, source);
+        copy16_async(W_slot + slab + row * kInputRowStride + part * kPiece, source);
       }
     };
     // One commit per input (an empty group past the chunk's end), so that "all but the
@@ -143,7 +137,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) input_loo
       float u_i[kSamples][kDimIn];
 #pragma unroll
       for (int s = 0; s < kSamples; ++s) {
-        load_row<Tile>(slot + slab + (s * Tile::kLanes + lane) * kURowStride, kDimIn, u_i[s]);
+        load_row<Tile>(slot + slab + (s * Tile::kLanes + lane) * kInputRowStride, kDimIn, u_i[s]);
       }
       add_prediction<Tile>(slot + j * kMatrix, u_i, kDim, kDimIn, sums);
     }
