@@ -107,6 +107,7 @@ test-cuda-asan: venv
 # Needs nvcc (CUDA_HOME) and nvdisasm (the CUDA toolkit's, or the one triton ships with torch).
 cuda-model: venv
 	$(PY) -m benchmarks.cuda_model --check
+	$(PY) -m benchmarks.cuda_model --check --dtype float64
 	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check
 	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check --arch sm_80
 	$(PY) -m benchmarks.cuda_model --lines kLater

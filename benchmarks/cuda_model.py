@@ -837,23 +837,26 @@ def format_table(title: str, rows: list[KernelEstimate]) -> str:
     return "\n".join(lines)
 
 
-def resource_check(arch: str) -> int:
-    """CI: zero spills in the float32 CapsNet-tile kernels, and at least one resident block per
-    SM for every launch of the CapsNet plan at B in {32, 128, 512, 1024}."""
+def resource_check(arch: str, dtype: str = "float32") -> int:
+    """CI: at least one resident block per SM for every launch of the CapsNet plan at B in
+    {32, 128, 512, 1024}, and zero spills: in every float32 CapsNet-tile kernel; in float64,
+    in the backward's kernels (on sm_90 the forward's float64 kernels spill 40 bytes before
+    their input loop, none inside it: docs/CUDA.md)."""
     failures = []
     for batch in (32, 128, 512, 1024):
         for detach in (False, True):
-            args = argparse.Namespace(arch=arch, batch=batch, dtype="float32", iterations=3, detach_routing=detach)
+            args = argparse.Namespace(arch=arch, batch=batch, dtype=dtype, iterations=3, detach_routing=detach)
             forward, backward, plan, resources = estimate(args)
+            for row in (forward + backward if dtype == "float32" else backward):
+                if row.spill_bytes:
+                    failures.append(f"B={batch}: {row.kernel} spills {row.spill_bytes} bytes")
             for row in forward + backward:
                 if row.kernel == MEMSET:
                     continue
-                if row.spill_bytes:
-                    failures.append(f"B={batch}: {row.kernel} spills {row.spill_bytes} bytes")
                 if row.blocks_per_sm < 1:
                     failures.append(f"B={batch}: {row.kernel} has no resident block per SM")
             kernels = [r for r in forward + backward if r.kernel != MEMSET]
-            print(f"B={batch} detach_routing={detach}: {len(kernels)} kernels, "
+            print(f"{dtype} B={batch} detach_routing={detach}: {len(kernels)} kernels, "
                   f"max registers {max(r.registers for r in kernels)}, "
                   f"min blocks/SM {min(r.blocks_per_sm for r in kernels)}, "
                   f"spill bytes {sum(r.spill_bytes for r in kernels)}")
@@ -870,7 +873,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--detach-routing", action="store_true", help="the detach_routing backward")
-    parser.add_argument("--check", action="store_true", help="CI resource check at B in {32, 128, 512, 1024}")
+    parser.add_argument("--check", action="store_true", help="CI resource check at B in {32, 128, 512, 1024} (of --dtype)")
     parser.add_argument(
         "--lines", metavar="KERNEL", default=None,
         help="also print where the instructions of the kernels whose row contains KERNEL come from "
@@ -882,7 +885,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.check:
-        return resource_check(args.arch)
+        return resource_check(args.arch, args.dtype)
     gpu = GPUS[args.arch]
     if args.lines is not None:  # before the compile: the launch order alone names the kernels
         _, forward_launches, backward_launches = plan_and_launches(

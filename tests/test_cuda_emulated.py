@@ -439,13 +439,17 @@ SCHEDULES = [("ascending", 0), ("descending", 0), ("shuffled", 1), ("shuffled", 
 
 
 @pytest.mark.parametrize(
-    "shape, flags, sm_count",
-    [((3, 1152, 10, 16, 8), (False, False, False), 2), ((3, 40, 4, 5, 3), (True, True, False), 2),
-     ((37, 20, 3, 16, 8), (True, False, False), 2), ((37, 20, 3, 16, 8), (False, True, True), 2),
-     ((70, 90, 10, 16, 8), (False, False, False), 40)],
-    ids=["capsnet", "generic-prior-leaky", "two-tiles-prior", "two-tiles-leaky-detach", "deep-chunk-trees"],
+    "shape, flags, sm_count, dtype",
+    [((3, 1152, 10, 16, 8), (False, False, False), 2, torch.float32),
+     ((3, 40, 4, 5, 3), (True, True, False), 2, torch.float32),
+     ((37, 20, 3, 16, 8), (True, False, False), 2, torch.float32),
+     ((37, 20, 3, 16, 8), (False, True, True), 2, torch.float32),
+     ((70, 90, 10, 16, 8), (False, False, False), 40, torch.float32),
+     ((37, 20, 10, 16, 8), (True, False, False), 2, torch.float64)],
+    ids=["capsnet", "generic-prior-leaky", "two-tiles-prior", "two-tiles-leaky-detach", "deep-chunk-trees",
+         "capsnet-float64"],
 )
-def test_bitwise_identical_under_every_schedule(simt, shape, flags, sm_count):
+def test_bitwise_identical_under_every_schedule(simt, shape, flags, sm_count, dtype):
     """Threads and blocks in other orders give the same bits: no thread reads shared or
     global memory before the barrier that orders it after its write (a missing barrier makes
     some order read a stale or NaN value), every sum has a fixed order, and the chunk trees
@@ -454,7 +458,10 @@ def test_bitwise_identical_under_every_schedule(simt, shape, flags, sm_count):
     if sm_count == 40:
         plan = simt.describe_plan(*shape, 3, 4, sm_count)
         assert plan["chunk_levels"] >= 3 and plan["num_chunks"] & (plan["num_chunks"] - 1) and plan["sample_tiles"] == 3, plan
-    u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=torch.float32, weight_scale=0.05, prior=prior)
+    if dtype == torch.float64:  # four row groups of 4 rows per W[i, j], several sample groups
+        gradients = simt.describe_plan(*shape, 3, 8, sm_count)["launches"]["gradient_kernel"]
+        assert gradients["block"][0] * gradients["block"][2] == 4 * 8 and gradients["block"][2] >= 2, gradients
+    u, W, bias, logit_prior, grad_v = make_inputs(*shape, dtype=dtype, weight_scale=0.05, prior=prior)
     runs = [
         run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=s, seed=seed,
                      multiprocessor_count=sm_count)

@@ -134,20 +134,28 @@ __device__ void bias_gradient(const BackwardParams<scalar_t>& p, int block, int 
 // CapsNet tile: dW and du from one dL/du_hat.
 // ---------------------------------------------------------------------------------------
 
+// gradient_kernel's __launch_bounds__ for its storage type (routing_layout.h).
+template <typename scalar_t>
+constexpr int kGradientMaxThreads = gradient_max_threads(int(sizeof(opmath_t<scalar_t>)));
+template <typename scalar_t>
+constexpr int kGradientMinBlocks = gradient_min_blocks(int(sizeof(opmath_t<scalar_t>)));
+
 // Grid ceil(I / inputs_per_block); block (row groups x inputs_per_block, J, sample groups),
 // inputs_per_block x groups = kGradientInputGroups. Thread (row group, input, j, group) owns
-// rows [kRows * row group, + kRows) of W[i, j] (in registers, loaded once) and of dW[i, j]
-// (accumulated), and walks its group's samples in rounds of a 16-byte vector of samples:
-// per sample, x = dL/du_hat[b, i, j, rows] (grad_prediction), dW rows += x (outer) u[b, i],
-// and the partial W[i, j, rows]^T x of dL/du[b, i], which meets the other J x row-group
-// partials in shared memory ([round sample][group x input][e][J x row groups, padded to
-// kMaxNumOut x row groups with zeros]); after each round, the block's threads add them up
-// (in the order j, row group) and store dL/du. At the end the groups' dW rows are added in
-// a fixed pairwise tree, and the block does its share of dL/dbias.
+// rows [kRows * row group, + kRows) (kRows = gradient_rows) of W[i, j] (in registers,
+// loaded once) and of dW[i, j] (accumulated), and walks its group's samples in rounds of a
+// 16-byte vector of samples: per sample, x = dL/du_hat[b, i, j, rows] (grad_prediction),
+// dW rows += x (outer) u[b, i], and the partial W[i, j, rows]^T x of dL/du[b, i], which
+// meets the other J x row-group partials in shared memory ([round sample][group x input][e]
+// [J x row groups, padded to kMaxNumOut x row groups with zeros]); after each round, the
+// block's threads add them up (in the order j, row group) and store dL/du. At the end the
+// groups' dW rows are added in a fixed pairwise tree, and the block does its share of
+// dL/dbias.
 template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const BackwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(kGradientMaxThreads<scalar_t>, kGradientMinBlocks<scalar_t>)
+    gradient_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int kRows = Tile::kGradRows;
+  constexpr int kRows = gradient_rows(int(sizeof(acc_t)));
   constexpr int kDimIn = Tile::kMaxDimIn;
   constexpr int kRowGroups = Tile::kMaxDimOut / kRows;
   // J x row groups partials per dL/du value, padded to whole 16-byte vectors.
@@ -311,7 +319,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads, 2) gradient_kernel(const 
   // dW rows and the prior's sum: the groups' sums added pairwise, group g + step into
   // group g, each thread's whole share at once (gradient_group_share).
   // The groups are blockDim.z, a power of two (2^gradient_group_levels).
-  constexpr int kShare = gradient_group_share<Tile>(int(sizeof(acc_t)));
+  constexpr int kShare = gradient_group_share(int(sizeof(acc_t)));
   const int per_group = int(blockDim.x * blockDim.y);
   const int in_group = int(threadIdx.y * blockDim.x + threadIdx.x);
 #pragma unroll 1

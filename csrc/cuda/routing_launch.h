@@ -279,10 +279,10 @@ inline RoutingPlan plan_routing(
 
   const int64_t vector_values = 16 / acc_bytes;  // coefficients per 16-byte load
   if (capsnet) {
-    // gradient_kernel: block (2 row groups x inputs, J, sample groups), inputs x groups =
+    // gradient_kernel: block (row groups x inputs, J, sample groups), inputs x groups =
     // kGradientInputGroups; the split that minimises the busiest SM's work (blocks per SM
     // times samples per group plus a group's fixed work per level of the groups' sum).
-    const int64_t row_groups = CapsNetTile::kMaxDimOut / CapsNetTile::kGradRows;
+    const int64_t row_groups = gradient_row_groups(int(acc_bytes));
     int64_t best = -1;
     int groups = 1;
     for (int z = 1; z <= kGradientInputGroups; z *= 2) {
@@ -320,7 +320,7 @@ inline RoutingPlan plan_routing(
     const int64_t round_rows = vector_values * kGradientInputGroups * dim_in;
     const int64_t round =
         round_rows * contributors + round_rows * int64_t(sizeof(GradientRowDestination)) / acc_bytes;
-    const int64_t group_sum = threads / 2 * gradient_group_share<CapsNetTile>(int(acc_bytes));
+    const int64_t group_sum = threads / 2 * gradient_group_share(int(acc_bytes));
     const int64_t shared = plan_detail::largest_of(round, plan_detail::largest_of(group_sum, threads + 16));
     plan.gradients = {
         LaunchDims{unsigned(ceil_div(num_in, part.gradient_inputs_per_block)), 1, 1},

@@ -120,7 +120,7 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
     }
     if constexpr (Tile::kLanes > 0) {
-      launch(CAPSNET_KERNEL(kGradientMaxThreads, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
+      launch(CAPSNET_KERNEL(kGradientMaxThreads<scalar_t>, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
     } else {
       launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);
