@@ -110,6 +110,7 @@ cuda-model: venv
 	$(PY) -m benchmarks.cuda_model --check --dtype float64
 	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check
 	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check --arch sm_80
+	CAPSNET_CUDA_PLAN=gradient_rows=4 $(PY) -m benchmarks.cuda_model --check
 	$(PY) -m benchmarks.cuda_model --lines kLater
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.

@@ -618,6 +618,8 @@ def row_key(launch: str) -> str:
         return name + "<first>"  # the kernels before the rework
     m = re.search(r"::(k\w+)", launch)
     staged = ", staged" if "kInputRingSlots" in launch else ""  # W and u through the InputRing
+    if "kNarrowGradientRows" in launch:  # gradient_kernel with 4 rows of W[i, j] per thread
+        return f"{name}<narrow>"
     return f"{name}<{m.group(1)}{staged}>" if m else name
 
 

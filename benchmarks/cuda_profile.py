@@ -32,13 +32,17 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     'void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2>(...)'
     (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
     -> 'cudaMemsetAsync'; None for other kernels. A forward kernel whose last template argument
-    (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'."""
+    (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'. A float
+    gradient kernel with 4 rows of W[i, j] per thread (CAPSNET_CUDA_PLAN=gradient_rows=4):
+    'gradient_kernel<narrow>'."""
     if kernel_name.startswith("Memset"):
         return cuda_model.MEMSET
     m = re.search(r"capsnet::cuda::(\w+_kernel)<(.*)>\s*\(", kernel_name)
     if not m:
         return None
     name, arguments = m.groups()
+    if name == "gradient_kernel" and re.match(r"float,.*,\s*4\s*$", arguments):
+        return f"{name}<narrow>"
     slots = re.search(r",\s*(\d+)\s*$", arguments) if name == "forward_iteration_kernel" else None
     staged = ", staged" if slots and int(slots.group(1)) > 0 else ""
     named = re.search(r"::(k\w+)\b", arguments)

@@ -8,7 +8,8 @@
 # per-kernel profile beside the static model's estimates, three experiments (the routing loop
 # with W and u staged in shared memory against the direct loads, benchmarks/staging_experiment.py;
 # the library's forward kernels with their input ring, CAPSNET_CUDA_PLAN=staging_slots=3; the
-# kernels' times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
+# gradient kernel with 4 rows per thread, CAPSNET_CUDA_PLAN=gradient_rows=4; the kernels'
+# times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
 # training on the full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
 #
 #   PYTHON         the interpreter with torch (default: python3)
@@ -30,7 +31,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
 ONLY=${ONLY:-}
-STEPS="environment build tests benchmark kernels staging staged plans training"
+STEPS="environment build tests benchmark kernels staging staged narrow plans training"
 for name in $ONLY; do
   case " $STEPS " in
     *" $name "*) ;;
@@ -136,6 +137,11 @@ NEEDS_GPU=1 step staging "$PYTHON" -m benchmarks.staging_experiment --batch-size
 # (CAPSNET_CUDA_PLAN=staging_slots=3), per kernel beside the kernels step's direct loads.
 NEEDS_GPU=0 NEEDS_EXTENSION=1 step staged env CAPSNET_CUDA_PLAN=staging_slots=3 "$PYTHON" -m benchmarks.cuda_profile \
   --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-staged $([ "$DRY_RUN" = 1 ] && echo --dry-run)
+
+# The gradient kernel with 4 rows of W[i, j] per thread and a round's dL/du_hat loads in
+# flight together (CAPSNET_CUDA_PLAN=gradient_rows=4), beside the kernels step's 8 rows.
+NEEDS_GPU=0 NEEDS_EXTENSION=1 step narrow env CAPSNET_CUDA_PLAN=gradient_rows=4 "$PYTHON" -m benchmarks.cuda_profile \
+  --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-narrow $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step plans "$PYTHON" -m benchmarks.plan_sweep --batch-sizes 32 128 512 1024 --out "$OUT"
 

@@ -321,6 +321,27 @@ def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
         assert_close_report(staged[name], expected[name], f"staged B={batch} {name}", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("batch", [37, 128])
+def test_narrow_gradient_rows_give_the_default_bits(monkeypatch, batch):
+    """gradient_rows=4 (4 rows of W[i, j] per gradient thread, a round's dL/du_hat loads in
+    flight together): every output but dL/du bitwise the default kernel's, dL/du the same
+    bits on every call, and all of them close to the reference."""
+    case = capsnet_case(batch)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    default = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
+    narrow = [run_routing(u, W, bias, grad_v, case.iterations, backend="fused") for _ in range(3)]
+    for name in default:
+        for again in narrow:
+            assert torch.equal(again[name], narrow[0][name]), f"B={batch} {name}: differs between calls"
+        if name != "grad_u":
+            assert torch.equal(narrow[0][name], default[name]), f"B={batch} {name}: narrow differs from the default"
+    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
+    for name in expected:
+        assert_close_report(narrow[0][name], expected[name], f"narrow B={batch} {name}", dtype=torch.float32)
+
+
 def test_batch_1024():
     case = capsnet_case(1024)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")

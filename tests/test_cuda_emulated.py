@@ -268,6 +268,59 @@ def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
         assert torch.equal(a, e), name
 
 
+# (batch, N_in, flags (prior, leaky, detach), SMs): rounds with 1 to 3 of their 4 samples
+# past a group's end (B = 37 and 5), several inputs and sample groups per block, a prior
+# (dprior), leaky routing, detach_routing.
+NARROW_PROBLEMS = [(37, 20, (True, False, False), 2), (5, 24, (False, True, False), 132), (64, 12, (True, True, True), 7)]
+
+
+@pytest.mark.parametrize("problem", NARROW_PROBLEMS, ids=["prior-37", "leaky-5", "prior-leaky-detach-64"])
+def test_narrow_gradient_rows_give_the_default_bits(simt, monkeypatch, problem):
+    """gradient_rows=4: the gradient kernel holds 4 rows of W[i, j] per thread and forms a
+    round's dL/du_hat rows together. dL/du_hat is summed as before, so dW, dbias and dprior
+    (and the forward) keep the default kernel's bits under every thread and block order;
+    dL/du adds twice the row groups' partials, so it matches the default to rounding."""
+    batch, num_in, (prior, leaky, detach), sm_count = problem
+    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    assert simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)["gradient_rows"] == 8
+    default = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
+                           multiprocessor_count=sm_count)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
+    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    block = plan["launches"]["gradient_kernel"]["block"]
+    assert plan["gradient_rows"] == 4 and block[0] * block[2] == 4 * 8 and block[1] == 10, plan
+    expected = reference_outputs(u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach)
+    grad_us = []
+    for schedule, seed in SCHEDULES:
+        simt.clear_launch_log()
+        narrow = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
+                              seed=seed, multiprocessor_count=sm_count)
+        assert any("kNarrowGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
+        for name, a, e in zip(OUTPUT_NAMES, narrow, default):
+            if name != "grad_u":
+                assert torch.equal(a, e), f"{name} differs from the default kernel's under the {schedule} order (seed {seed})"
+        assert_matches(narrow, expected, torch.float32)
+        grad_us.append(narrow[2])
+    for (schedule, seed), grad_u in zip(SCHEDULES[1:], grad_us[1:]):
+        assert torch.equal(grad_u, grad_us[0]), f"grad_u differs between the ascending and {schedule} orders (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
+def test_narrow_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
+    """The narrow gradient kernel is compiled for float32 storage; other storage runs its
+    default gradient kernel, with its results."""
+    u, W, bias, _, grad_v = make_inputs(5, 12, 10, 16, 8, dtype)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    expected = run_emulated(simt, u, W, bias, None, grad_v, 3)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
+    simt.clear_launch_log()
+    actual = run_emulated(simt, u, W, bias, None, grad_v, 3)
+    assert not any("kNarrowGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
+    for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.parametrize("text, message", [
     ("chunk=4", "CAPSNET_CUDA_PLAN: unknown choice 'chunk' in 'chunk=4'"),
     ("inputs_per_chunk=four", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be an integer, got 'four'"),
@@ -275,6 +328,7 @@ def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
     ("inputs_per_chunk=0", "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got 0"),
     ("inputs_per_chunk=4,sample_groups=3", "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got 3"),
     ("staging_slots=2", "CAPSNET_CUDA_PLAN: staging_slots must be 0 or 3, got 2"),
+    ("gradient_rows=2", "CAPSNET_CUDA_PLAN: gradient_rows must be 8 or 4, got 2"),
 ])
 def test_bad_plan_choices_are_refused_with_their_name(simt, monkeypatch, text, message):
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", text)
@@ -352,6 +406,30 @@ def declared_kernels():
     return {name: bound for source in KERNEL_SOURCES for bound, name in re.findall(pattern, source.read_text())}
 
 
+def top_level_split(text):
+    """`text` split at the commas outside angle brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "<") - (char == ">")
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return parts + [current.strip()] if current.strip() else parts
+
+
+def kernel_template_parameters():
+    """Each kernel's template parameters in order: (name, default or None)."""
+    pattern = r"template\s*<([^;{]*?)>\s*__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
+    parameters = {}
+    for source in KERNEL_SOURCES:
+        for header, name in re.findall(pattern, source.read_text()):
+            declared = [re.match(r"(?:typename|\w+)\s+(\w+)(?:\s*=\s*(.+))?$", part) for part in top_level_split(header)]
+            parameters[name] = [(m.group(1), m.group(2)) for m in declared]
+    return parameters
+
+
 def test_every_kernel_is_emulated(simt):
     declared = set(declared_kernels())
     assert len(declared) >= 7, f"could not parse the kernels of {KERNEL_SOURCES}: {declared}"
@@ -373,11 +451,19 @@ def test_launchers_use_each_kernels_launch_bound():
     """The bound the launchers check a block against (CAPSNET_KERNEL's first argument) is the
     expression the kernel's __launch_bounds__ names."""
     declared = declared_kernels()
+    parameters = kernel_template_parameters()
     host = re.sub(r"//.*", "", (CUDA_DIR / "routing_launches.h").read_text())
-    uses = re.findall(r"CAPSNET_KERNEL\(\s*([^,]+?),\s*(\w+)<", host)
-    assert {name for _, name in uses} == set(declared), uses
-    for bound, name in uses:
-        assert bound.strip() == declared[name].strip(), f"{name}: launched with bound {bound}, declared {declared[name]}"
+    uses = re.findall(r"CAPSNET_KERNEL\(\s*([^,]+?),\s*(\w+)<([^()]*)>\)", host)
+    assert {name for _, name, _ in uses} == set(declared), uses
+    for bound, name, arguments in uses:
+        # The declared bound with the kernel's parameters as this launch gives them (its
+        # template arguments, or the parameters' defaults).
+        given = top_level_split(arguments)
+        expected = declared[name]
+        for k, (parameter, default) in enumerate(parameters[name]):
+            value = given[k] if k < len(given) else default
+            expected = re.sub(rf"\b{parameter}\b", value, expected)
+        assert bound.strip() == expected.strip(), f"{name}: launched with bound {bound}, declared {declared[name]}"
 
 
 def test_launch_order(simt):

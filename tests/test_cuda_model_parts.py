@@ -107,6 +107,15 @@ def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
     ("backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>",
      "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)1, false>"
      "(capsnet::cuda::BackwardParams<float>)", "backward_sweep_kernel<kLogitGrads>"),
+    ("gradient_kernel<scalar_t, Tile>",
+     "void capsnet::cuda::gradient_kernel<float, capsnet::cuda::CapsNetTile, 8>(capsnet::cuda::BackwardParams<float>)",
+     "gradient_kernel"),
+    ("gradient_kernel<scalar_t, Tile, kNarrowGradientRows>",
+     "void capsnet::cuda::gradient_kernel<float, capsnet::cuda::CapsNetTile, 4>(capsnet::cuda::BackwardParams<float>)",
+     "gradient_kernel<narrow>"),
+    ("gradient_kernel<scalar_t, Tile>",
+     "void capsnet::cuda::gradient_kernel<double, capsnet::cuda::CapsNetTile, 4>(capsnet::cuda::BackwardParams<double>)",
+     "gradient_kernel"),
 ])
 def test_the_model_and_the_profiler_name_a_kernel_alike(launch, profiled, key):
     """The model's row (from the emulator's launch log) and the profiler's event (the

@@ -12,32 +12,67 @@
 
 namespace capsnet::cuda {
 
-// x[d] = dL/du_hat[b, i, j, row + d], d < kRows: the sum of the product terms (BackwardTerms),
-// term by term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at (b, term 0,
-// j, row); `initial` is c_0[i, j], term 0's coefficient unless it is stored.
-template <bool kExact, int kRows, typename acc_t>
-__device__ __forceinline__ void grad_prediction(
+// x[q][d] = dL/du_hat[b + q, i, j, row + d], d < kRows, for kSamples consecutive samples of
+// which the first `present` exist: the sum of the product terms (BackwardTerms), term by
+// term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at (b, term 0, j,
+// row); `initial` is c_0[i, j], term 0's coefficient unless it is stored. The samples go
+// term by term together, so that their loads are in flight at once; the samples past
+// `present` read sample b's rows (their x is not used). Each x[q] is the same sum, in the
+// same order, whatever kSamples.
+template <bool kExact, int kSamples, int kRows, typename acc_t>
+__device__ __forceinline__ void grad_predictions(
     const GradientStrides& walk, const acc_t* __restrict__ coefficients, acc_t initial,
-    const acc_t* __restrict__ vectors, int rows, acc_t (&x)[kRows]) {
-  acc_t values[kRows];
-  load_vector<kExact>(vectors, rows, values);
-  const acc_t scale = walk.first_stored ? coefficients[0] : initial;
+    const acc_t* __restrict__ vectors, int rows, int present, acc_t (&x)[kSamples][kRows]) {
+  const acc_t* sample_vectors[kSamples];  // the rows each slot reads: its sample's, or b's
+  const acc_t* sample_coefficients[kSamples];
 #pragma unroll
-  for (int d = 0; d < kRows; ++d) {
-    x[d] = scale * values[d];
+  for (int q = 0; q < kSamples; ++q) {
+    const int sample = q < present ? q : 0;
+    sample_vectors[q] = vectors + sample * walk.sample_terms;
+    sample_coefficients[q] = coefficients + sample;
+  }
+  acc_t values[kSamples][kRows];
+#pragma unroll
+  for (int q = 0; q < kSamples; ++q) {
+    load_vector<kExact>(sample_vectors[q], rows, values[q]);
+    const acc_t scale = walk.first_stored ? sample_coefficients[q][0] : initial;
+#pragma unroll
+    for (int d = 0; d < kRows; ++d) {
+      x[q][d] = scale * values[q][d];
+    }
   }
   // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2. The vector's
   // offset counts the terms (a sample's term vectors end at sample_terms).
   int coefficient = 0;
 #pragma unroll 1
   for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
-    load_vector<kExact>(vectors + vector, rows, values);
-    const acc_t c = coefficients[coefficient];
+    acc_t c[kSamples];
+#pragma unroll
+    for (int q = 0; q < kSamples; ++q) {
+      load_vector<kExact>(sample_vectors[q] + vector, rows, values[q]);
+      c[q] = sample_coefficients[q][coefficient];
+    }
     coefficient += walk.coefficient_slot;
 #pragma unroll
-    for (int d = 0; d < kRows; ++d) {
-      x[d] = fused_multiply_add(c, values[d], x[d]);
+    for (int q = 0; q < kSamples; ++q) {
+#pragma unroll
+      for (int d = 0; d < kRows; ++d) {
+        x[q][d] = fused_multiply_add(c[q], values[q][d], x[q][d]);
+      }
     }
+  }
+}
+
+// grad_predictions of one sample: x[d] = dL/du_hat[b, i, j, row + d].
+template <bool kExact, int kRows, typename acc_t>
+__device__ __forceinline__ void grad_prediction(
+    const GradientStrides& walk, const acc_t* __restrict__ coefficients, acc_t initial,
+    const acc_t* __restrict__ vectors, int rows, acc_t (&x)[kRows]) {
+  acc_t one[1][kRows];
+  grad_predictions<kExact, 1>(walk, coefficients, initial, vectors, rows, 1, one);
+#pragma unroll
+  for (int d = 0; d < kRows; ++d) {
+    x[d] = one[0][d];
   }
 }
 
@@ -134,34 +169,41 @@ __device__ void bias_gradient(const BackwardParams<scalar_t>& p, int block, int 
 // CapsNet tile: dW and du from one dL/du_hat.
 // ---------------------------------------------------------------------------------------
 
-// gradient_kernel's __launch_bounds__ for its storage type (routing_layout.h).
+// gradient_kernel's rows of W[i, j] per thread by default, and its __launch_bounds__ for
+// kRows rows (routing_layout.h).
 template <typename scalar_t>
-constexpr int kGradientMaxThreads = gradient_max_threads(int(sizeof(opmath_t<scalar_t>)));
-template <typename scalar_t>
-constexpr int kGradientMinBlocks = gradient_min_blocks(int(sizeof(opmath_t<scalar_t>)));
+constexpr int kDefaultGradientRows = default_gradient_rows(int(sizeof(opmath_t<scalar_t>)));
+template <int kRows>
+constexpr int kGradientMaxThreads = gradient_max_threads(kRows);
+template <int kRows>
+constexpr int kGradientMinBlocks = gradient_min_blocks(kRows);
 
 // Grid ceil(I / inputs_per_block); block (row groups x inputs_per_block, J, sample groups),
 // inputs_per_block x groups = kGradientInputGroups. Thread (row group, input, j, group) owns
-// rows [kRows * row group, + kRows) (kRows = gradient_rows) of W[i, j] (in registers,
-// loaded once) and of dW[i, j] (accumulated), and walks its group's samples in rounds of a
-// 16-byte vector of samples: per sample, x = dL/du_hat[b, i, j, rows] (grad_prediction),
-// dW rows += x (outer) u[b, i], and the partial W[i, j, rows]^T x of dL/du[b, i], which
-// meets the other J x row-group partials in shared memory ([round sample][group x input][e]
-// [J x row groups, padded to kMaxNumOut x row groups with zeros]); after each round, the
-// block's threads add them up (in the order j, row group) and store dL/du. At the end the
-// groups' dW rows are added in a fixed pairwise tree, and the block does its share of
-// dL/dbias.
-template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(kGradientMaxThreads<scalar_t>, kGradientMinBlocks<scalar_t>)
+// rows [kRows * row group, + kRows) (default_gradient_rows, or the plan's) of W[i, j] (in
+// registers, loaded once) and of dW[i, j] (accumulated), and walks its group's samples in
+// rounds of a 16-byte vector of samples: per sample, x = dL/du_hat[b, i, j, rows]
+// (grad_predictions), dW rows += x (outer) u[b, i], and the partial W[i, j, rows]^T x of
+// dL/du[b, i], which meets the other J x row-group partials in shared memory ([round
+// sample][group x input][e][J x row groups, padded to kMaxNumOut x row groups with zeros]);
+// after each round, the block's threads add them up (in the order j, row group) and store
+// dL/du. At the end the groups' dW rows are added in a fixed pairwise tree, and the block
+// does its share of dL/dbias. kRows = kNarrowGradientRows with float math: the round's samples form their
+// dL/du_hat rows together (grad_predictions). dL/du_hat, and so dW, dbias and dprior, have
+// the same bits whatever kRows; dL/du adds J x row groups partials, so its rounding
+// depends on kRows.
+template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows<scalar_t>>
+__global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks<kRows>)
     gradient_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
-  constexpr int kRows = gradient_rows(int(sizeof(acc_t)));
   constexpr int kDimIn = Tile::kMaxDimIn;
   constexpr int kRowGroups = Tile::kMaxDimOut / kRows;
   // J x row groups partials per dL/du value, padded to whole 16-byte vectors.
   constexpr int kContributors = (kRowGroups * Tile::kMaxNumOut + Vector16<acc_t>::kWidth - 1) / Vector16<acc_t>::kWidth *
       Vector16<acc_t>::kWidth;
   constexpr int kRound = Vector16<acc_t>::kWidth;  // samples per round
+  // Samples whose dL/du_hat rows are formed together (their loads in flight at once).
+  constexpr int kInFlight = kRows == kNarrowGradientRows && sizeof(acc_t) == 4 ? kRound : 1;
   constexpr int kSlots = kGradientInputGroups;  // (group, input) pairs per block
   static_assert(Tile::kExactDimIn && Tile::kExactDimOut && kDimIn == 8 && kSlots == 8, "the CapsNet tile");
   static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
@@ -244,12 +286,23 @@ __global__ void __launch_bounds__(kGradientMaxThreads<scalar_t>, kGradientMinBlo
 #pragma unroll 1
   for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
     const int round_samples = end - b;
+    // The round's samples kInFlight at a time: their dL/du_hat rows x, then per sample
+    // dW rows += x (outer) u[b, i] and its partial of dL/du[b, i].
 #pragma unroll
-    for (int q = 0; q < kRound; ++q) {
-      if (q < round_samples) {
-        acc_t x[kRows];
-        grad_prediction<true>(walk, p.coefficients + (coefficient + q), initial, p.terms + (vector + q * walk.sample_terms),
-            kRows, x);
+    for (int first_q = 0; first_q < kRound; first_q += kInFlight) {
+      if (first_q >= round_samples) {
+        continue;
+      }
+      acc_t xs[kInFlight][kRows];
+      grad_predictions<true>(walk, p.coefficients + (coefficient + first_q), initial,
+          p.terms + (vector + first_q * walk.sample_terms), kRows, round_samples - first_q, xs);
+#pragma unroll
+      for (int in_flight = 0; in_flight < kInFlight; ++in_flight) {
+        const int q = first_q + in_flight;
+        if (q >= round_samples) {
+          continue;
+        }
+        const acc_t (&x)[kRows] = xs[in_flight];
         acc_t u_i[kDimIn];
         load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_i);
         acc_t partial[kDimIn];
@@ -319,7 +372,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<scalar_t>, kGradientMinBlo
   // dW rows and the prior's sum: the groups' sums added pairwise, group g + step into
   // group g, each thread's whole share at once (gradient_group_share).
   // The groups are blockDim.z, a power of two (2^gradient_group_levels).
-  constexpr int kShare = gradient_group_share(int(sizeof(acc_t)));
+  constexpr int kShare = gradient_group_share(int(sizeof(acc_t)), kRows);
   const int per_group = int(blockDim.x * blockDim.y);
   const int in_group = int(threadIdx.y * blockDim.x + threadIdx.x);
 #pragma unroll 1

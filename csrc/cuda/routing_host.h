@@ -40,9 +40,10 @@ struct HostOptions {
 };
 
 // CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py, benchmarks/cuda_profile.py):
-// a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8)
-// and `staging_slots=N` (0 or kInputRingSlots) that replace the planner's choices
-// (PlanChoices, routing_launch.h), e.g. "inputs_per_chunk=9,sample_groups=8".
+// a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8),
+// `staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N` (8 or kNarrowGradientRows)
+// that replace the planner's choices (PlanChoices, routing_launch.h), e.g.
+// "inputs_per_chunk=9,sample_groups=8".
 // Read on every call, so that one process can time several plans. Unset or empty: none.
 inline PlanChoices plan_choices_from_environment() {
   PlanChoices choices;
@@ -63,9 +64,9 @@ inline PlanChoices plan_choices_from_environment() {
     const size_t equals = item.find('=');
     const std::string key = item.substr(0, equals);
     const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
-    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots",
+    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots" || key == "gradient_rows",
                 "CAPSNET_CUDA_PLAN: unknown choice '", key, "' in '", all,
-                "'; the choices are inputs_per_chunk=N, sample_groups=N and staging_slots=N");
+                "'; the choices are inputs_per_chunk=N, sample_groups=N, staging_slots=N and gradient_rows=N");
     size_t parsed = 0;
     long long number = 0;
     try {
@@ -81,11 +82,25 @@ inline PlanChoices plan_choices_from_environment() {
       TORCH_CHECK(number == 0 || number == kInputRingSlots, "CAPSNET_CUDA_PLAN: staging_slots must be 0 or ",
                   kInputRingSlots, ", got ", number);
       choices.staging_slots = number;
+    } else if (key == "gradient_rows") {
+      TORCH_CHECK(number == 8 || number == kNarrowGradientRows, "CAPSNET_CUDA_PLAN: gradient_rows must be 8 or ",
+                  kNarrowGradientRows, ", got ", number);
+      choices.gradient_rows = number;
     } else {
       TORCH_CHECK(number == 1 || number == 2 || number == 4 || number == 8,
                   "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got ", number);
       choices.sample_groups = number;
     }
+  }
+  return choices;
+}
+
+// The choices that apply to storage of `dtype`: the input ring and the narrow gradient
+// rows are compiled for float32 storage only.
+inline PlanChoices plan_choices_for(PlanChoices choices, at::ScalarType dtype) {
+  if (dtype != at::kFloat) {
+    choices.staging_slots = 0;
+    choices.gradient_rows = 0;
   }
   return choices;
 }
@@ -224,10 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_forward_host(
   if (shape.batch == 0) {
     return {v, s_saved, couplings};
   }
-  PlanChoices choices = options.plan_choices;
-  if (u.scalar_type() != at::kFloat) {
-    choices.staging_slots = 0;  // the input ring holds float32 rows
-  }
+  const PlanChoices choices = plan_choices_for(options.plan_choices, u.scalar_type());
   const RoutingPlan plan =
       plan_routing(shape, logit_prior.has_value(), detach_routing, at::elementSize(acc_dtype), options.limits, choices);
   at::Tensor partials = new_buffer({plan.partials_numel}, acc_dtype, u, options);
@@ -291,12 +303,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_backward_host
   const int64_t remainder = shape.batch % slice;
   RoutingShape slice_shape = shape;
   slice_shape.batch = slice;
-  const RoutingPlan plan =
-      plan_routing(slice_shape, has_prior, detach_routing, acc_bytes, options.limits, options.plan_choices);
+  const PlanChoices choices = plan_choices_for(options.plan_choices, u.scalar_type());
+  const RoutingPlan plan = plan_routing(slice_shape, has_prior, detach_routing, acc_bytes, options.limits, choices);
   RoutingShape remainder_shape = shape;
   remainder_shape.batch = remainder > 0 ? remainder : slice;
   const RoutingPlan remainder_plan =
-      plan_routing(remainder_shape, has_prior, detach_routing, acc_bytes, options.limits, options.plan_choices);
+      plan_routing(remainder_shape, has_prior, detach_routing, acc_bytes, options.limits, choices);
   const auto larger = [](int64_t a, int64_t b) { return a < b ? b : a; };
   at::Tensor agreement = new_buffer({plan.agreement_numel}, acc_dtype, u, options);
   at::Tensor terms = new_buffer({plan.terms_numel}, acc_dtype, u, options);

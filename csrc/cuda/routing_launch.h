@@ -34,11 +34,14 @@ constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024};
 // per 16-byte vector of samples. staging_slots: 0 (direct loads) or kInputRingSlots (the
 // forward kernels read W and u through an InputRing, routing_staging.cuh), honoured for
 // the CapsNet tile with float32 storage and J >= kMinStagedNumOut when the ring fits in the
-// shared memory of a block, else 0.
+// shared memory of a block, else 0. gradient_rows: 0 (default_gradient_rows) or the rows of
+// W[i, j] per thread of the CapsNet tile's gradient kernel, 8 or kNarrowGradientRows,
+// honoured with float math (float32 storage: routing_host.h), else the default.
 struct PlanChoices {
   int64_t inputs_per_chunk = 0;
   int64_t sample_groups = 0;
   int64_t staging_slots = 0;
+  int64_t gradient_rows = 0;
 };
 
 enum class TileKind { kCapsNet, kGeneric };
@@ -78,6 +81,7 @@ struct RoutingPlan {
   KernelLaunch backward_sweep;     // backward_sweep_kernel
   KernelLaunch backward_output;    // backward_output_kernel (r = 1: no sweep)
   KernelLaunch gradients;          // gradient_kernel (CapsNet tile)
+  int gradient_rows;               // its rows of W[i, j] per thread (CapsNet tile)
   KernelLaunch grad_weight;        // grad_weight_kernel (generic tile)
   KernelLaunch grad_input;         // grad_input_kernel (generic tile)
   // Workspace sizes in elements of the op-math type (counters: int32).
@@ -195,8 +199,8 @@ inline int64_t backward_slice_batch(
 
 // The plan for one call (or one backward slice) with batch >= 1 on a shape that
 // unsupported_shape_reason accepts. acc_bytes: the size of the op-math type (workspaces
-// and shared memory are in it). choices.staging_slots must be 0 unless the storage is
-// float32 (routing_host.h).
+// and shared memory are in it). choices.staging_slots and choices.gradient_rows must be 0
+// unless the storage is float32 (routing_host.h).
 inline RoutingPlan plan_routing(
     const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits,
     const PlanChoices& choices = {}) {
@@ -282,7 +286,9 @@ inline RoutingPlan plan_routing(
     // gradient_kernel: block (row groups x inputs, J, sample groups), inputs x groups =
     // kGradientInputGroups; the split that minimises the busiest SM's work (blocks per SM
     // times samples per group plus a group's fixed work per level of the groups' sum).
-    const int64_t row_groups = gradient_row_groups(int(acc_bytes));
+    const bool rows_chosen = acc_bytes == 4 && (choices.gradient_rows == 8 || choices.gradient_rows == kNarrowGradientRows);
+    plan.gradient_rows = rows_chosen ? int(choices.gradient_rows) : default_gradient_rows(int(acc_bytes));
+    const int64_t row_groups = gradient_row_groups(plan.gradient_rows);
     int64_t best = -1;
     int groups = 1;
     for (int z = 1; z <= kGradientInputGroups; z *= 2) {
@@ -320,7 +326,7 @@ inline RoutingPlan plan_routing(
     const int64_t round_rows = vector_values * kGradientInputGroups * dim_in;
     const int64_t round =
         round_rows * contributors + round_rows * int64_t(sizeof(GradientRowDestination)) / acc_bytes;
-    const int64_t group_sum = threads / 2 * gradient_group_share(int(acc_bytes));
+    const int64_t group_sum = threads / 2 * gradient_group_share(int(acc_bytes), plan.gradient_rows);
     const int64_t shared = plan_detail::largest_of(round, plan_detail::largest_of(group_sum, threads + 16));
     plan.gradients = {
         LaunchDims{unsigned(ceil_div(num_in, part.gradient_inputs_per_block)), 1, 1},

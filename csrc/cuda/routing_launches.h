@@ -120,7 +120,15 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
     }
     if constexpr (Tile::kLanes > 0) {
-      launch(CAPSNET_KERNEL(kGradientMaxThreads<scalar_t>, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (plan.gradient_rows == kNarrowGradientRows) {  // a round's samples' loads in flight together
+          launch(CAPSNET_KERNEL(kGradientMaxThreads<kNarrowGradientRows>, gradient_kernel<scalar_t, Tile, kNarrowGradientRows>),
+              plan.gradients, p);
+          return;
+        }
+      }
+      launch(CAPSNET_KERNEL(kGradientMaxThreads<kDefaultGradientRows<scalar_t>>, gradient_kernel<scalar_t, Tile>),
+          plan.gradients, p);
     } else {
       launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);

@@ -35,7 +35,7 @@ namespace capsnet::cuda {
 // the capsule exchange's addresses are then constants) of every output capsule, at most
 // 160 threads, and two such blocks fit on an SM (up to 168 registers per thread: an SM
 // quarter holds three of their warps), so that one block's barriers overlap the other's
-// work. A gradient thread owns some rows of W[i, j] and of dW[i, j] (gradient_rows).
+// work. A gradient thread owns some rows of W[i, j] and of dW[i, j] (default_gradient_rows).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
@@ -75,22 +75,26 @@ constexpr int kGradWeightMaxThreads = 256;
 // The CapsNet tile's gradient kernel: (inputs x sample groups) per block.
 constexpr int kGradientInputGroups = 8;
 // Rows d of W[i, j] (and of dW[i, j]) that a thread of the CapsNet tile's gradient kernel
-// holds in registers: 8 with float math, 4 with double, so that both take 2 x 64
-// registers (8 double rows need 256 and spill in the sample loop). Double then has twice
-// the row groups, hence twice the threads per block, and one block per SM.
-C10_HOST_DEVICE constexpr int gradient_rows(int acc_bytes) {
-  return acc_bytes == 4 ? 8 : 4;
+// holds in registers. By default 8 with float math and 4 with double, so that both take
+// 2 x 64 registers (8 double rows need 256 and spill in the sample loop). With
+// kNarrowGradientRows (CAPSNET_CUDA_PLAN=gradient_rows=4, float32) a float thread holds 4,
+// and the registers that frees let it form the dL/du_hat rows of a round's samples
+// together, their loads in flight at once instead of one sample's after another's. Fewer
+// rows per thread mean more row groups: more threads per block, one block per SM.
+constexpr int kNarrowGradientRows = 4;
+C10_HOST_DEVICE constexpr int default_gradient_rows(int acc_bytes) {
+  return acc_bytes == 4 ? 8 : kNarrowGradientRows;
 }
-C10_HOST_DEVICE constexpr int gradient_row_groups(int acc_bytes) {
-  return CapsNetTile::kMaxDimOut / gradient_rows(acc_bytes);
+C10_HOST_DEVICE constexpr int gradient_row_groups(int rows) {
+  return CapsNetTile::kMaxDimOut / rows;
 }
 // Its __launch_bounds__: (row groups x inputs) x J x sample groups threads, and the blocks
 // per SM the compiler must fit.
-C10_HOST_DEVICE constexpr int gradient_max_threads(int acc_bytes) {
-  return gradient_row_groups(acc_bytes) * kGradientInputGroups * CapsNetTile::kMaxNumOut;
+C10_HOST_DEVICE constexpr int gradient_max_threads(int rows) {
+  return gradient_row_groups(rows) * kGradientInputGroups * CapsNetTile::kMaxNumOut;
 }
-C10_HOST_DEVICE constexpr int gradient_min_blocks(int acc_bytes) {
-  return acc_bytes == 4 ? 2 : 1;
+C10_HOST_DEVICE constexpr int gradient_min_blocks(int rows) {
+  return rows == 8 ? 2 : 1;
 }
 // Where the gradient kernel stores a row of a round's dL/du sums (one per row, in shared
 // memory after the round's rows): in the round whose first sample, counted in the sample
@@ -102,12 +106,12 @@ struct alignas(8) GradientRowDestination {
 constexpr int kWarpSize = 32;
 
 // The CapsNet tile's gradient kernel adds its sample groups' dW in a pairwise tree through
-// shared memory, a thread's whole share at once: its gradient_rows rows of dW, then grad_prior
-// in a 16-byte vector of its own, padded to an odd number of 16-byte vectors so that 8
+// shared memory, a thread's whole share at once: its `rows` rows of dW, then grad_prior in
+// a 16-byte vector of its own, padded to an odd number of 16-byte vectors so that 8
 // threads' vector accesses hit distinct banks. Elements per thread.
-C10_HOST_DEVICE constexpr int gradient_group_share(int acc_bytes) {
+C10_HOST_DEVICE constexpr int gradient_group_share(int acc_bytes, int rows) {
   const int width = 16 / acc_bytes;
-  const int vectors = gradient_rows(acc_bytes) * CapsNetTile::kMaxDimIn / width + 1;
+  const int vectors = rows * CapsNetTile::kMaxDimIn / width + 1;
   return (vectors | 1) * width;
 }
 

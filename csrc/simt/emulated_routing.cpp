@@ -141,6 +141,7 @@ pybind11::dict describe_plan(
   out["chunk_levels"] = part.chunk_levels;
   out["staging_slots"] = plan.staging_slots;
   out["sample_groups"] = part.sample_groups;
+  out["gradient_rows"] = plan.gradient_rows;
   out["gradient_inputs_per_block"] = part.gradient_inputs_per_block;
   out["gradient_group_samples"] = part.gradient_group_samples;
   out["gradient_rounds"] = part.gradient_rounds;
