@@ -107,10 +107,10 @@ test-cuda-asan: venv
 # Needs nvcc (CUDA_HOME) and nvdisasm (the CUDA toolkit's, or the one triton ships with torch).
 cuda-model: venv
 	$(PY) -m benchmarks.cuda_model --check
+	$(PY) -m benchmarks.cuda_model --check --arch sm_80
 	$(PY) -m benchmarks.cuda_model --check --dtype float64
-	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check
-	CAPSNET_CUDA_PLAN=staging_slots=3 $(PY) -m benchmarks.cuda_model --check --arch sm_80
-	CAPSNET_CUDA_PLAN=gradient_rows=4 $(PY) -m benchmarks.cuda_model --check
+	$(PY) -m benchmarks.cuda_model --check --dtype float16
+	CAPSNET_CUDA_PLAN=staging_slots=0,gradient_rows=8 $(PY) -m benchmarks.cuda_model --check
 	$(PY) -m benchmarks.cuda_model --lines kLater
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.

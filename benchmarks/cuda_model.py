@@ -521,38 +521,42 @@ def loop_weights(
 # ---------------------------------------------------------------------------------------
 # The plan, the launches, the estimate.
 # ---------------------------------------------------------------------------------------
-def describe_plan(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool = False) -> dict:
+def describe_plan(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool = False,
+                  dtype: str = "float32") -> dict:
     """The real planner's plan (routing_launch.h, through the emulator module) for a call
-    without a logit prior, under the current CAPSNET_CUDA_PLAN."""
+    without a logit prior, with storage of `dtype`, under the current CAPSNET_CUDA_PLAN."""
     from benchmarks import emulator
 
     return emulator.load().describe_plan(
         batch, shape["num_in"], shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms,
-        False, detach,
+        False, detach, float32_storage=dtype == "float32",
     )
 
 
-def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool):
+def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, sms: int, detach: bool,
+                      dtype: str = "float32"):
     """(plan dict, [(launch text, plan key)]) from the emulator module: the real planner and
-    launch order."""
+    launch order, for storage of `dtype`."""
     import torch
 
     from benchmarks import emulator
 
     simt = emulator.load()
-    plan = describe_plan(batch, shape, iterations, acc_bytes, sms, detach)
+    plan = describe_plan(batch, shape, iterations, acc_bytes, sms, detach, dtype)
     # The launch order depends on r, the options and whether the chunks are added up in a
     # tree (a memset of its counters) only: run a tiny call of the same kind.
     tiny = torch.Generator().manual_seed(0)
     num_in = 8 if plan.get("chunk_levels", 0) > 0 else 2
     tiny_plan = simt.describe_plan(1, num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms)
     assert (tiny_plan.get("chunk_levels", 0) > 0) == (plan.get("chunk_levels", 0) > 0), "the tiny call must use the same launches"
-    u = torch.randn(1, num_in, shape["dim_in"], generator=tiny)
-    W = torch.randn(num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny)
+    # Tensors of the storage type: the ring and the wide gradient rows exist for float32 only.
+    storage = getattr(torch, dtype)
+    u = torch.randn(1, num_in, shape["dim_in"], generator=tiny).to(storage)
+    W = torch.randn(num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny).to(storage)
     # The second of two calls: a training step's, which finds the chunk trees' counters kept
     # by the launcher (tree_counters.h) and launches no memset; only a stream's first call
     # (or one needing more counters than are kept) zeroes them.
-    grad_v = torch.randn(1, shape["num_out"], shape["dim_out"], generator=tiny)
+    grad_v = torch.randn(1, shape["num_out"], shape["dim_out"], generator=tiny).to(storage)
     simt.forget_tree_counters()
     for _ in range(2):
         simt.clear_launch_log()
@@ -618,8 +622,10 @@ def row_key(launch: str) -> str:
         return name + "<first>"  # the kernels before the rework
     m = re.search(r"::(k\w+)", launch)
     staged = ", staged" if "kInputRingSlots" in launch else ""  # W and u through the InputRing
-    if "kNarrowGradientRows" in launch:  # gradient_kernel with 4 rows of W[i, j] per thread
+    if "kNarrowGradientRows" in launch:  # float gradient_kernel, 4 rows of W[i, j] per thread (default)
         return f"{name}<narrow>"
+    if "kWideGradientRows" in launch:  # float gradient_kernel, 8 rows (CAPSNET_CUDA_PLAN=gradient_rows=8)
+        return f"{name}<wide>"
     return f"{name}<{m.group(1)}{staged}>" if m else name
 
 
@@ -759,7 +765,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
     gpu = GPUS[args.arch]
     scalar, acc_bytes = DTYPES[args.dtype]
     plan, forward, backward = plan_and_launches(
-        args.batch, CAPSNET_SHAPE, args.iterations, acc_bytes, gpu.multiprocessors, args.detach_routing
+        args.batch, CAPSNET_SHAPE, args.iterations, acc_bytes, gpu.multiprocessors, args.detach_routing, args.dtype
     )
     tile = plan["tile"]
     kernels = [launch for launch in forward + backward if launch != MEMSET]
@@ -891,7 +897,8 @@ def main(argv=None) -> int:
     gpu = GPUS[args.arch]
     if args.lines is not None:  # before the compile: the launch order alone names the kernels
         _, forward_launches, backward_launches = plan_and_launches(
-            args.batch, CAPSNET_SHAPE, args.iterations, DTYPES[args.dtype][1], gpu.multiprocessors, args.detach_routing
+            args.batch, CAPSNET_SHAPE, args.iterations, DTYPES[args.dtype][1], gpu.multiprocessors, args.detach_routing,
+            args.dtype,
         )
         names = sorted({row_key(launch) for launch in forward_launches + backward_launches if launch != MEMSET})
         if not any(args.lines in name for name in names):

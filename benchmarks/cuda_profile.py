@@ -2,7 +2,7 @@
 
     python -m benchmarks.cuda_profile --batch-sizes 32 128 512 1024 --out benchmarks/results/gpu-check
     python -m benchmarks.cuda_profile --dry-run      # no GPU: the model's side only, to check the script
-    CAPSNET_CUDA_PLAN=staging_slots=3 python -m benchmarks.cuda_profile --suffix=-staged   # another plan
+    CAPSNET_CUDA_PLAN=staging_slots=0 python -m benchmarks.cuda_profile --suffix=-direct   # another plan
 
 For each batch size: a CapsNet-shape float32 forward+backward (r = 3), warmed up, then
 ``--steps`` steps under torch.profiler; each CUDA kernel's device time per step, grouped as
@@ -33,8 +33,8 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
     -> 'cudaMemsetAsync'; None for other kernels. A forward kernel whose last template argument
     (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'. A float
-    gradient kernel with 4 rows of W[i, j] per thread (CAPSNET_CUDA_PLAN=gradient_rows=4):
-    'gradient_kernel<narrow>'."""
+    gradient kernel with 4 rows of W[i, j] per thread (the default): 'gradient_kernel<narrow>';
+    with 8 (CAPSNET_CUDA_PLAN=gradient_rows=8): 'gradient_kernel<wide>'."""
     if kernel_name.startswith("Memset"):
         return cuda_model.MEMSET
     m = re.search(r"capsnet::cuda::(\w+_kernel)<(.*)>\s*\(", kernel_name)
@@ -43,6 +43,8 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     name, arguments = m.groups()
     if name == "gradient_kernel" and re.match(r"float,.*,\s*4\s*$", arguments):
         return f"{name}<narrow>"
+    if name == "gradient_kernel" and re.match(r"float,.*,\s*8\s*$", arguments):
+        return f"{name}<wide>"
     slots = re.search(r",\s*(\d+)\s*$", arguments) if name == "forward_iteration_kernel" else None
     staged = ", staged" if slots and int(slots.group(1)) > 0 else ""
     named = re.search(r"::(k\w+)\b", arguments)

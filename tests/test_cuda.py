@@ -302,13 +302,14 @@ def test_plan_choices(monkeypatch, choices):
 
 @pytest.mark.parametrize("batch", [37, 128])
 def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
-    """staging_slots=3 (W and u through the forward's shared-memory ring, cp.async on sm_80
-    and later): the very bits of the direct loads, and the reference's values. On the GPU the
-    copies really are asynchronous, which the emulator cannot show: a missing wait would
-    read a slot before its copies landed."""
+    """The forward's shared-memory ring for W and u (the default on sm_80 and later, whose
+    cp.async copies in the background; staging_slots=3 elsewhere): the very bits of the
+    direct loads (staging_slots=0), and the reference's values. On the GPU the copies really
+    are asynchronous, which the emulator cannot show: a missing wait would read a slot
+    before its copies landed."""
     case = capsnet_case(batch)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
     direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", return_couplings=True)
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
     for _ in range(3):
@@ -322,21 +323,21 @@ def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
 
 
 @pytest.mark.parametrize("batch", [37, 128])
-def test_narrow_gradient_rows_give_the_default_bits(monkeypatch, batch):
-    """gradient_rows=4 (4 rows of W[i, j] per gradient thread, a round's dL/du_hat loads in
-    flight together): every output but dL/du bitwise the default kernel's, dL/du the same
-    bits on every call, and all of them close to the reference."""
+def test_narrow_gradient_rows_give_the_wide_kernels_bits(monkeypatch, batch):
+    """The default gradient kernel (4 rows of W[i, j] per thread, a round's dL/du_hat loads in
+    flight together) against gradient_rows=8: every output but dL/du bitwise the same, dL/du
+    the same bits on every call, and all of them close to the reference."""
     case = capsnet_case(batch)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=8")
+    wide = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    default = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
     narrow = [run_routing(u, W, bias, grad_v, case.iterations, backend="fused") for _ in range(3)]
-    for name in default:
+    for name in wide:
         for again in narrow:
             assert torch.equal(again[name], narrow[0][name]), f"B={batch} {name}: differs between calls"
         if name != "grad_u":
-            assert torch.equal(narrow[0][name], default[name]), f"B={batch} {name}: narrow differs from the default"
+            assert torch.equal(narrow[0][name], wide[name]), f"B={batch} {name}: 4 rows differ from 8"
     expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
     for name in expected:
         assert_close_report(narrow[0][name], expected[name], f"narrow B={batch} {name}", dtype=torch.float32)

@@ -223,18 +223,21 @@ STAGED_PROBLEMS = [(37, 100, 10, "", 9), (37, 20, 10, "inputs_per_chunk=1", 9), 
 @pytest.mark.parametrize("problem", STAGED_PROBLEMS, ids=["chunks", "one-input-chunks", "two-input-chunks", "four-capsules"])
 @pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True)], ids=["default", "prior", "leaky"])
 def test_staged_inputs_give_the_direct_loads_bits(simt, monkeypatch, problem, flags):
-    """staging_slots=3: the forward kernels read W and u through a ring of shared-memory
-    slots filled inputs ahead (routing_staging.cuh). Under every thread and block order the
-    outputs are bitwise those of the direct loads: each slot holds exactly what the direct
-    loads would have read, and no copy lands in a slot that a thread still reads (on the
-    emulator a copy lands at once, so a missing barrier shows as a difference)."""
+    """The forward kernels read W and u through a ring of shared-memory slots filled inputs
+    ahead (routing_staging.cuh; the default plan). Under every thread and block order the
+    outputs are bitwise those of the direct loads (staging_slots=0): each slot holds exactly
+    what the direct loads would have read, and no copy lands in a slot that a thread still
+    reads (on the emulator a copy lands at once, so a missing barrier shows as a difference)."""
     batch, num_in, num_out, other_choices, sm_count = problem
     prior, leaky = flags
     u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, num_out, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "staging_slots=0") if c))
     direct_plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count)
+    assert direct_plan["staging_slots"] == 0, direct_plan
+    simt.clear_launch_log()
     direct = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, multiprocessor_count=sm_count)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "staging_slots=3") if c))
+    assert staged_launches(simt) == [], simt.full_launch_log()
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
     plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count)
     assert plan["staging_slots"] == 3 and plan["inputs_per_chunk"] == direct_plan["inputs_per_chunk"], plan
     ring_bytes = 3 * (num_out * 16 * 8 + 32 * 12) * 4  # three slots: W slab + 32 padded u rows
@@ -249,23 +252,37 @@ def test_staged_inputs_give_the_direct_loads_bits(simt, monkeypatch, problem, fl
             assert torch.equal(a, e), f"{name} differs from the direct loads' under the {schedule} order (seed {seed})"
 
 
+def test_the_ring_is_the_default_only_with_async_copies(simt, monkeypatch):
+    """Without cp.async (GPUs before sm_80) the ring's copies would go through registers and
+    overlap nothing: the planner keeps the direct loads there unless staging_slots=3 asks."""
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)["staging_slots"] == 3
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)["staging_slots"] == 0
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)["staging_slots"] == 3
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)["staging_slots"] == 0
+
+
 @pytest.mark.parametrize("case", ["float16", "float64", "three-capsules", "generic-tile"])
 def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
-    """The ring holds float32 rows of the CapsNet tile with J >= 4; elsewhere staging_slots=3
-    plans and runs the direct loads (with their results)."""
+    """The ring holds float32 rows of the CapsNet tile with J >= 4; elsewhere the default
+    plan and staging_slots=3 both plan and run the direct loads (with their results)."""
     dtype = {"float16": torch.float16, "float64": torch.float64}.get(case, torch.float32)
     shape = {"three-capsules": (5, 12, 3, 16, 8), "generic-tile": (5, 12, 10, 8, 8)}.get(case, (5, 12, 10, 16, 8))
     u, W, bias, _, _ = make_inputs(*shape, dtype)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
     expected = simt.routing_forward(u, W, bias, None, 3, False, False, True)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
-    if dtype != torch.float16:  # the planner sees the op-math size only; the host drops the choice for half storage
-        assert simt.describe_plan(*shape, 3, 8 if dtype == torch.float64 else 4, 132)["staging_slots"] == 0
-    simt.clear_launch_log()
-    actual = simt.routing_forward(u, W, bias, None, 3, False, False, True)
-    assert staged_launches(simt) == [] and "forward_iteration_kernel" in simt.launch_log()
-    for name, a, e in zip(("v", "s_saved", "couplings"), actual, expected):
-        assert torch.equal(a, e), name
+    for choices in ("", "staging_slots=3"):
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
+        plan = simt.describe_plan(*shape, 3, 8 if dtype == torch.float64 else 4, 132,
+                                  float32_storage=dtype == torch.float32)
+        assert plan["staging_slots"] == 0, (choices, plan)
+        simt.clear_launch_log()
+        actual = simt.routing_forward(u, W, bias, None, 3, False, False, True)
+        assert staged_launches(simt) == [] and "forward_iteration_kernel" in simt.launch_log()
+        for name, a, e in zip(("v", "s_saved", "couplings"), actual, expected):
+            assert torch.equal(a, e), (choices, name)
 
 
 # (batch, N_in, flags (prior, leaky, detach), SMs): rounds with 1 to 3 of their 4 samples
@@ -275,18 +292,23 @@ NARROW_PROBLEMS = [(37, 20, (True, False, False), 2), (5, 24, (False, True, Fals
 
 
 @pytest.mark.parametrize("problem", NARROW_PROBLEMS, ids=["prior-37", "leaky-5", "prior-leaky-detach-64"])
-def test_narrow_gradient_rows_give_the_default_bits(simt, monkeypatch, problem):
-    """gradient_rows=4: the gradient kernel holds 4 rows of W[i, j] per thread and forms a
-    round's dL/du_hat rows together. dL/du_hat is summed as before, so dW, dbias and dprior
-    (and the forward) keep the default kernel's bits under every thread and block order;
-    dL/du adds twice the row groups' partials, so it matches the default to rounding."""
+def test_narrow_gradient_rows_give_the_wide_kernels_bits(simt, monkeypatch, problem):
+    """The default gradient kernel holds 4 rows of W[i, j] per thread and forms a round's
+    dL/du_hat rows together; gradient_rows=8 holds 8 and forms them one sample at a time.
+    dL/du_hat is summed the same way in both, so dW, dbias and dprior (and the forward) have
+    the same bits under every thread and block order; dL/du adds twice the row groups'
+    partials with 4 rows, so it matches to rounding, and is the same in every order."""
     batch, num_in, (prior, leaky, detach), sm_count = problem
     u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=8")
+    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    block = plan["launches"]["gradient_kernel"]["block"]
+    assert plan["gradient_rows"] == 8 and block[0] * block[2] == 2 * 8 and block[1] == 10, plan
+    simt.clear_launch_log()
+    wide = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
+                        multiprocessor_count=sm_count)
+    assert any("kWideGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    assert simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)["gradient_rows"] == 8
-    default = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
-                           multiprocessor_count=sm_count)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
     plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
     block = plan["launches"]["gradient_kernel"]["block"]
     assert plan["gradient_rows"] == 4 and block[0] * block[2] == 4 * 8 and block[1] == 10, plan
@@ -297,9 +319,9 @@ def test_narrow_gradient_rows_give_the_default_bits(simt, monkeypatch, problem):
         narrow = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
                               seed=seed, multiprocessor_count=sm_count)
         assert any("kNarrowGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
-        for name, a, e in zip(OUTPUT_NAMES, narrow, default):
+        for name, a, e in zip(OUTPUT_NAMES, narrow, wide):
             if name != "grad_u":
-                assert torch.equal(a, e), f"{name} differs from the default kernel's under the {schedule} order (seed {seed})"
+                assert torch.equal(a, e), f"{name} differs from the 8-row kernel's under the {schedule} order (seed {seed})"
         assert_matches(narrow, expected, torch.float32)
         grad_us.append(narrow[2])
     for (schedule, seed), grad_u in zip(SCHEDULES[1:], grad_us[1:]):
@@ -307,16 +329,18 @@ def test_narrow_gradient_rows_give_the_default_bits(simt, monkeypatch, problem):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
-def test_narrow_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
-    """The narrow gradient kernel is compiled for float32 storage; other storage runs its
-    default gradient kernel, with its results."""
+def test_wide_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
+    """The 8-row gradient kernel is compiled for float32 storage; other storage runs its
+    4-row kernel under gradient_rows=8 too, with its results."""
     u, W, bias, _, grad_v = make_inputs(5, 12, 10, 16, 8, dtype)
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
     expected = run_emulated(simt, u, W, bias, None, grad_v, 3)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=4")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=8")
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    assert simt.describe_plan(5, 12, 10, 16, 8, 3, acc_bytes, 132, float32_storage=False)["gradient_rows"] == 4
     simt.clear_launch_log()
     actual = run_emulated(simt, u, W, bias, None, grad_v, 3)
-    assert not any("kNarrowGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
+    assert not any("kWideGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
     for name, a, e in zip(OUTPUT_NAMES, actual, expected):
         assert torch.equal(a, e), name
 
@@ -441,7 +465,7 @@ def test_every_kernel_is_emulated(simt):
     launched = set(simt.launch_log()) - {"cudaMemsetAsync"}
     assert launched == declared, f"never launched: {declared - launched}; unknown: {launched - declared}"
     full = simt.full_launch_log()
-    steps = {name.split("ForwardStep::")[1].rstrip(">") for name in full if "ForwardStep::" in name}
+    steps = {name.split("ForwardStep::")[1].split(",")[0].rstrip(">") for name in full if "ForwardStep::" in name}
     assert steps == {"kUniformFirst", "kPriorFirst", "kLater", "kLaterLeaky"}, steps
     passes = {name.split("SweepPass::")[1].split(",")[0] for name in full if "SweepPass::" in name}
     assert passes == {"kFirstLogitGrads", "kLogitGrads", "kPriorGrads", "kCouplingsOnly"}, passes

@@ -91,7 +91,7 @@ def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
     assert cuda_model.main(["--lines", "kLaterr"]) == 2
     message = capsys.readouterr().err
     assert "--lines 'kLaterr' matches no kernel of this call" in message
-    assert "forward_iteration_kernel<kLater>" in message and "gradient_kernel" in message
+    assert "forward_iteration_kernel<kLater, staged>" in message and "gradient_kernel<narrow>" in message
 
 
 @pytest.mark.parametrize("launch, profiled, key", [
@@ -107,14 +107,17 @@ def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
     ("backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>",
      "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)1, false>"
      "(capsnet::cuda::BackwardParams<float>)", "backward_sweep_kernel<kLogitGrads>"),
-    ("gradient_kernel<scalar_t, Tile>",
+    ("gradient_kernel<scalar_t, Tile, kWideGradientRows>",
      "void capsnet::cuda::gradient_kernel<float, capsnet::cuda::CapsNetTile, 8>(capsnet::cuda::BackwardParams<float>)",
-     "gradient_kernel"),
+     "gradient_kernel<wide>"),
     ("gradient_kernel<scalar_t, Tile, kNarrowGradientRows>",
      "void capsnet::cuda::gradient_kernel<float, capsnet::cuda::CapsNetTile, 4>(capsnet::cuda::BackwardParams<float>)",
      "gradient_kernel<narrow>"),
     ("gradient_kernel<scalar_t, Tile>",
      "void capsnet::cuda::gradient_kernel<double, capsnet::cuda::CapsNetTile, 4>(capsnet::cuda::BackwardParams<double>)",
+     "gradient_kernel"),
+    ("gradient_kernel<scalar_t, Tile>",
+     "void capsnet::cuda::gradient_kernel<c10::Half, capsnet::cuda::CapsNetTile, 4>(capsnet::cuda::BackwardParams<c10::Half>)",
      "gradient_kernel"),
 ])
 def test_the_model_and_the_profiler_name_a_kernel_alike(launch, profiled, key):

@@ -14,7 +14,7 @@
 //   which needs no registers for them; before sm_80 the pipeline primitives copy synchronously).
 // The copies go through the library's primitives (copy16_async, commit_copies,
 // wait_for_copies: routing_staging.cuh), whose InputRing is this ring in the library's
-// forward kernels (CAPSNET_CUDA_PLAN=staging_slots=3); the experiment isolates the loop.
+// forward kernels (the default on sm_80 and later); the experiment isolates the loop.
 // benchmarks/staging_experiment.py builds and times them (input_loop.cu launches them);
 // tests/test_gpu_experiments.py runs them on the CPU emulator (emulated_input_loop.cpp).
 #pragma once

@@ -169,10 +169,7 @@ __device__ void bias_gradient(const BackwardParams<scalar_t>& p, int block, int 
 // CapsNet tile: dW and du from one dL/du_hat.
 // ---------------------------------------------------------------------------------------
 
-// gradient_kernel's rows of W[i, j] per thread by default, and its __launch_bounds__ for
-// kRows rows (routing_layout.h).
-template <typename scalar_t>
-constexpr int kDefaultGradientRows = default_gradient_rows(int(sizeof(opmath_t<scalar_t>)));
+// gradient_kernel's __launch_bounds__ for kRows rows of W[i, j] per thread (routing_layout.h).
 template <int kRows>
 constexpr int kGradientMaxThreads = gradient_max_threads(kRows);
 template <int kRows>
@@ -180,7 +177,7 @@ constexpr int kGradientMinBlocks = gradient_min_blocks(kRows);
 
 // Grid ceil(I / inputs_per_block); block (row groups x inputs_per_block, J, sample groups),
 // inputs_per_block x groups = kGradientInputGroups. Thread (row group, input, j, group) owns
-// rows [kRows * row group, + kRows) (default_gradient_rows, or the plan's) of W[i, j] (in
+// rows [kRows * row group, + kRows) (kDefaultGradientRows, or the plan's) of W[i, j] (in
 // registers, loaded once) and of dW[i, j] (accumulated), and walks its group's samples in
 // rounds of a 16-byte vector of samples: per sample, x = dL/du_hat[b, i, j, rows]
 // (grad_predictions), dW rows += x (outer) u[b, i], and the partial W[i, j, rows]^T x of
@@ -188,16 +185,16 @@ constexpr int kGradientMinBlocks = gradient_min_blocks(kRows);
 // sample][group x input][e][J x row groups, padded to kMaxNumOut x row groups with zeros]);
 // after each round, the block's threads add them up (in the order j, row group) and store
 // dL/du. At the end the groups' dW rows are added in a fixed pairwise tree, and the block
-// does its share of dL/dbias. kRows = kNarrowGradientRows with float math: the round's samples form their
-// dL/du_hat rows together (grad_predictions). dL/du_hat, and so dW, dbias and dprior, have
-// the same bits whatever kRows; dL/du adds J x row groups partials, so its rounding
-// depends on kRows.
-template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows<scalar_t>>
+// does its share of dL/dbias. With 4 rows (kNarrowGradientRows) and float math, a round's
+// samples form their dL/du_hat rows together (grad_predictions). dL/du_hat, and so dW,
+// dbias and dprior, have the same bits whatever kRows; dL/du adds J x row groups partials,
+// so its rounding depends on kRows.
+template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows>
 __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks<kRows>)
     gradient_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   constexpr int kDimIn = Tile::kMaxDimIn;
-  constexpr int kRowGroups = Tile::kMaxDimOut / kRows;
+  constexpr int kRowGroups = gradient_row_groups(kRows);
   // J x row groups partials per dL/du value, padded to whole 16-byte vectors.
   constexpr int kContributors = (kRowGroups * Tile::kMaxNumOut + Vector16<acc_t>::kWidth - 1) / Vector16<acc_t>::kWidth *
       Vector16<acc_t>::kWidth;

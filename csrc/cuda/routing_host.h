@@ -41,10 +41,13 @@ struct HostOptions {
 
 // CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py, benchmarks/cuda_profile.py):
 // a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8),
-// `staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N` (8 or kNarrowGradientRows)
-// that replace the planner's choices (PlanChoices, routing_launch.h), e.g.
-// "inputs_per_chunk=9,sample_groups=8".
+// `staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N` (kWideGradientRows or
+// kNarrowGradientRows) that replace the planner's choices (PlanChoices, routing_launch.h),
+// e.g. "inputs_per_chunk=9,sample_groups=8".
 // Read on every call, so that one process can time several plans. Unset or empty: none.
+// The messages format numbers with std::to_string: on one GPU machine (torch 2.11, nvcc
+// 13.0) c10::str dropped the integers in them, in this nvcc-compiled header only; the
+// std::to_string numbers of unsupported_shape_reason came through.
 inline PlanChoices plan_choices_from_environment() {
   PlanChoices choices;
   const char* text = std::getenv("CAPSNET_CUDA_PLAN");
@@ -75,28 +78,30 @@ inline PlanChoices plan_choices_from_environment() {
       parsed = 0;
     }
     TORCH_CHECK(parsed > 0 && parsed == value.size(), "CAPSNET_CUDA_PLAN: ", key, " must be an integer, got '", value, "'");
+    const std::string got = ", got " + std::to_string(number);
     if (key == "inputs_per_chunk") {
-      TORCH_CHECK(number >= 1, "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1, got ", number);
+      TORCH_CHECK(number >= 1, "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1", got);
       choices.inputs_per_chunk = number;
     } else if (key == "staging_slots") {
-      TORCH_CHECK(number == 0 || number == kInputRingSlots, "CAPSNET_CUDA_PLAN: staging_slots must be 0 or ",
-                  kInputRingSlots, ", got ", number);
+      TORCH_CHECK(number == 0 || number == kInputRingSlots,
+                  "CAPSNET_CUDA_PLAN: staging_slots must be 0 or " + std::to_string(kInputRingSlots) + got);
       choices.staging_slots = number;
     } else if (key == "gradient_rows") {
-      TORCH_CHECK(number == 8 || number == kNarrowGradientRows, "CAPSNET_CUDA_PLAN: gradient_rows must be 8 or ",
-                  kNarrowGradientRows, ", got ", number);
+      TORCH_CHECK(number == kWideGradientRows || number == kNarrowGradientRows,
+                  "CAPSNET_CUDA_PLAN: gradient_rows must be " + std::to_string(kWideGradientRows) + " or " +
+                      std::to_string(kNarrowGradientRows) + got);
       choices.gradient_rows = number;
     } else {
       TORCH_CHECK(number == 1 || number == 2 || number == 4 || number == 8,
-                  "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got ", number);
+                  "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8", got);
       choices.sample_groups = number;
     }
   }
   return choices;
 }
 
-// The choices that apply to storage of `dtype`: the input ring and the narrow gradient
-// rows are compiled for float32 storage only.
+// The choices that apply to storage of `dtype`: the input ring and the wide gradient rows
+// are compiled for float32 storage only.
 inline PlanChoices plan_choices_for(PlanChoices choices, at::ScalarType dtype) {
   if (dtype != at::kFloat) {
     choices.staging_slots = 0;

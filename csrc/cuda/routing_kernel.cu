@@ -64,7 +64,8 @@ HostOptions cuda_options() {
   const DeviceLimits limits{
       device_attribute(cudaDevAttrMultiProcessorCount, device),
       device_attribute(cudaDevAttrMaxThreadsPerBlock, device),
-      device_attribute(cudaDevAttrMaxSharedMemoryPerBlock, device)};
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlock, device),
+      /*async_copies=*/device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8};
   HostOptions options{c10::DeviceType::CUDA, limits, /*poison_memory=*/false};
   options.plan_choices = plan_choices_from_environment();
   return options;

@@ -21,26 +21,32 @@ struct DeviceLimits {
   int64_t multiprocessor_count;
   int64_t max_threads_per_block;
   int64_t max_shared_bytes_per_block;  // without the opt-in for more than 48 KiB
+  // Whether global-to-shared copies can run in the background (cp.async, sm_80 and later):
+  // only then does the forward's input ring overlap its loads with the math (plan_routing).
+  bool async_copies;
 };
 
 // An H100 SXM: what the emulator plans for unless a test asks for another count of SMs.
-constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024};
+constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true};
 
 // Choices that replace the planner's own, for experiments that map how a GPU's time depends
-// on them (benchmarks/plan_sweep.py; set through CAPSNET_CUDA_PLAN, routing_host.h). 0: the
-// planner's choice. A choice outside what the shape allows is brought to its nearest allowed
-// value: inputs_per_chunk to [ceil(N_in / kMaxChunks), N_in]; sample_groups (the CapsNet
-// tile's gradient kernel: a power of two up to kGradientInputGroups) to at most one group
-// per 16-byte vector of samples. staging_slots: 0 (direct loads) or kInputRingSlots (the
-// forward kernels read W and u through an InputRing, routing_staging.cuh), honoured for
-// the CapsNet tile with float32 storage and J >= kMinStagedNumOut when the ring fits in the
-// shared memory of a block, else 0. gradient_rows: 0 (default_gradient_rows) or the rows of
-// W[i, j] per thread of the CapsNet tile's gradient kernel, 8 or kNarrowGradientRows,
-// honoured with float math (float32 storage: routing_host.h), else the default.
+// on them (benchmarks/plan_sweep.py; set through CAPSNET_CUDA_PLAN, routing_host.h). A
+// choice outside what the shape allows is brought to its nearest allowed value.
+// - inputs_per_chunk (0: the planner's): to [ceil(N_in / kMaxChunks), N_in].
+// - sample_groups (0: the planner's; the CapsNet tile's gradient kernel): a power of two up
+//   to kGradientInputGroups, at most one group per 16-byte vector of samples.
+// - staging_slots (-1: the planner's): 0 (direct loads) or kInputRingSlots (the forward
+//   kernels read W and u through an InputRing, routing_staging.cuh). The ring exists for
+//   the CapsNet tile with float32 storage and J >= kMinStagedNumOut, when it fits in the
+//   shared memory of a block; the planner takes it there on GPUs with async_copies.
+// - gradient_rows (0: kDefaultGradientRows): the rows of W[i, j] per thread of the CapsNet
+//   tile's gradient kernel, kNarrowGradientRows or kWideGradientRows (float32 storage).
+// Storage other than float32 has neither the ring nor the wide rows compiled: routing_host.h
+// (plan_choices_for) clears those two choices for it before they reach the planner.
 struct PlanChoices {
   int64_t inputs_per_chunk = 0;
   int64_t sample_groups = 0;
-  int64_t staging_slots = 0;
+  int64_t staging_slots = -1;
   int64_t gradient_rows = 0;
 };
 
@@ -199,8 +205,8 @@ inline int64_t backward_slice_batch(
 
 // The plan for one call (or one backward slice) with batch >= 1 on a shape that
 // unsupported_shape_reason accepts. acc_bytes: the size of the op-math type (workspaces
-// and shared memory are in it). choices.staging_slots and choices.gradient_rows must be 0
-// unless the storage is float32 (routing_host.h).
+// and shared memory are in it). Storage other than float32 needs its choices through
+// plan_choices_for (routing_host.h): the planner alone would give float16 the ring.
 inline RoutingPlan plan_routing(
     const RoutingShape& shape, bool has_prior, bool detach_routing, int64_t acc_bytes, const DeviceLimits& limits,
     const PlanChoices& choices = {}) {
@@ -266,7 +272,11 @@ inline RoutingPlan plan_routing(
                                               : thread_row_elements<GenericTile>(routing_threads, kinds, int(acc_bytes)));
   };
   plan.forward_iteration = {routing_grid, routing_block, exchange_bytes + thread_rows(1)};
-  if (choices.staging_slots > 0 && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
+  // The input ring: where it exists (PlanChoices), if chosen, or by default on GPUs that copy
+  // in the background (on an H200 the forward took 0.81x the direct loads' time at B = 128,
+  // 0.66x at B = 1024; without cp.async the ring's copies would only add instructions).
+  const bool ring_wanted = choices.staging_slots < 0 ? limits.async_copies : choices.staging_slots == kInputRingSlots;
+  if (ring_wanted && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
     const size_t ring_bytes = size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
     if (plan.forward_iteration.shared_bytes + ring_bytes <= size_t(limits.max_shared_bytes_per_block)) {
       plan.forward_iteration.shared_bytes += ring_bytes;
@@ -286,8 +296,8 @@ inline RoutingPlan plan_routing(
     // gradient_kernel: block (row groups x inputs, J, sample groups), inputs x groups =
     // kGradientInputGroups; the split that minimises the busiest SM's work (blocks per SM
     // times samples per group plus a group's fixed work per level of the groups' sum).
-    const bool rows_chosen = acc_bytes == 4 && (choices.gradient_rows == 8 || choices.gradient_rows == kNarrowGradientRows);
-    plan.gradient_rows = rows_chosen ? int(choices.gradient_rows) : default_gradient_rows(int(acc_bytes));
+    const bool wide_rows = acc_bytes == 4 && choices.gradient_rows == kWideGradientRows;
+    plan.gradient_rows = wide_rows ? kWideGradientRows : kDefaultGradientRows;
     const int64_t row_groups = gradient_row_groups(plan.gradient_rows);
     int64_t best = -1;
     int groups = 1;

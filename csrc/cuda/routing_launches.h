@@ -121,14 +121,16 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
     }
     if constexpr (Tile::kLanes > 0) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (plan.gradient_rows == kNarrowGradientRows) {  // a round's samples' loads in flight together
+        if (plan.gradient_rows == kWideGradientRows) {  // 8 rows, one sample's loads at a time
+          launch(CAPSNET_KERNEL(kGradientMaxThreads<kWideGradientRows>, gradient_kernel<scalar_t, Tile, kWideGradientRows>),
+              plan.gradients, p);
+        } else {  // 4 rows, a round's samples' loads in flight together
           launch(CAPSNET_KERNEL(kGradientMaxThreads<kNarrowGradientRows>, gradient_kernel<scalar_t, Tile, kNarrowGradientRows>),
               plan.gradients, p);
-          return;
         }
+        return;
       }
-      launch(CAPSNET_KERNEL(kGradientMaxThreads<kDefaultGradientRows<scalar_t>>, gradient_kernel<scalar_t, Tile>),
-          plan.gradients, p);
+      launch(CAPSNET_KERNEL(kGradientMaxThreads<kDefaultGradientRows>, gradient_kernel<scalar_t, Tile>), plan.gradients, p);
     } else {
       launch(CAPSNET_KERNEL(kGradWeightMaxThreads, grad_weight_kernel<scalar_t, Tile>), plan.grad_weight, p);
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, grad_input_kernel<scalar_t, Tile>), plan.grad_input, p);

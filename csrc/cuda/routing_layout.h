@@ -35,7 +35,7 @@ namespace capsnet::cuda {
 // the capsule exchange's addresses are then constants) of every output capsule, at most
 // 160 threads, and two such blocks fit on an SM (up to 168 registers per thread: an SM
 // quarter holds three of their warps), so that one block's barriers overlap the other's
-// work. A gradient thread owns some rows of W[i, j] and of dW[i, j] (default_gradient_rows).
+// work. A gradient thread owns some rows of W[i, j] and of dW[i, j] (kDefaultGradientRows).
 struct CapsNetTile {
   static constexpr int kMaxDimOut = 16;
   static constexpr int kMaxDimIn = 8;
@@ -75,16 +75,17 @@ constexpr int kGradWeightMaxThreads = 256;
 // The CapsNet tile's gradient kernel: (inputs x sample groups) per block.
 constexpr int kGradientInputGroups = 8;
 // Rows d of W[i, j] (and of dW[i, j]) that a thread of the CapsNet tile's gradient kernel
-// holds in registers. By default 8 with float math and 4 with double, so that both take
-// 2 x 64 registers (8 double rows need 256 and spill in the sample loop). With
-// kNarrowGradientRows (CAPSNET_CUDA_PLAN=gradient_rows=4, float32) a float thread holds 4,
-// and the registers that frees let it form the dL/du_hat rows of a round's samples
-// together, their loads in flight at once instead of one sample's after another's. Fewer
+// holds in registers: kNarrowGradientRows (4) by default. With float math the registers
+// that 4 rows leave free let a thread form the dL/du_hat rows of a round's samples
+// together, their loads in flight at once instead of one sample's after another's (on an
+// H200 this took the kernel from 186.8 to 145.9 us at B = 128 and from 1,760 to 1,225 us at
+// B = 1024 against 8 rows; docs/CUDA.md). In double, 8 rows would need 256 registers and
+// spill. kWideGradientRows (CAPSNET_CUDA_PLAN=gradient_rows=8, float32 storage only) keeps
+// the 8-row kernel, which issues 13% fewer instructions, for GPUs where that pays. Fewer
 // rows per thread mean more row groups: more threads per block, one block per SM.
 constexpr int kNarrowGradientRows = 4;
-C10_HOST_DEVICE constexpr int default_gradient_rows(int acc_bytes) {
-  return acc_bytes == 4 ? 8 : kNarrowGradientRows;
-}
+constexpr int kWideGradientRows = 8;
+constexpr int kDefaultGradientRows = kNarrowGradientRows;
 C10_HOST_DEVICE constexpr int gradient_row_groups(int rows) {
   return CapsNetTile::kMaxDimOut / rows;
 }
@@ -94,7 +95,7 @@ C10_HOST_DEVICE constexpr int gradient_max_threads(int rows) {
   return gradient_row_groups(rows) * kGradientInputGroups * CapsNetTile::kMaxNumOut;
 }
 C10_HOST_DEVICE constexpr int gradient_min_blocks(int rows) {
-  return rows == 8 ? 2 : 1;
+  return rows == kWideGradientRows ? 2 : 1;
 }
 // Where the gradient kernel stores a row of a round's dL/du sums (one per row, in shared
 // memory after the round's rows): in the round whose first sample, counted in the sample

@@ -122,11 +122,17 @@ pybind11::dict launch_dict(const capsnet::cuda::KernelLaunch& launch) {
 }
 
 // The launch plan for a shape, for tests and for the static performance model
-// (benchmarks/cuda_model.py).
+// (benchmarks/cuda_model.py). acc_bytes: 4 for float math (float32 storage, or with
+// float32_storage=false float16/bfloat16), 8 for float64. async_copies=false plans for a
+// GPU without cp.async (before sm_80).
 pybind11::dict describe_plan(
     int64_t batch, int64_t num_in, int64_t num_out, int64_t dim_out, int64_t dim_in, int64_t num_iterations,
-    int64_t acc_bytes, int64_t multiprocessor_count, bool has_prior, bool detach_routing) {
-  const HostOptions host = emulated_host(multiprocessor_count);
+    int64_t acc_bytes, int64_t multiprocessor_count, bool has_prior, bool detach_routing, bool async_copies,
+    bool float32_storage) {
+  HostOptions host = emulated_host(multiprocessor_count);
+  host.limits.async_copies = async_copies;
+  const at::ScalarType storage = acc_bytes == 8 ? at::kDouble : (float32_storage ? at::kFloat : at::kHalf);
+  host.plan_choices = capsnet::cuda::plan_choices_for(host.plan_choices, storage);
   const capsnet::RoutingShape shape{batch, num_in, num_out, dim_out, dim_in, num_iterations};
   const capsnet::cuda::RoutingPlan plan =
       capsnet::cuda::plan_routing(shape, has_prior, detach_routing, acc_bytes, host.limits, host.plan_choices);
@@ -185,7 +191,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("max_coefficient_bytes") = 0);
   m.def("describe_plan", &describe_plan, py::arg("batch"), py::arg("num_in"), py::arg("num_out"),
       py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
-      py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false);
+      py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false,
+      py::arg("async_copies") = true, py::arg("float32_storage") = true);
   m.def("last_counters", [] { return last_counters; }, "the chunk trees' counters after the last call");
   m.def("forget_tree_counters", [] { kept_tree_counters().clear(); },
       "drop the kept chunk-tree counters: the next call zeroes a new buffer (a memset in the launch log)");
