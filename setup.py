@@ -279,8 +279,9 @@ def build_extension():
     variants = cpu_kernel_variants()
     # -fopenmp: at::parallel_for only runs in parallel in code compiled with OpenMP (torch
     # links the same libgomp). No -march here: the driver and everything that runs at
-    # import must run on any CPU of the architecture.
-    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp"]}
+    # import must run on any CPU of the architecture. -Wno-unknown-pragmas: as for the
+    # variants (routing_math.h reaches the driver too); a Python built with -Wall warns else.
+    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-unknown-pragmas"]}
     define_macros = [(f"CAPSNET_CPU_KERNEL_{name.upper()}", None) for name in variants]
     extension_class = CppExtension
     if with_cuda:
