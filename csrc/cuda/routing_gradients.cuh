@@ -12,6 +12,27 @@
 
 namespace capsnet::cuda {
 
+// The coefficients of kSamples consecutive samples, from `first` (that of the first): one
+// 16-byte load when they make a whole vector, which then starts at a vector boundary (the
+// gradient kernel's rounds: B' and the groups' samples are whole vectors, and so are the
+// slots' strides); else a load per sample, the samples past `present` reading the first's.
+template <int kSamples, typename acc_t>
+__device__ __forceinline__ void load_coefficients(const acc_t* __restrict__ first, int present, acc_t (&c)[kSamples]) {
+  if constexpr (kSamples == Vector16<acc_t>::kWidth) {
+    // Past `present`: samples past the batch, whose B' padding is in bounds (and not used).
+    const Vector16<acc_t> values = load_vector16(first);
+#pragma unroll
+    for (int q = 0; q < kSamples; ++q) {
+      c[q] = values.values[q];
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < kSamples; ++q) {
+      c[q] = first[q < present ? q : 0];
+    }
+  }
+}
+
 // x[q][d] = dL/du_hat[b + q, i, j, row + d], d < kRows, for kSamples consecutive samples of
 // which the first `present` exist: the sum of the product terms (BackwardTerms), term by
 // term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at (b, term 0, j,
@@ -31,6 +52,9 @@ __device__ __forceinline__ void grad_predictions(
     sample_vectors[q] = vectors + sample * walk.sample_terms;
     sample_coefficients[q] = coefficients + sample;
   }
+  // Term 0's coefficient a sample at a time, even where load_coefficients could load a
+  // vector: with it there, ptxas spills 16 bytes in the float64 kernel (make cuda-model),
+  // for 3 loads per round saved in the float one.
   acc_t values[kSamples][kRows];
 #pragma unroll
   for (int q = 0; q < kSamples; ++q) {
@@ -47,10 +71,10 @@ __device__ __forceinline__ void grad_predictions(
 #pragma unroll 1
   for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
     acc_t c[kSamples];
+    load_coefficients(coefficients + coefficient, present, c);
 #pragma unroll
     for (int q = 0; q < kSamples; ++q) {
       load_vector<kExact>(sample_vectors[q] + vector, rows, values[q]);
-      c[q] = sample_coefficients[q][coefficient];
     }
     coefficient += walk.coefficient_slot;
 #pragma unroll
