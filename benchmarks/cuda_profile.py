@@ -31,8 +31,8 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     """A profiler event's name as cuda_model names its rows:
     'void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::ForwardStep)2>(...)'
     (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
-    -> 'cudaMemsetAsync'; None for other kernels. A forward kernel whose last template argument
-    (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'. A float
+    -> 'cudaMemsetAsync'; None for other kernels. A forward or sweep kernel whose last template
+    argument (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'. A float
     gradient kernel with 4 rows of W[i, j] per thread (the default): 'gradient_kernel<narrow>';
     with 8 (CAPSNET_CUDA_PLAN=gradient_rows=8): 'gradient_kernel<wide>'."""
     if kernel_name.startswith("Memset"):
@@ -45,7 +45,8 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
         return f"{name}<narrow>"
     if name == "gradient_kernel" and re.match(r"float,.*,\s*8\s*$", arguments):
         return f"{name}<wide>"
-    slots = re.search(r",\s*(\d+)\s*$", arguments) if name == "forward_iteration_kernel" else None
+    ringed = ("forward_iteration_kernel", "backward_sweep_kernel")
+    slots = re.search(r",\s*(\d+)\s*$", arguments) if name in ringed else None
     staged = ", staged" if slots and int(slots.group(1)) > 0 else ""
     named = re.search(r"::(k\w+)\b", arguments)
     if named:

@@ -323,6 +323,25 @@ def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
 
 
 @pytest.mark.parametrize("batch", [37, 128])
+def test_the_sweeps_ring_gives_the_direct_loads_bits(monkeypatch, batch):
+    """sweep_staging_slots=3: the backward sweep's passes read W and u through their own
+    ring, in blocks past 48 KiB (the launcher's opt-in): the very bits of its direct loads,
+    and the reference's values; a missing wait or opt-in shows only on a GPU."""
+    case = capsnet_case(batch)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=3")
+    for _ in range(3):
+        staged = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+        for name in direct:
+            assert torch.equal(staged[name], direct[name]), f"B={batch} {name}: the sweep's ring differs from direct"
+    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
+    for name in expected:
+        assert_close_report(staged[name], expected[name], f"sweep ring B={batch} {name}", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("batch", [37, 128])
 def test_narrow_gradient_rows_give_the_wide_kernels_bits(monkeypatch, batch):
     """The default gradient kernel (4 rows of W[i, j] per thread, a round's dL/du_hat loads in
     flight together) against gradient_rows=8: every output but dL/du bitwise the same, dL/du

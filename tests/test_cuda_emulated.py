@@ -252,6 +252,55 @@ def test_staged_inputs_give_the_direct_loads_bits(simt, monkeypatch, problem, fl
             assert torch.equal(a, e), f"{name} differs from the direct loads' under the {schedule} order (seed {seed})"
 
 
+SWEEP_FLAGS = [(False, False, False), (True, False, False), (False, True, False), (True, False, True)]
+
+
+@pytest.mark.parametrize("problem", STAGED_PROBLEMS, ids=["chunks", "one-input-chunks", "two-input-chunks", "four-capsules"])
+@pytest.mark.parametrize("flags", SWEEP_FLAGS, ids=["default", "prior", "leaky", "prior-detach"])
+def test_the_sweeps_ring_gives_the_direct_loads_bits(simt, monkeypatch, problem, flags):
+    """With sweep_staging_slots=3 every pass of the backward sweep (the first, the later ones,
+    G_0's with a prior, detach_routing's couplings pass) reads W and u through an InputRing
+    after its two kinds of thread rows, in a block past 48 KiB: under every thread and block
+    order the outputs are bitwise those of its direct loads."""
+    batch, num_in, num_out, other_choices, sm_count = problem
+    prior, leaky, detach = flags
+    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, num_out, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
+    direct_plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count, prior, detach)
+    assert direct_plan["sweep_staging_slots"] == 0, direct_plan
+    direct = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, multiprocessor_count=sm_count)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "sweep_staging_slots=3") if c))
+    plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count, prior, detach)
+    assert plan["sweep_staging_slots"] == 3 and plan["inputs_per_chunk"] == direct_plan["inputs_per_chunk"], plan
+    ring_bytes = 3 * (num_out * 16 * 8 + 32 * 12) * 4
+    shared = plan["launches"]["backward_sweep_kernel"]["shared_bytes"]
+    assert shared - direct_plan["launches"]["backward_sweep_kernel"]["shared_bytes"] == ring_bytes, plan
+    passes = 1 if detach else 2 + (1 if prior else 0)  # detach_routing: no prior gradient
+    for schedule, seed in SCHEDULES:
+        simt.clear_launch_log()
+        staged = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
+                              seed=seed, multiprocessor_count=sm_count)
+        staged_passes = [n for n in simt.full_launch_log() if "backward_sweep" in n and "kInputRingSlots" in n]
+        assert len(staged_passes) == passes, simt.full_launch_log()
+        for name, a, e in zip(OUTPUT_NAMES, staged, direct):
+            assert torch.equal(a, e), f"{name} differs from the direct loads' under the {schedule} order (seed {seed})"
+
+
+def test_the_sweeps_ring_only_where_two_blocks_still_fit_an_sm(simt, monkeypatch):
+    """The sweep's ring takes its block past 48 KiB: the planner gives it only where asked,
+    and only where an SM still holds the 2 blocks per SM that the chunk sizes assume (an
+    H100's 228 KiB per SM: yes; sm_86's 100 KiB: no)."""
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3)["sweep_staging_slots"] == 0
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=3")
+    plan = simt.describe_plan(128, 1152, 10, 16, 8, 3)
+    shared = plan["launches"]["backward_sweep_kernel"]["shared_bytes"]
+    assert plan["sweep_staging_slots"] == 3 and 48 * 1024 < shared <= 227 * 1024, plan
+    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=2 * (shared + 1024))["sweep_staging_slots"] == 3
+    for per_sm in (2 * (shared + 1024) - 1, 100 * 1024):
+        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=per_sm)["sweep_staging_slots"] == 0
+
+
 def test_the_ring_is_the_default_only_with_async_copies(simt, monkeypatch):
     """Without cp.async (GPUs before sm_80) the ring's copies would go through registers and
     overlap nothing: the planner keeps the direct loads there unless staging_slots=3 asks."""
@@ -273,11 +322,11 @@ def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
     u, W, bias, _, _ = make_inputs(*shape, dtype)
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
     expected = simt.routing_forward(u, W, bias, None, 3, False, False, True)
-    for choices in ("", "staging_slots=3"):
+    for choices in ("", "staging_slots=3", "staging_slots=3,sweep_staging_slots=3"):
         monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
         plan = simt.describe_plan(*shape, 3, 8 if dtype == torch.float64 else 4, 132,
                                   float32_storage=dtype == torch.float32)
-        assert plan["staging_slots"] == 0, (choices, plan)
+        assert plan["staging_slots"] == 0 and plan["sweep_staging_slots"] == 0, (choices, plan)
         simt.clear_launch_log()
         actual = simt.routing_forward(u, W, bias, None, 3, False, False, True)
         assert staged_launches(simt) == [] and "forward_iteration_kernel" in simt.launch_log()
@@ -353,6 +402,7 @@ def test_wide_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
     ("inputs_per_chunk=4,sample_groups=3", "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8, got 3"),
     ("staging_slots=2", "CAPSNET_CUDA_PLAN: staging_slots must be 0 or 3, got 2"),
     ("gradient_rows=2", "CAPSNET_CUDA_PLAN: gradient_rows must be 8 or 4, got 2"),
+    ("sweep_staging_slots=1", "CAPSNET_CUDA_PLAN: sweep_staging_slots must be 0 or 3, got 1"),
 ])
 def test_bad_plan_choices_are_refused_with_their_name(simt, monkeypatch, text, message):
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", text)

@@ -105,8 +105,11 @@ def test_an_unknown_kernel_name_stops_before_the_compile(monkeypatch, capsys):
      "void capsnet::cuda::forward_iteration_kernel<float, capsnet::cuda::CapsNetTile, capsnet::cuda::ForwardStep::kUniformFirst, 3>"
      "(capsnet::cuda::ForwardParams<float>)", "forward_iteration_kernel<kUniformFirst, staged>"),
     ("backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>",
-     "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)1, false>"
+     "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)1, false, 0>"
      "(capsnet::cuda::BackwardParams<float>)", "backward_sweep_kernel<kLogitGrads>"),
+    ("backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, true, kInputRingSlots>",
+     "void capsnet::cuda::backward_sweep_kernel<float, capsnet::cuda::CapsNetTile, (capsnet::cuda::SweepPass)0, true, 3>"
+     "(capsnet::cuda::BackwardParams<float>)", "backward_sweep_kernel<kFirstLogitGrads, staged>"),
     ("gradient_kernel<scalar_t, Tile, kWideGradientRows>",
      "void capsnet::cuda::gradient_kernel<float, capsnet::cuda::CapsNetTile, 8>(capsnet::cuda::BackwardParams<float>)",
      "gradient_kernel<wide>"),

@@ -29,6 +29,8 @@ inline dim3 to_dim3(const LaunchDims& dims) {
 }
 
 struct CudaLauncher {
+  // Dynamic shared memory a block gets without cudaFuncAttributeMaxDynamicSharedMemorySize.
+  static constexpr size_t kDefaultSharedBytesPerBlock = 48 * 1024;
   cudaStream_t stream;
 
   template <typename Params>
@@ -36,6 +38,11 @@ struct CudaLauncher {
     const int64_t threads = int64_t(config.block.x) * config.block.y * config.block.z;
     TORCH_CHECK(threads <= kernel.launch_bound, "capsnet: internal error: ", kernel.name, " launched with ",
         threads, " threads per block, above its __launch_bounds__ of ", kernel.launch_bound);
+    if (config.shared_bytes > kDefaultSharedBytesPerBlock) {
+      // The opt-in for more (the planner stays within the device's opt-in limit).
+      C10_CUDA_CHECK(cudaFuncSetAttribute(
+          kernel.function, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.shared_bytes)));
+    }
     kernel.function<<<to_dim3(config.grid), to_dim3(config.block), config.shared_bytes, stream>>>(params);
     const cudaError_t launched = cudaGetLastError();
     if (launched != cudaSuccess) {

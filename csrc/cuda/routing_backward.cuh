@@ -22,6 +22,7 @@
 #pragma once
 
 #include "routing_forward.cuh"
+#include "routing_staging.cuh"
 
 namespace capsnet::cuda {
 
@@ -135,7 +136,9 @@ __device__ __forceinline__ void recompute_state(
 //   kPriorGrads (m = 0, a logit prior only): stores G_0, whose batch sum is grad_prior;
 //   kCouplingsOnly (detach_routing, m = r-1): stores c_{r-1}.
 // Grid and block as forward_iteration_kernel; kLeaky: options.leaky at compile time.
-template <typename scalar_t, typename Tile, SweepPass kPass, bool kLeaky>
+// kStagingSlots > 0 (CapsNet tile, float32): W and u through an InputRing after the thread
+// rows, as the forward's, with the same results.
+template <typename scalar_t, typename Tile, SweepPass kPass, bool kLeaky, int kStagingSlots = 0>
 __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_sweep_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
   using Rows = ThreadRows<acc_t, Tile>;
@@ -145,6 +148,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
   constexpr bool kFirst = kPass == SweepPass::kFirstLogitGrads || kPass == SweepPass::kCouplingsOnly;
   constexpr bool kSumsGradV = kPass == SweepPass::kFirstLogitGrads || kPass == SweepPass::kLogitGrads;
   constexpr bool kDetach = kPass == SweepPass::kCouplingsOnly;
+  constexpr bool kStaged = kStagingSlots > 0;
+  static_assert(!kStaged || std::is_same_v<scalar_t, float>, "the input ring holds float32 rows");
   const RoutingGeometry& g = p.geometry;
   const RoutingShape& n = g.shape;
   const RoutingThread<Tile, kSamples> t = RoutingThread<Tile, kSamples>::locate(g);
@@ -208,15 +213,36 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) backward_
 
   acc_t grad_v_partial[kSamples][kDim];
   fill(grad_v_partial, acc_t(0));
+  using Ring = std::conditional_t<kStaged, InputRing<Tile, kStagingSlots>, DirectInputs>;
+  [[maybe_unused]] Ring ring{};
+  if constexpr (kStaged) {
+    ring = Ring::locate(g, t, 2);
+    ring.start(p.W, p.u, t.inputs);
+  }
   for (int step = 0; step < t.inputs; ++step) {  // model-loop: inputs_per_chunk
+    // This input's W[i, j] and u rows: in global memory, or in the ring's slot.
+    const scalar_t* W_ij = p.W + W_offset;
+    const scalar_t* u_rows[kSamples];
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      u_rows[s] = p.u + u_offset[s];
+    }
+    if constexpr (kStaged) {
+      const float* slot = ring.arrive(p.W, p.u, step, t.inputs);
+      W_ij = ring.weights(slot, t.j);
+#pragma unroll
+      for (int s = 0; s < kSamples; ++s) {
+        u_rows[s] = ring.input_row(slot, s, t.lane);
+      }
+    }
     acc_t u_i[kSamples][Tile::kMaxDimIn];
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {
-      load_row<Tile>(p.u + u_offset[s], dim_in, u_i[s]);
+      load_row<Tile>(u_rows[s], dim_in, u_i[s]);
       u_offset[s] += dim_in;
     }
     acc_t u_hat[kSamples][kDim];
-    predict<Tile>(p.W + W_offset, u_i, dim_out, dim_in, u_hat);
+    predict<Tile>(W_ij, u_i, dim_out, dim_in, u_hat);
     W_offset += W_step;
     acc_t c[kSamples];
     if constexpr (kPass == SweepPass::kPriorGrads) {

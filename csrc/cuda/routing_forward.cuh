@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
   using Ring = std::conditional_t<kStaged, InputRing<Tile, kStagingSlots>, DirectInputs>;
   [[maybe_unused]] Ring ring{};
   if constexpr (kStaged) {
-    ring = Ring::locate(g, t);
+    ring = Ring::locate(g, t, 1);
     ring.start(p.W, p.u, t.inputs);
   }
   for (int left = t.inputs; left > 0; --left) {  // model-loop: inputs_per_chunk

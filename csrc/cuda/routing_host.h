@@ -41,8 +41,9 @@ struct HostOptions {
 
 // CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py, benchmarks/cuda_profile.py):
 // a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8),
-// `staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N` (kWideGradientRows or
-// kNarrowGradientRows) that replace the planner's choices (PlanChoices, routing_launch.h),
+// `staging_slots=N` and `sweep_staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N`
+// (kWideGradientRows or kNarrowGradientRows) that replace the planner's choices (PlanChoices,
+// routing_launch.h),
 // e.g. "inputs_per_chunk=9,sample_groups=8".
 // Read on every call, so that one process can time several plans. Unset or empty: none.
 // The messages format numbers with std::to_string: on one GPU machine (torch 2.11, nvcc
@@ -67,9 +68,11 @@ inline PlanChoices plan_choices_from_environment() {
     const size_t equals = item.find('=');
     const std::string key = item.substr(0, equals);
     const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
-    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots" || key == "gradient_rows",
+    TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots" || key == "gradient_rows" ||
+                    key == "sweep_staging_slots",
                 "CAPSNET_CUDA_PLAN: unknown choice '", key, "' in '", all,
-                "'; the choices are inputs_per_chunk=N, sample_groups=N, staging_slots=N and gradient_rows=N");
+                "'; the choices are inputs_per_chunk=N, sample_groups=N, staging_slots=N, gradient_rows=N and "
+                "sweep_staging_slots=N");
     size_t parsed = 0;
     long long number = 0;
     try {
@@ -82,10 +85,10 @@ inline PlanChoices plan_choices_from_environment() {
     if (key == "inputs_per_chunk") {
       TORCH_CHECK(number >= 1, "CAPSNET_CUDA_PLAN: inputs_per_chunk must be >= 1", got);
       choices.inputs_per_chunk = number;
-    } else if (key == "staging_slots") {
+    } else if (key == "staging_slots" || key == "sweep_staging_slots") {
       TORCH_CHECK(number == 0 || number == kInputRingSlots,
-                  "CAPSNET_CUDA_PLAN: staging_slots must be 0 or " + std::to_string(kInputRingSlots) + got);
-      choices.staging_slots = number;
+                  "CAPSNET_CUDA_PLAN: " + key + " must be 0 or " + std::to_string(kInputRingSlots) + got);
+      (key == "staging_slots" ? choices.staging_slots : choices.sweep_staging_slots) = number;
     } else if (key == "gradient_rows") {
       TORCH_CHECK(number == kWideGradientRows || number == kNarrowGradientRows,
                   "CAPSNET_CUDA_PLAN: gradient_rows must be " + std::to_string(kWideGradientRows) + " or " +
@@ -100,11 +103,12 @@ inline PlanChoices plan_choices_from_environment() {
   return choices;
 }
 
-// The choices that apply to storage of `dtype`: the input ring and the wide gradient rows
+// The choices that apply to storage of `dtype`: the input rings and the wide gradient rows
 // are compiled for float32 storage only.
 inline PlanChoices plan_choices_for(PlanChoices choices, at::ScalarType dtype) {
   if (dtype != at::kFloat) {
     choices.staging_slots = 0;
+    choices.sweep_staging_slots = 0;
     choices.gradient_rows = 0;
   }
   return choices;

@@ -65,7 +65,9 @@ HostOptions cuda_options() {
       device_attribute(cudaDevAttrMultiProcessorCount, device),
       device_attribute(cudaDevAttrMaxThreadsPerBlock, device),
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlock, device),
-      /*async_copies=*/device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8};
+      /*async_copies=*/device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8,
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)};
   HostOptions options{c10::DeviceType::CUDA, limits, /*poison_memory=*/false};
   options.plan_choices = plan_choices_from_environment();
   return options;

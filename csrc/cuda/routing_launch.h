@@ -24,10 +24,18 @@ struct DeviceLimits {
   // Whether global-to-shared copies can run in the background (cp.async, sm_80 and later):
   // only then does the forward's input ring overlap its loads with the math (plan_routing).
   bool async_copies;
+  // With the opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize, which the CUDA launcher
+  // sets for a launch above 48 KiB), and per SM: the backward sweep's input ring needs more
+  // than 48 KiB per block.
+  int64_t max_shared_bytes_per_block_optin;
+  int64_t shared_bytes_per_multiprocessor;
 };
 
+// The shared memory the CUDA runtime reserves per resident block (sm_80 and later).
+constexpr int64_t kSharedBytesReservedPerBlock = 1024;
+
 // An H100 SXM: what the emulator plans for unless a test asks for another count of SMs.
-constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true};
+constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true, 227 * 1024, 228 * 1024};
 
 // Choices that replace the planner's own, for experiments that map how a GPU's time depends
 // on them (benchmarks/plan_sweep.py; set through CAPSNET_CUDA_PLAN, routing_host.h). A
@@ -41,13 +49,19 @@ constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true};
 //   shared memory of a block; the planner takes it there on GPUs with async_copies.
 // - gradient_rows (0: kDefaultGradientRows): the rows of W[i, j] per thread of the CapsNet
 //   tile's gradient kernel, kNarrowGradientRows or kWideGradientRows (float32 storage).
-// Storage other than float32 has neither the ring nor the wide rows compiled: routing_host.h
-// (plan_choices_for) clears those two choices for it before they reach the planner.
+// - sweep_staging_slots (0, the default: direct loads): kInputRingSlots gives the backward
+//   sweep's kernels an InputRing too, where the forward's could have one and the sweep's
+//   larger block (two kinds of thread rows: over 48 KiB with the ring) still fits
+//   kRoutingBlocksPerMultiprocessor blocks on an SM. Not the default until a GPU has timed
+//   it (make gpu-check's sweep-ring step).
+// Storage other than float32 has neither the rings nor the wide rows compiled: routing_host.h
+// (plan_choices_for) clears those choices for it before they reach the planner.
 struct PlanChoices {
   int64_t inputs_per_chunk = 0;
   int64_t sample_groups = 0;
   int64_t staging_slots = -1;
   int64_t gradient_rows = 0;
+  int64_t sweep_staging_slots = 0;
 };
 
 enum class TileKind { kCapsNet, kGeneric };
@@ -85,6 +99,7 @@ struct RoutingPlan {
   KernelLaunch forward_iteration;  // forward_iteration_kernel
   int staging_slots;               // of its InputRing (0: direct loads)
   KernelLaunch backward_sweep;     // backward_sweep_kernel
+  int sweep_staging_slots;         // of its InputRing (0: direct loads)
   KernelLaunch backward_output;    // backward_output_kernel (r = 1: no sweep)
   KernelLaunch gradients;          // gradient_kernel (CapsNet tile)
   int gradient_rows;               // its rows of W[i, j] per thread (CapsNet tile)
@@ -284,6 +299,18 @@ inline RoutingPlan plan_routing(
     }
   }
   plan.backward_sweep = {routing_grid, routing_block, exchange_bytes + thread_rows(2)};
+  // The sweep's ring, when chosen: past 48 KiB (the opt-in), as long as the SM still holds
+  // the blocks the chunk sizes were planned for.
+  if (choices.sweep_staging_slots == kInputRingSlots && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
+    const size_t bytes = plan.backward_sweep.shared_bytes +
+        size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
+    if (bytes <= size_t(limits.max_shared_bytes_per_block_optin) &&
+        kRoutingBlocksPerMultiprocessor * (int64_t(bytes) + kSharedBytesReservedPerBlock) <=
+            limits.shared_bytes_per_multiprocessor) {
+      plan.backward_sweep.shared_bytes = bytes;
+      plan.sweep_staging_slots = kInputRingSlots;
+    }
+  }
 
   // backward_output_kernel (r = 1): the sweep's blocks without the input chunks.
   plan.backward_output = {LaunchDims{unsigned(part.sample_tiles), 1, 1}, routing_block, 0};

@@ -82,6 +82,32 @@ void launch_forward(const Launcher& launch, const RoutingPlan& plan, ForwardPara
   });
 }
 
+// One pass of the backward sweep, with W and u through the InputRing when the plan gives
+// the sweep one (float32 storage, CapsNet tile). `name` and `staged_name`: the two kernels as
+// the launch log names them, the pass spelled out (CAPSNET_SWEEP_PASS).
+template <SweepPass kPass, bool kLeaky, typename Tile, typename scalar_t, typename Launcher>
+void launch_sweep_pass(const Launcher& launch, const RoutingPlan& plan, const BackwardParams<scalar_t>& p,
+                       const char* name, const char* staged_name) {
+  if constexpr (std::is_same_v<scalar_t, float> && Tile::kLanes > 0) {
+    if (plan.sweep_staging_slots == kInputRingSlots) {
+      auto kernel = CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, kPass, kLeaky, kInputRingSlots>);
+      kernel.name = staged_name;
+      launch(kernel, plan.backward_sweep, p);
+      return;
+    }
+  }
+  auto kernel = CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, kPass, kLeaky>);
+  kernel.name = name;
+  launch(kernel, plan.backward_sweep, p);
+}
+
+// launch_sweep_pass for `pass` (SweepPass::k...) and `leaky` (true or false), inside
+// launch_backward.
+#define CAPSNET_SWEEP_PASS(pass, leaky)                                                    \
+  launch_sweep_pass<pass, leaky, Tile>(launch, plan, p,                                    \
+      "backward_sweep_kernel<scalar_t, Tile, " #pass ", " #leaky ">",                      \
+      "backward_sweep_kernel<scalar_t, Tile, " #pass ", " #leaky ", kInputRingSlots>")
+
 // The reverse sweep (the per-sample state, c_m, G_m, gs_{m-1}), then dL/dW and dL/du (and
 // dL/dbias, grad_prior) for one slice of the batch.
 template <typename scalar_t, typename Launcher>
@@ -90,34 +116,33 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
     using Tile = decltype(tile);
     const int last = int(plan.geometry.shape.iterations) - 1;
     p.iteration = last;
-    const KernelLaunch& sweep = plan.backward_sweep;
     const bool leaky = p.options.leaky;
     if (last == 0) {  // gs_0 from grad_v, no couplings to recompute
       launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_output_kernel<scalar_t, Tile>), plan.backward_output, p);
     } else if (p.options.detach_routing) {  // the state and c_{r-1}
       if (leaky) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, true>), sweep, p);
+        CAPSNET_SWEEP_PASS(SweepPass::kCouplingsOnly, true);
       } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kCouplingsOnly, false>), sweep, p);
+        CAPSNET_SWEEP_PASS(SweepPass::kCouplingsOnly, false);
       }
     } else {  // the state, c_{r-1}, G_{r-1}, gs_{r-2}; then c_m, G_m, gs_{m-1}
       if (leaky) {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, true>), sweep, p);
+        CAPSNET_SWEEP_PASS(SweepPass::kFirstLogitGrads, true);
       } else {
-        launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kFirstLogitGrads, false>), sweep, p);
+        CAPSNET_SWEEP_PASS(SweepPass::kFirstLogitGrads, false);
       }
       for (int m = last - 1; m >= 1; --m) {
         p.iteration = m;
         if (leaky) {
-          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, true>), sweep, p);
+          CAPSNET_SWEEP_PASS(SweepPass::kLogitGrads, true);
         } else {
-          launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kLogitGrads, false>), sweep, p);
+          CAPSNET_SWEEP_PASS(SweepPass::kLogitGrads, false);
         }
       }
     }
     if (p.grad_prior != nullptr) {
       p.iteration = 0;  // G_0
-      launch(CAPSNET_KERNEL(Tile::kMaxThreads, backward_sweep_kernel<scalar_t, Tile, SweepPass::kPriorGrads, false>), sweep, p);
+      CAPSNET_SWEEP_PASS(SweepPass::kPriorGrads, false);
     }
     if constexpr (Tile::kLanes > 0) {
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -137,5 +162,7 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
     }
   });
 }
+
+#undef CAPSNET_SWEEP_PASS
 
 }  // namespace capsnet::cuda

@@ -1,5 +1,6 @@
-// W and u of the forward's input loop through a ring of shared-memory slots (CapsNet tile,
-// float32 storage), for the GPUs where the loop waits on its loads.
+// W and u of a routing kernel's input loop through a ring of shared-memory slots (CapsNet
+// tile, float32 storage), for the GPUs where the loop waits on its loads: the forward's by
+// default, the backward sweep's when the plan asks (PlanChoices::sweep_staging_slots).
 //
 // With direct loads, a routing block's threads load input i's rows of W and u from L2 (or
 // memory) where the prediction uses them: one round trip per input capsule that two blocks
@@ -82,13 +83,14 @@ struct InputRing {
   int W_destination;
   int u_destination;
 
-  // The ring after the forward's exchange buffers and thread rows (one kind: V_k), with the
-  // calling thread's share of the copies of its chunk's first input.
-  __device__ static InputRing locate(const RoutingGeometry& g, const RoutingThread<Tile, kSamples>& t) {
+  // The ring after a routing kernel's exchange buffers and `row_kinds` kinds of thread rows
+  // (the forward's V_k; the sweep's V_m and gs_m), with the calling thread's share of the
+  // copies of its chunk's first input.
+  __device__ static InputRing locate(const RoutingGeometry& g, const RoutingThread<Tile, kSamples>& t, int row_kinds) {
     const int threads = int(blockDim.x * blockDim.y);
     InputRing ring;
     ring.slots = dynamic_shared_memory<float>() + exchange_elements<Tile>(g.shape.num_out, g.part.lanes, 4) +
-                 thread_row_elements<Tile>(threads, 1, 4);
+                 thread_row_elements<Tile>(threads, row_kinds, 4);
     ring.slot_floats = int(input_slot_floats(g.shape.num_out));
     ring.ring_floats = kSlots * ring.slot_floats;
     ring.read_slot = 0;

@@ -75,7 +75,7 @@ EmulatedLauncher emulated_launcher(const HostOptions& host, const std::string& s
   options.schedule = simt::parse_schedule(schedule);
   options.seed = seed;
   options.max_threads_per_block = host.limits.max_threads_per_block;
-  options.max_shared_bytes = host.limits.max_shared_bytes_per_block;
+  options.max_shared_bytes = host.limits.max_shared_bytes_per_block_optin;  // the CUDA launcher opts in
   return EmulatedLauncher{options};
 }
 
@@ -124,13 +124,15 @@ pybind11::dict launch_dict(const capsnet::cuda::KernelLaunch& launch) {
 // The launch plan for a shape, for tests and for the static performance model
 // (benchmarks/cuda_model.py). acc_bytes: 4 for float math (float32 storage, or with
 // float32_storage=false float16/bfloat16), 8 for float64. async_copies=false plans for a
-// GPU without cp.async (before sm_80).
+// GPU without cp.async (before sm_80); shared_bytes_per_multiprocessor for a GPU with less
+// shared memory per SM than an H100 (e.g. 100 KiB: sm_86, sm_89).
 pybind11::dict describe_plan(
     int64_t batch, int64_t num_in, int64_t num_out, int64_t dim_out, int64_t dim_in, int64_t num_iterations,
     int64_t acc_bytes, int64_t multiprocessor_count, bool has_prior, bool detach_routing, bool async_copies,
-    bool float32_storage) {
+    bool float32_storage, int64_t shared_bytes_per_multiprocessor) {
   HostOptions host = emulated_host(multiprocessor_count);
   host.limits.async_copies = async_copies;
+  host.limits.shared_bytes_per_multiprocessor = shared_bytes_per_multiprocessor;
   const at::ScalarType storage = acc_bytes == 8 ? at::kDouble : (float32_storage ? at::kFloat : at::kHalf);
   host.plan_choices = capsnet::cuda::plan_choices_for(host.plan_choices, storage);
   const capsnet::RoutingShape shape{batch, num_in, num_out, dim_out, dim_in, num_iterations};
@@ -146,6 +148,7 @@ pybind11::dict describe_plan(
   out["num_chunks"] = part.num_chunks;
   out["chunk_levels"] = part.chunk_levels;
   out["staging_slots"] = plan.staging_slots;
+  out["sweep_staging_slots"] = plan.sweep_staging_slots;
   out["sample_groups"] = part.sample_groups;
   out["gradient_rows"] = plan.gradient_rows;
   out["gradient_inputs_per_block"] = part.gradient_inputs_per_block;
@@ -192,7 +195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("describe_plan", &describe_plan, py::arg("batch"), py::arg("num_in"), py::arg("num_out"),
       py::arg("dim_out"), py::arg("dim_in"), py::arg("num_iterations"), py::arg("acc_bytes") = 4,
       py::arg("multiprocessor_count") = h100_sms, py::arg("has_prior") = false, py::arg("detach_routing") = false,
-      py::arg("async_copies") = true, py::arg("float32_storage") = true);
+      py::arg("async_copies") = true, py::arg("float32_storage") = true,
+      py::arg("shared_bytes_per_multiprocessor") = capsnet::cuda::kH100Limits.shared_bytes_per_multiprocessor);
   m.def("last_counters", [] { return last_counters; }, "the chunk trees' counters after the last call");
   m.def("forget_tree_counters", [] { kept_tree_counters().clear(); },
       "drop the kept chunk-tree counters: the next call zeroes a new buffer (a memset in the launch log)");
