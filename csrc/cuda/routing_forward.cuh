@@ -141,21 +141,8 @@ __global__ void __launch_bounds__(Tile::kMaxThreads, Tile::kMinBlocks) forward_i
     ring.start(p.W, p.u, t.inputs);
   }
   for (int left = t.inputs; left > 0; --left) {  // model-loop: inputs_per_chunk
-    // This input's W[i, j] and u rows: in global memory, or in the ring's slot.
-    const scalar_t* W_ij = p.W + W_offset;
     const scalar_t* u_rows[kSamples];
-#pragma unroll
-    for (int s = 0; s < kSamples; ++s) {
-      u_rows[s] = p.u + u_offset[s];
-    }
-    if constexpr (kStaged) {
-      const float* slot = ring.arrive(p.W, p.u, t.inputs - left, t.inputs);
-      W_ij = ring.weights(slot, t.j);
-#pragma unroll
-      for (int s = 0; s < kSamples; ++s) {
-        u_rows[s] = ring.input_row(slot, s, t.lane);
-      }
-    }
+    const scalar_t* W_ij = input_rows(ring, p.W, p.u, W_offset, u_offset, t.inputs - left, t, u_rows);
     acc_t u_i[kSamples][Tile::kMaxDimIn];
 #pragma unroll
     for (int s = 0; s < kSamples; ++s) {

@@ -172,4 +172,29 @@ struct InputRing {
 // What a kernel with direct loads holds in place of a ring: nothing.
 struct DirectInputs {};
 
+// Where the calling thread reads input `input` of its chunk (0, 1, ... in order): its rows
+// of u (u_rows) and its matrix W[i, j] (returned). DirectInputs: in global memory, at the
+// offsets the kernel walks; an InputRing: in the input's slot, once its copies have landed
+// (every thread of the block calls it for every input).
+template <typename Tile, int kSamples, typename Ring, typename scalar_t>
+__device__ __forceinline__ const scalar_t* input_rows(
+    Ring& ring, const scalar_t* __restrict__ W, const scalar_t* __restrict__ u, int W_offset,
+    const int (&u_offset)[kSamples], int input, const RoutingThread<Tile, kSamples>& t,
+    const scalar_t* (&u_rows)[kSamples]) {
+  if constexpr (std::is_same_v<Ring, DirectInputs>) {
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      u_rows[s] = u + u_offset[s];
+    }
+    return W + W_offset;
+  } else {
+    const float* slot = ring.arrive(W, u, input, t.inputs);
+#pragma unroll
+    for (int s = 0; s < kSamples; ++s) {
+      u_rows[s] = ring.input_row(slot, s, t.lane);
+    }
+    return ring.weights(slot, t.j);
+  }
+}
+
 }  // namespace capsnet::cuda
