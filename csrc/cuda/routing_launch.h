@@ -287,29 +287,29 @@ inline RoutingPlan plan_routing(
                                               : thread_row_elements<GenericTile>(routing_threads, kinds, int(acc_bytes)));
   };
   plan.forward_iteration = {routing_grid, routing_block, exchange_bytes + thread_rows(1)};
-  // The input ring: where it exists (PlanChoices), if chosen, or by default on GPUs that copy
-  // in the background (on an H200 the forward took 0.81x the direct loads' time at B = 128,
-  // 0.66x at B = 1024; without cp.async the ring's copies would only add instructions).
-  const bool ring_wanted = choices.staging_slots < 0 ? limits.async_copies : choices.staging_slots == kInputRingSlots;
-  if (ring_wanted && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
-    const size_t ring_bytes = size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
-    if (plan.forward_iteration.shared_bytes + ring_bytes <= size_t(limits.max_shared_bytes_per_block)) {
-      plan.forward_iteration.shared_bytes += ring_bytes;
-      plan.staging_slots = kInputRingSlots;
-    }
-  }
   plan.backward_sweep = {routing_grid, routing_block, exchange_bytes + thread_rows(2)};
-  // The sweep's ring, when chosen: past 48 KiB (the opt-in), as long as the SM still holds
-  // the blocks the chunk sizes were planned for.
-  if (choices.sweep_staging_slots == kInputRingSlots && capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut) {
-    const size_t bytes = plan.backward_sweep.shared_bytes +
-        size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
-    if (bytes <= size_t(limits.max_shared_bytes_per_block_optin) &&
-        kRoutingBlocksPerMultiprocessor * (int64_t(bytes) + kSharedBytesReservedPerBlock) <=
-            limits.shared_bytes_per_multiprocessor) {
-      plan.backward_sweep.shared_bytes = bytes;
-      plan.sweep_staging_slots = kInputRingSlots;
-    }
+  // The input ring (InputRing) exists for the CapsNet tile with float32 storage and J >=
+  // kMinStagedNumOut; it takes ring_bytes more shared memory in the kernel that has it.
+  const bool ring_exists = capsnet && acc_bytes == 4 && num_out >= kMinStagedNumOut;
+  const size_t ring_bytes = size_t(kInputRingSlots) * size_t(input_slot_floats(num_out)) * sizeof(float);
+  // The forward's: if chosen, or by default on GPUs that copy in the background (on an
+  // H200 the forward took 0.81x the direct loads' time at B = 128, 0.66x at B = 1024;
+  // without cp.async the ring's copies would only add instructions), within 48 KiB.
+  const bool ring_wanted = choices.staging_slots < 0 ? limits.async_copies : choices.staging_slots == kInputRingSlots;
+  if (ring_wanted && ring_exists &&
+      plan.forward_iteration.shared_bytes + ring_bytes <= size_t(limits.max_shared_bytes_per_block)) {
+    plan.forward_iteration.shared_bytes += ring_bytes;
+    plan.staging_slots = kInputRingSlots;
+  }
+  // The sweep's, when chosen: past 48 KiB (the opt-in), as long as the SM still holds the
+  // blocks the chunk sizes were planned for.
+  const size_t sweep_bytes = plan.backward_sweep.shared_bytes + ring_bytes;
+  if (choices.sweep_staging_slots == kInputRingSlots && ring_exists &&
+      sweep_bytes <= size_t(limits.max_shared_bytes_per_block_optin) &&
+      kRoutingBlocksPerMultiprocessor * (int64_t(sweep_bytes) + kSharedBytesReservedPerBlock) <=
+          limits.shared_bytes_per_multiprocessor) {
+    plan.backward_sweep.shared_bytes = sweep_bytes;
+    plan.sweep_staging_slots = kInputRingSlots;
   }
 
   // backward_output_kernel (r = 1): the sweep's blocks without the input chunks.
