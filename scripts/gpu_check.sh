@@ -5,11 +5,11 @@
 # torch (no venv, no downloads), builds the extension in place, runs the CUDA tests with
 # CUDA_LAUNCH_BLOCKING=1 (a junit report), the benchmark at B in {32, 128, 512, 1024} and the
 # per-call cost of the Python layers (benchmarks/call_overhead.py), the
-# per-kernel profile beside the static model's estimates, five experiments (the routing loop
+# per-kernel profile beside the static model's estimates, four experiments (the routing loop
 # with W and u staged in shared memory against the direct loads, benchmarks/staging_experiment.py;
-# the library's forward kernels without their input ring, CAPSNET_CUDA_PLAN=staging_slots=0;
-# the gradient kernel with 8 rows per thread, CAPSNET_CUDA_PLAN=gradient_rows=8; the backward
-# sweep with an input ring, CAPSNET_CUDA_PLAN=sweep_staging_slots=3; the kernels'
+# the library's routing kernels without their input rings,
+# CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0; the gradient kernel with 8 rows
+# per thread, CAPSNET_CUDA_PLAN=gradient_rows=8; the kernels'
 # times under other launch plans, benchmarks/plan_sweep.py), and a short MNIST
 # training on the full set. Everything goes to benchmarks/results/gpu-check-<gpu>/, ready to commit.
 #
@@ -32,7 +32,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
 ONLY=${ONLY:-}
-STEPS="environment build tests benchmark kernels staging direct wide sweep-ring plans training"
+STEPS="environment build tests benchmark kernels staging direct wide plans training"
 for name in $ONLY; do
   case " $STEPS " in
     *" $name "*) ;;
@@ -135,19 +135,15 @@ NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile 
 NEEDS_GPU=1 step staging "$PYTHON" -m benchmarks.staging_experiment --batch-sizes 32 128 512 1024 --out "$OUT"
 
 # The alternatives to the default plan's kernels, per kernel beside the kernels step: the
-# forward kernels with direct loads of W and u instead of their shared-memory ring
-# (CAPSNET_CUDA_PLAN=staging_slots=0), and the gradient kernel with 8 rows of W[i, j] per
-# thread, one sample's dL/du_hat loads at a time, instead of 4 (CAPSNET_CUDA_PLAN=gradient_rows=8).
-NEEDS_GPU=0 NEEDS_EXTENSION=1 step direct env CAPSNET_CUDA_PLAN=staging_slots=0 "$PYTHON" -m benchmarks.cuda_profile \
+# forward and backward sweep kernels with direct loads of W and u instead of their
+# shared-memory rings (CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0), and the
+# gradient kernel with 8 rows of W[i, j] per thread, one sample's dL/du_hat loads at a time,
+# instead of 4 (CAPSNET_CUDA_PLAN=gradient_rows=8).
+NEEDS_GPU=0 NEEDS_EXTENSION=1 step direct env CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0 "$PYTHON" -m benchmarks.cuda_profile \
   --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-direct $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=0 NEEDS_EXTENSION=1 step wide env CAPSNET_CUDA_PLAN=gradient_rows=8 "$PYTHON" -m benchmarks.cuda_profile \
   --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-wide $([ "$DRY_RUN" = 1 ] && echo --dry-run)
-
-# A candidate for the default: the backward sweep's passes with an input ring of their own
-# (CAPSNET_CUDA_PLAN=sweep_staging_slots=3), per kernel beside the kernels step.
-NEEDS_GPU=0 NEEDS_EXTENSION=1 step sweep-ring env CAPSNET_CUDA_PLAN=sweep_staging_slots=3 "$PYTHON" -m benchmarks.cuda_profile \
-  --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-sweep-ring $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step plans "$PYTHON" -m benchmarks.plan_sweep --batch-sizes 32 128 512 1024 --out "$OUT"
 

@@ -324,12 +324,13 @@ def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
 
 @pytest.mark.parametrize("batch", [37, 128])
 def test_the_sweeps_ring_gives_the_direct_loads_bits(monkeypatch, batch):
-    """sweep_staging_slots=3: the backward sweep's passes read W and u through their own
-    ring, in blocks past 48 KiB (the launcher's opt-in): the very bits of its direct loads,
-    and the reference's values; a missing wait or opt-in shows only on a GPU."""
+    """sweep_staging_slots=3 (the default on sm_80 and later where it fits): the backward
+    sweep's passes read W and u through their own ring, in blocks past 48 KiB (the launcher's
+    opt-in): the very bits of its direct loads (sweep_staging_slots=0), and the reference's
+    values; a missing wait or opt-in shows only on a GPU."""
     case = capsnet_case(batch)
     u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=0")
     direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=3")
     for _ in range(3):

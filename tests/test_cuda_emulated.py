@@ -258,18 +258,18 @@ SWEEP_FLAGS = [(False, False, False), (True, False, False), (False, True, False)
 @pytest.mark.parametrize("problem", STAGED_PROBLEMS, ids=["chunks", "one-input-chunks", "two-input-chunks", "four-capsules"])
 @pytest.mark.parametrize("flags", SWEEP_FLAGS, ids=["default", "prior", "leaky", "prior-detach"])
 def test_the_sweeps_ring_gives_the_direct_loads_bits(simt, monkeypatch, problem, flags):
-    """With sweep_staging_slots=3 every pass of the backward sweep (the first, the later ones,
-    G_0's with a prior, detach_routing's couplings pass) reads W and u through an InputRing
-    after its two kinds of thread rows, in a block past 48 KiB: under every thread and block
-    order the outputs are bitwise those of its direct loads."""
+    """In the default plan every pass of the backward sweep (the first, the later ones, G_0's
+    with a prior, detach_routing's couplings pass) reads W and u through an InputRing after
+    its two kinds of thread rows, in a block past 48 KiB: under every thread and block order
+    the outputs are bitwise those of its direct loads (sweep_staging_slots=0)."""
     batch, num_in, num_out, other_choices, sm_count = problem
     prior, leaky, detach = flags
     u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, num_out, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "sweep_staging_slots=0") if c))
     direct_plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count, prior, detach)
     assert direct_plan["sweep_staging_slots"] == 0, direct_plan
     direct = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, multiprocessor_count=sm_count)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", ",".join(c for c in (other_choices, "sweep_staging_slots=3") if c))
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", other_choices)
     plan = simt.describe_plan(batch, num_in, num_out, 16, 8, 3, 4, sm_count, prior, detach)
     assert plan["sweep_staging_slots"] == 3 and plan["inputs_per_chunk"] == direct_plan["inputs_per_chunk"], plan
     ring_bytes = 3 * (num_out * 16 * 8 + 32 * 12) * 4
@@ -287,30 +287,37 @@ def test_the_sweeps_ring_gives_the_direct_loads_bits(simt, monkeypatch, problem,
 
 
 def test_the_sweeps_ring_only_where_two_blocks_still_fit_an_sm(simt, monkeypatch):
-    """The sweep's ring takes its block past 48 KiB: the planner gives it only where asked,
-    and only where an SM still holds the 2 blocks per SM that the chunk sizes assume (an
-    H100's 228 KiB per SM: yes; sm_86's 100 KiB: no)."""
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    """The sweep's ring takes its block past 48 KiB: the planner gives it (by default, or
+    when sweep_staging_slots=3 asks) only where an SM still holds the 2 blocks per SM that
+    the chunk sizes assume (an H100's 228 KiB per SM: yes; sm_86's 100 KiB: no), and never
+    where sweep_staging_slots=0 asks for the direct loads."""
+    for choices in ("", "sweep_staging_slots=3"):
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", choices)
+        plan = simt.describe_plan(128, 1152, 10, 16, 8, 3)
+        shared = plan["launches"]["backward_sweep_kernel"]["shared_bytes"]
+        assert plan["sweep_staging_slots"] == 3 and 48 * 1024 < shared <= 227 * 1024, (choices, plan)
+        fits = simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=2 * (shared + 1024))
+        assert fits["sweep_staging_slots"] == 3, choices
+        for per_sm in (2 * (shared + 1024) - 1, 100 * 1024):
+            plan = simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=per_sm)
+            assert plan["sweep_staging_slots"] == 0, (choices, per_sm)
+            assert plan["launches"]["backward_sweep_kernel"]["shared_bytes"] <= 48 * 1024, (choices, per_sm)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=0")
     assert simt.describe_plan(128, 1152, 10, 16, 8, 3)["sweep_staging_slots"] == 0
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=3")
-    plan = simt.describe_plan(128, 1152, 10, 16, 8, 3)
-    shared = plan["launches"]["backward_sweep_kernel"]["shared_bytes"]
-    assert plan["sweep_staging_slots"] == 3 and 48 * 1024 < shared <= 227 * 1024, plan
-    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=2 * (shared + 1024))["sweep_staging_slots"] == 3
-    for per_sm in (2 * (shared + 1024) - 1, 100 * 1024):
-        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, shared_bytes_per_multiprocessor=per_sm)["sweep_staging_slots"] == 0
 
 
-def test_the_ring_is_the_default_only_with_async_copies(simt, monkeypatch):
-    """Without cp.async (GPUs before sm_80) the ring's copies would go through registers and
-    overlap nothing: the planner keeps the direct loads there unless staging_slots=3 asks."""
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)["staging_slots"] == 3
-    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)["staging_slots"] == 0
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
-    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)["staging_slots"] == 3
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
-    assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)["staging_slots"] == 0
+def test_the_rings_are_the_default_only_with_async_copies(simt, monkeypatch):
+    """Without cp.async (GPUs before sm_80) the rings' copies would go through registers and
+    overlap nothing: the planner keeps the direct loads there, in the forward and in the
+    sweep, unless staging_slots=3 or sweep_staging_slots=3 asks."""
+    for key in ("staging_slots", "sweep_staging_slots"):
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)[key] == 3, key
+        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)[key] == 0, key
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", f"{key}=3")
+        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 40, async_copies=False)[key] == 3, key
+        monkeypatch.setenv("CAPSNET_CUDA_PLAN", f"{key}=0")
+        assert simt.describe_plan(128, 1152, 10, 16, 8, 3, 4, 132)[key] == 0, key
 
 
 @pytest.mark.parametrize("case", ["float16", "float64", "three-capsules", "generic-tile"])

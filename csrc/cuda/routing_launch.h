@@ -49,11 +49,11 @@ constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true, 227 * 1024, 228 *
 //   shared memory of a block; the planner takes it there on GPUs with async_copies.
 // - gradient_rows (0: kDefaultGradientRows): the rows of W[i, j] per thread of the CapsNet
 //   tile's gradient kernel, kNarrowGradientRows or kWideGradientRows (float32 storage).
-// - sweep_staging_slots (0, the default: direct loads): kInputRingSlots gives the backward
-//   sweep's kernels an InputRing too, where the forward's could have one and the sweep's
-//   larger block (two kinds of thread rows: over 48 KiB with the ring) still fits
-//   kRoutingBlocksPerMultiprocessor blocks on an SM. Not the default until a GPU has timed
-//   it (make gpu-check's sweep-ring step).
+// - sweep_staging_slots (-1: the planner's): 0 (direct loads) or kInputRingSlots (the
+//   backward sweep's kernels read W and u through an InputRing of their own). It exists
+//   where the forward's does; the sweep's larger block (two kinds of thread rows: over 48 KiB
+//   with the ring) must still fit kRoutingBlocksPerMultiprocessor blocks on an SM, within
+//   the opt-in limit of a block. The planner takes it there on GPUs with async_copies.
 // Storage other than float32 has neither the rings nor the wide rows compiled: routing_host.h
 // (plan_choices_for) clears those choices for it before they reach the planner.
 struct PlanChoices {
@@ -61,7 +61,7 @@ struct PlanChoices {
   int64_t sample_groups = 0;
   int64_t staging_slots = -1;
   int64_t gradient_rows = 0;
-  int64_t sweep_staging_slots = 0;
+  int64_t sweep_staging_slots = -1;
 };
 
 enum class TileKind { kCapsNet, kGeneric };
@@ -301,10 +301,13 @@ inline RoutingPlan plan_routing(
     plan.forward_iteration.shared_bytes += ring_bytes;
     plan.staging_slots = kInputRingSlots;
   }
-  // The sweep's, when chosen: past 48 KiB (the opt-in), as long as the SM still holds the
-  // blocks the chunk sizes were planned for.
+  // The sweep's, by the same default (on an H200 the two sweep passes took 0.85x the direct
+  // loads' time at B = 128, 0.73x at B = 1024): past 48 KiB (the opt-in), as long as the SM
+  // still holds the blocks the chunk sizes were planned for.
+  const bool sweep_ring_wanted =
+      choices.sweep_staging_slots < 0 ? limits.async_copies : choices.sweep_staging_slots == kInputRingSlots;
   const size_t sweep_bytes = plan.backward_sweep.shared_bytes + ring_bytes;
-  if (choices.sweep_staging_slots == kInputRingSlots && ring_exists &&
+  if (sweep_ring_wanted && ring_exists &&
       sweep_bytes <= size_t(limits.max_shared_bytes_per_block_optin) &&
       kRoutingBlocksPerMultiprocessor * (int64_t(sweep_bytes) + kSharedBytesReservedPerBlock) <=
           limits.shared_bytes_per_multiprocessor) {

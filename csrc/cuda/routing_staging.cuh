@@ -1,6 +1,7 @@
 // W and u of a routing kernel's input loop through a ring of shared-memory slots (CapsNet
-// tile, float32 storage), for the GPUs where the loop waits on its loads: the forward's by
-// default, the backward sweep's when the plan asks (PlanChoices::sweep_staging_slots).
+// tile, float32 storage), for the GPUs where the loop waits on its loads: the forward's and
+// the backward sweep's, by default where they fit (PlanChoices::staging_slots,
+// PlanChoices::sweep_staging_slots).
 //
 // With direct loads, a routing block's threads load input i's rows of W and u from L2 (or
 // memory) where the prediction uses them: one round trip per input capsule that two blocks
