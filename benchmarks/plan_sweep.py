@@ -10,7 +10,9 @@ against the other; and the gradient kernel's time followed its waves of blocks t
 samples per group, which its planner does not minimise. This sweep sets the planner's
 choices through ``CAPSNET_CUDA_PLAN`` (csrc/cuda/routing_host.h), at each batch size:
 
-- the inputs per chunk: the planner's choice times 1/4, 1/2, 1, 2 and 4 (within [1, N_in]);
+- the inputs per chunk: the planner's choice times 1/4, 1/2, 1, 2 and 4 (within [1, N_in]),
+  and the fewest that give every SM at most one block (the planner plans for two per SM;
+  at B = 32 on the H200 one block per SM, with twice the inputs, was the faster);
 - the gradient kernel's sample groups: 1, 2, 4, 8;
 
 and times every kernel of a CapsNet-shape float32 forward + backward (r = 3) with
@@ -61,13 +63,21 @@ def plan_choices(text: str):
 def describe(batch: int, sms: int) -> dict:
     """The plan the kernels get for this batch under the current CAPSNET_CUDA_PLAN."""
     plan = cuda_model.describe_plan(batch, CAPSNET, 3, 4, sms)
-    return {key: int(plan[key]) for key in ("inputs_per_chunk", "num_chunks", "chunk_levels", "sample_groups")}
+    keys = ("inputs_per_chunk", "num_chunks", "chunk_levels", "sample_groups", "sample_tiles")
+    return {key: int(plan[key]) for key in keys}
+
+
+def one_block_per_sm(sample_tiles: int, sms: int) -> int:
+    """The fewest inputs per chunk with which the routing launch has at most one block per SM."""
+    chunks = max(1, sms // sample_tiles)
+    return -(-CAPSNET["num_in"] // chunks)
 
 
 def choices_for(batch: int, sms: int) -> list[str]:
     """The CAPSNET_CUDA_PLAN values of the sweep at this batch size ("" is the planner's own)."""
     planned = describe(batch, sms)
     chunk_sizes = {min(max(1, round(planned["inputs_per_chunk"] * f)), CAPSNET["num_in"]) for f in CHUNK_FACTORS}
+    chunk_sizes.add(one_block_per_sm(planned["sample_tiles"], sms))
     chunk_sizes.discard(planned["inputs_per_chunk"])
     groups = [g for g in SAMPLE_GROUPS if g != planned["sample_groups"]]
     return [""] + [f"inputs_per_chunk={n}" for n in sorted(chunk_sizes)] + [f"sample_groups={g}" for g in groups]

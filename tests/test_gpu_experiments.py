@@ -73,6 +73,20 @@ def test_plan_sweep_asks_for_the_plans_it_names(monkeypatch):
     assert "CAPSNET_CUDA_PLAN" not in os.environ
 
 
+@pytest.mark.parametrize("batch, inputs", [(32, 9), (128, 35), (512, 144), (1024, 288)])
+def test_plan_sweep_includes_one_block_per_sm(monkeypatch, batch, inputs):
+    """Besides multiples of the planner's chunk size, the sweep times the smallest chunks
+    that leave every SM at most one routing block (132 SMs; 32 samples per tile)."""
+    monkeypatch.delenv("CAPSNET_CUDA_PLAN", raising=False)
+    assert f"inputs_per_chunk={inputs}" in plan_sweep.choices_for(batch, 132) or plan_sweep.describe(batch, 132)["inputs_per_chunk"] == inputs
+    with plan_sweep.plan_choices(f"inputs_per_chunk={inputs}"):
+        plan = plan_sweep.describe(batch, 132)
+    assert plan["sample_tiles"] * plan["num_chunks"] <= 132, plan
+    with plan_sweep.plan_choices(f"inputs_per_chunk={inputs - 1}"):
+        plan = plan_sweep.describe(batch, 132)
+    assert plan["sample_tiles"] * plan["num_chunks"] > 132, plan
+
+
 def test_plan_sweep_fit_separates_inputs_and_levels():
     a, b, c = 4.0, 1.5, 3.0
     rows = [dict(choices=f"inputs_per_chunk={n}", plan=dict(inputs_per_chunk=n, chunk_levels=levels),
