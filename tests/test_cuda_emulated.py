@@ -208,6 +208,18 @@ def test_plan_choices_replace_the_planners(simt, monkeypatch):
     assert simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count) == default
 
 
+@pytest.mark.parametrize("batch, inputs", [(1, 9), (32, 9), (128, 18), (512, 72), (1024, 144)])
+def test_the_planner_chunks_as_the_h200_timed(simt, monkeypatch, batch, inputs):
+    """The chunk sizes of the fitted cost (routing_chunk_cost) on 132 SMs: at B <= 32 one
+    block per SM (10 inputs per chunk took 0.82x the time of 5, two blocks per SM, on the
+    H200); at B >= 128 the sizes that measured fastest, two blocks per SM."""
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    plan = simt.describe_plan(batch, 1152, 10, 16, 8, 3, 4, 132)
+    assert plan["inputs_per_chunk"] == inputs, plan
+    blocks = plan["sample_tiles"] * plan["num_chunks"]
+    assert blocks <= 132 if batch <= 32 else 132 < blocks <= 2 * 132, plan
+
+
 def staged_launches(simt):
     """The forward launches since clear_launch_log() that read W and u through the InputRing."""
     return [name for name in simt.full_launch_log() if "forward_iteration" in name and "kInputRingSlots" in name]

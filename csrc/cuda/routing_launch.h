@@ -116,9 +116,15 @@ struct RoutingPlan {
 // Planning policy. The numbers aim at keeping every SM busy with a few blocks while each
 // block does enough work to amortise its fixed costs (docs/CUDA.md, "Launch plan").
 constexpr int64_t kRoutingBlocksPerMultiprocessor = 2;
-// A routing block's fixed work (loading its state, its part of the chunk tree), counted as
-// the work of this many input capsules when the planner sizes the chunks.
-constexpr int64_t kRoutingBlockOverheadInputs = 3;
+// The routing chunks' cost model (plan_detail::routing_chunk_cost), fitted to the H200's
+// times of the routing kernels under 5 to 6 chunk sizes at B in {32, 128, 512, 1024}, in
+// two runs (benchmarks/results/gpu-check-nvidia-h200-2026-11-27*/plan-sweep.json; 9% rms
+// error): a block's fixed work (loading its state, writing its partial sums) is that of 6
+// input capsules; two blocks on one SM do 1.35 times the work of one in the same time; a
+// level of the chunk tree costs 1.5 inputs.
+constexpr int64_t kRoutingBlockOverheadInputs = 6;
+constexpr int64_t kCoResidentSpeedupPercent = 135;
+constexpr int64_t kChunkTreeLevelHalfInputs = 3;
 constexpr int64_t kMinInputsPerChunk = 4;
 constexpr int64_t kMaxChunks = 65535;  // the grid's y dimension
 constexpr int64_t kGradWeightWarpsPerMultiprocessor = 24;
@@ -153,6 +159,19 @@ inline int bit_length(int64_t x) {
     ++bits;
   }
   return bits;
+}
+
+// The busiest SM's time for a routing launch of sample_tiles x chunks blocks of `inputs`
+// input capsules each (kRoutingBlocksPerMultiprocessor = 2 resident per SM),
+//   pairs x 2 x (inputs + overhead) / 1.35 + lone x (inputs + overhead) + 1.5 x tree levels
+// inputs' time on a lone block, times 2 x 135 so that the cost is an exact integer.
+inline int64_t routing_chunk_cost(int64_t sample_tiles, int64_t chunks, int64_t inputs, int64_t sms) {
+  static_assert(kRoutingBlocksPerMultiprocessor == 2, "the cost pairs the blocks on an SM");
+  const int64_t blocks = ceil_div(sample_tiles * chunks, sms);
+  const int64_t pairs = blocks / 2, lone = blocks % 2;
+  const int64_t block_work = 2 * (inputs + kRoutingBlockOverheadInputs);  // in half inputs
+  return pairs * 2 * block_work * 100 + lone * block_work * kCoResidentSpeedupPercent +
+         kChunkTreeLevelHalfInputs * bit_length(chunks - 1) * kCoResidentSpeedupPercent;
 }
 inline bool fits_capsnet_tile(const RoutingShape& shape, const DeviceLimits& limits) {
   return shape.dim_in == CapsNetTile::kMaxDimIn && shape.dim_out == CapsNetTile::kMaxDimOut &&
@@ -248,17 +267,16 @@ inline RoutingPlan plan_routing(
   part.lanes = capsnet ? CapsNetTile::kLanes : int(clamp(max_threads / num_out, 1, smallest(kWarpSize, batch)));
   part.samples_per_block = int(part.lanes * samples_per_thread);
   part.sample_tiles = ceil_div(batch, part.samples_per_block);
-  // Input chunks: the size that minimises the busiest SM's work, in waves of
-  // kRoutingBlocksPerMultiprocessor blocks per SM times (inputs per chunk + a block's fixed
-  // work), with at least kMinInputsPerChunk inputs per chunk.
+  // Input chunks: the size that minimises the busiest SM's time (routing_chunk_cost), with
+  // at least kMinInputsPerChunk inputs per chunk. On 132 SMs: 9 inputs at B <= 32 (one block
+  // per SM), 18 at B = 128, 72 at B = 512.
   int64_t best_cost = -1;
   for (int64_t inputs = smallest(kMinInputsPerChunk, num_in); inputs <= num_in; ++inputs) {
     const int64_t chunks = ceil_div(num_in, inputs);
     if (inputs > smallest(kMinInputsPerChunk, num_in) && ceil_div(num_in, inputs - 1) == chunks) {
       continue;  // the same chunks with fewer inputs in the last one
     }
-    const int64_t waves = ceil_div(part.sample_tiles * chunks, kRoutingBlocksPerMultiprocessor * sms);
-    const int64_t cost = waves * (inputs + kRoutingBlockOverheadInputs);
+    const int64_t cost = plan_detail::routing_chunk_cost(part.sample_tiles, chunks, inputs, sms);
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       part.inputs_per_chunk = inputs;
