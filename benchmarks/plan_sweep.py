@@ -11,8 +11,8 @@ samples per group, which its planner does not minimise. This sweep sets the plan
 choices through ``CAPSNET_CUDA_PLAN`` (csrc/cuda/routing_host.h), at each batch size:
 
 - the inputs per chunk: the planner's choice times 1/4, 1/2, 1, 2 and 4 (within [1, N_in]),
-  and the fewest that give every SM at most one block (the planner plans for two per SM;
-  at B = 32 on the H200 one block per SM, with twice the inputs, was the faster);
+  and the fewest that give every SM at most one block (at B = 32 on the H200 one block per
+  SM, with twice the inputs, was faster than two; the planner's cost weighs the two since);
 - the gradient kernel's sample groups: 1, 2, 4, 8;
 
 and times every kernel of a CapsNet-shape float32 forward + backward (r = 3) with

@@ -162,9 +162,10 @@ inline int bit_length(int64_t x) {
 }
 
 // The busiest SM's time for a routing launch of sample_tiles x chunks blocks of `inputs`
-// input capsules each (kRoutingBlocksPerMultiprocessor = 2 resident per SM),
+// input capsules each, two resident per SM, in units of one input's time on a lone block:
 //   pairs x 2 x (inputs + overhead) / 1.35 + lone x (inputs + overhead) + 1.5 x tree levels
-// inputs' time on a lone block, times 2 x 135 so that the cost is an exact integer.
+// (pairs: of blocks on that SM; lone: the odd one), returned times 2 x 135: an exact
+// integer, so that ties go to the smaller chunks on every host.
 inline int64_t routing_chunk_cost(int64_t sample_tiles, int64_t chunks, int64_t inputs, int64_t sms) {
   static_assert(kRoutingBlocksPerMultiprocessor == 2, "the cost pairs the blocks on an SM");
   const int64_t blocks = ceil_div(sample_tiles * chunks, sms);
