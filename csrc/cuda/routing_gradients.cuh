@@ -33,17 +33,69 @@ __device__ __forceinline__ void load_coefficients(const acc_t* __restrict__ firs
   }
 }
 
+// kTerms consecutive product terms of kSamples samples: their coefficients and rows.
+template <int kTerms, int kSamples, int kRows, typename acc_t>
+struct ProductTerms {
+  acc_t coefficients[kTerms][kSamples];
+  acc_t values[kTerms][kSamples][kRows];
+};
+
+// Loads the terms whose vectors start at offset `vector` (those of them that exist) and
+// whose coefficients start at `coefficients`; `sample_vectors` as in grad_predictions.
+template <bool kExact, int kTerms, int kSamples, int kRows, typename acc_t>
+__device__ __forceinline__ void load_terms(
+    const GradientStrides& walk, const acc_t* __restrict__ coefficients, const acc_t* const (&sample_vectors)[kSamples],
+    int vector, int rows, int present, ProductTerms<kTerms, kSamples, kRows, acc_t>& terms) {
+#pragma unroll
+  for (int t = 0; t < kTerms; ++t) {
+    if (t == 0 || vector + t * walk.term < walk.sample_terms) {
+      load_coefficients(coefficients + t * walk.coefficient_slot, present, terms.coefficients[t]);
+#pragma unroll
+      for (int q = 0; q < kSamples; ++q) {
+        load_vector<kExact>(sample_vectors[q] + vector + t * walk.term, rows, terms.values[t][q]);
+      }
+    }
+  }
+}
+
+// x += the products of the terms at `vector` that exist, in term order.
+template <int kTerms, int kSamples, int kRows, typename acc_t>
+__device__ __forceinline__ void add_terms(
+    const GradientStrides& walk, int vector, const ProductTerms<kTerms, kSamples, kRows, acc_t>& terms,
+    acc_t (&x)[kSamples][kRows]) {
+#pragma unroll
+  for (int t = 0; t < kTerms; ++t) {
+    if (t == 0 || vector + t * walk.term < walk.sample_terms) {
+#pragma unroll
+      for (int q = 0; q < kSamples; ++q) {
+#pragma unroll
+        for (int d = 0; d < kRows; ++d) {
+          x[q][d] = fused_multiply_add(terms.coefficients[t][q], terms.values[t][q][d], x[q][d]);
+        }
+      }
+    }
+  }
+}
+
 // x[q][d] = dL/du_hat[b + q, i, j, row + d], d < kRows, for kSamples consecutive samples of
 // which the first `present` exist: the sum of the product terms (BackwardTerms), term by
 // term in order. `coefficients` points at (slot 0, i, j, b), `vectors` at (b, term 0, j,
-// row); `initial` is c_0[i, j], term 0's coefficient unless it is stored. The samples go
-// term by term together, so that their loads are in flight at once; the samples past
+// row); `initial` is c_0[i, j], term 0's coefficient unless it is stored. The samples past
 // `present` read sample b's rows (their x is not used). Each x[q] is the same sum, in the
-// same order, whatever kSamples.
-template <bool kExact, int kSamples, int kRows, typename acc_t>
+// same order, whatever kSamples and kTermsAtOnce.
+//
+// What sets this function's time on a GPU is how many times it waits for its loads: each
+// group of loads issued before the products that need them is a round trip to L2 or
+// memory, which the gradient kernel's few resident warps cannot hide. So the samples go
+// term by term together, and with kTermsAtOnce = 2 the later terms come two at a time, the
+// first two with term 0 (the count, 2r - 1 or 1, is odd): at r = 3 two waits instead of
+// five. That holds two terms' loads in registers, which only the 4-row float-math gradient
+// kernel has room for; the others (float64, 8 rows, the generic tile) would spill.
+template <bool kExact, int kTermsAtOnce, int kSamples, int kRows, typename acc_t>
 __device__ __forceinline__ void grad_predictions(
     const GradientStrides& walk, const acc_t* __restrict__ coefficients, acc_t initial,
     const acc_t* __restrict__ vectors, int rows, int present, acc_t (&x)[kSamples][kRows]) {
+  static_assert(kTermsAtOnce == 1 || kTermsAtOnce == 2, "terms one or two at a time");
   const acc_t* sample_vectors[kSamples];  // the rows each slot reads: its sample's, or b's
   const acc_t* sample_coefficients[kSamples];
 #pragma unroll
@@ -56,32 +108,46 @@ __device__ __forceinline__ void grad_predictions(
   // vector: with it there, ptxas spills 16 bytes in the float64 kernel (make cuda-model),
   // for 3 loads per round saved in the float one.
   acc_t values[kSamples][kRows];
+  acc_t scales[kSamples];
 #pragma unroll
   for (int q = 0; q < kSamples; ++q) {
     load_vector<kExact>(sample_vectors[q], rows, values[q]);
-    const acc_t scale = walk.first_stored ? sample_coefficients[q][0] : initial;
-#pragma unroll
-    for (int d = 0; d < kRows; ++d) {
-      x[q][d] = scale * values[q][d];
-    }
+    scales[q] = walk.first_stored ? sample_coefficients[q][0] : initial;
   }
   // Terms 1 .. count - 1 (full form only): coefficient slots 0 .. count - 2. The vector's
   // offset counts the terms (a sample's term vectors end at sample_terms).
-  int coefficient = 0;
-#pragma unroll 1
-  for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
-    acc_t c[kSamples];
-    load_coefficients(coefficients + coefficient, present, c);
-#pragma unroll
-    for (int q = 0; q < kSamples; ++q) {
-      load_vector<kExact>(sample_vectors[q] + vector, rows, values[q]);
+  ProductTerms<kTermsAtOnce, kSamples, kRows, acc_t> terms;
+  if constexpr (kTermsAtOnce == 2) {
+    if (walk.term < walk.sample_terms) {
+      load_terms<kExact>(walk, coefficients, sample_vectors, walk.term, rows, present, terms);
     }
-    coefficient += walk.coefficient_slot;
+  }
 #pragma unroll
-    for (int q = 0; q < kSamples; ++q) {
+  for (int q = 0; q < kSamples; ++q) {
 #pragma unroll
-      for (int d = 0; d < kRows; ++d) {
-        x[q][d] = fused_multiply_add(c[q], values[q][d], x[q][d]);
+    for (int d = 0; d < kRows; ++d) {
+      x[q][d] = scales[q] * values[q][d];
+    }
+  }
+  int coefficient = 0;  // the offset of the next terms' first coefficient slot
+  if constexpr (kTermsAtOnce == 1) {
+#pragma unroll 1
+    for (int vector = walk.term; vector < walk.sample_terms; vector += walk.term) {  // model-loop: terms - 1
+      load_terms<kExact>(walk, coefficients + coefficient, sample_vectors, vector, rows, present, terms);
+      add_terms(walk, vector, terms, x);
+      coefficient += walk.coefficient_slot;
+    }
+  } else {
+    // Each pair's products, then the next pair's loads (loaded before a pair's products,
+    // they would need a second pair's registers).
+#pragma unroll 1
+    for (int vector = walk.term; vector < walk.sample_terms; vector += 2 * walk.term) {  // model-loop: (terms - 1) // 2
+      add_terms(walk, vector, terms, x);
+      coefficient += 2 * walk.coefficient_slot;
+      if (vector + 2 * walk.term < walk.sample_terms) {
+        // model-fraction-begin: 1 - 1 / max(1, (terms - 1) // 2)
+        load_terms<kExact>(walk, coefficients + coefficient, sample_vectors, vector + 2 * walk.term, rows, present, terms);
+        // model-fraction-end
       }
     }
   }
@@ -93,7 +159,7 @@ __device__ __forceinline__ void grad_prediction(
     const GradientStrides& walk, const acc_t* __restrict__ coefficients, acc_t initial,
     const acc_t* __restrict__ vectors, int rows, acc_t (&x)[kRows]) {
   acc_t one[1][kRows];
-  grad_predictions<kExact, 1>(walk, coefficients, initial, vectors, rows, 1, one);
+  grad_predictions<kExact, 1, 1>(walk, coefficients, initial, vectors, rows, 1, one);
 #pragma unroll
   for (int d = 0; d < kRows; ++d) {
     x[d] = one[0][d];
@@ -210,7 +276,8 @@ constexpr int kGradientMinBlocks = gradient_min_blocks(kRows);
 // after each round, the block's threads add them up (in the order j, row group) and store
 // dL/du. At the end the groups' dW rows are added in a fixed pairwise tree, and the block
 // does its share of dL/dbias. With 4 rows (kNarrowGradientRows) and float math, a round's
-// samples form their dL/du_hat rows together (grad_predictions). dL/du_hat, and so dW,
+// samples form their dL/du_hat rows together, loading the terms two at a time
+// (grad_predictions). dL/du_hat, and so dW,
 // dbias and dprior, have the same bits whatever kRows; dL/du adds J x row groups partials,
 // so its rounding depends on kRows.
 template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows>
@@ -225,6 +292,8 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
   constexpr int kRound = Vector16<acc_t>::kWidth;  // samples per round
   // Samples whose dL/du_hat rows are formed together (their loads in flight at once).
   constexpr int kInFlight = kRows == kNarrowGradientRows && sizeof(acc_t) == 4 ? kRound : 1;
+  // Product terms loaded at once (grad_predictions): two where the registers allow it.
+  constexpr int kTermsAtOnce = kInFlight == kRound ? 2 : 1;
   constexpr int kSlots = kGradientInputGroups;  // (group, input) pairs per block
   static_assert(Tile::kExactDimIn && Tile::kExactDimOut && kDimIn == 8 && kSlots == 8, "the CapsNet tile");
   static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
@@ -315,8 +384,16 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
         continue;
       }
       acc_t xs[kInFlight][kRows];
-      grad_predictions<true>(walk, p.coefficients + (coefficient + first_q), initial,
+      grad_predictions<true, kTermsAtOnce>(walk, p.coefficients + (coefficient + first_q), initial,
           p.terms + (vector + first_q * walk.sample_terms), kRows, round_samples - first_q, xs);
+      // u[b, i] of all these samples before any of their products, so that their loads
+      // overlap (a sample past the round reads the first's row, not used).
+      acc_t u_rows[kInFlight][kDimIn];
+#pragma unroll
+      for (int in_flight = 0; in_flight < kInFlight; ++in_flight) {
+        const int q = first_q + in_flight < round_samples ? first_q + in_flight : first_q;
+        load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_rows[in_flight]);
+      }
 #pragma unroll
       for (int in_flight = 0; in_flight < kInFlight; ++in_flight) {
         const int q = first_q + in_flight;
@@ -324,8 +401,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
           continue;
         }
         const acc_t (&x)[kRows] = xs[in_flight];
-        acc_t u_i[kDimIn];
-        load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_i);
+        const acc_t (&u_i)[kDimIn] = u_rows[in_flight];
         acc_t partial[kDimIn];
         fill(partial, acc_t(0));
 #pragma unroll
