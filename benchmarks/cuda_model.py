@@ -130,6 +130,7 @@ GPUS = {
 }
 
 DTYPES = {"float32": ("float", 4), "float64": ("double", 8), "float16": ("c10::Half", 4), "bfloat16": ("c10::BFloat16", 4)}
+STORAGE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
 # ---------------------------------------------------------------------------------------
@@ -774,7 +775,7 @@ def estimate(args) -> tuple[list[KernelEstimate], list[KernelEstimate], dict, di
         resources, sass = compile_kernels(instantiation_source(instantiations), args.arch, workdir)
     functions = parse_sass(sass)
     shape = dict(CAPSNET_SHAPE, batch=args.batch, iterations=args.iterations)
-    env = plan_env(plan, dict(shape, acc_bytes=acc_bytes), args.detach_routing)
+    env = plan_env(plan, dict(shape, acc_bytes=acc_bytes, storage_bytes=STORAGE_BYTES[args.dtype]), args.detach_routing)
     per_function = {}
     lines_of_function = {}
     markers = source_markers()

@@ -290,10 +290,12 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
   constexpr int kContributors = (kRowGroups * Tile::kMaxNumOut + Vector16<acc_t>::kWidth - 1) / Vector16<acc_t>::kWidth *
       Vector16<acc_t>::kWidth;
   constexpr int kRound = Vector16<acc_t>::kWidth;  // samples per round
-  // Samples whose dL/du_hat rows are formed together (their loads in flight at once).
-  constexpr int kInFlight = kRows == kNarrowGradientRows && sizeof(acc_t) == 4 ? kRound : 1;
-  // Product terms loaded at once (grad_predictions): two where the registers allow it.
-  constexpr int kTermsAtOnce = kInFlight == kRound ? 2 : 1;
+  // Where the registers allow it: the samples whose dL/du_hat rows are formed together
+  // (their loads in flight at once), the product terms loaded at once (grad_predictions),
+  // and the u rows staged a round ahead (below).
+  constexpr bool kRoundInFlight = gradient_round_in_flight(kRows, int(sizeof(acc_t)));
+  constexpr int kInFlight = kRoundInFlight ? kRound : 1;
+  constexpr int kTermsAtOnce = kRoundInFlight ? 2 : 1;
   constexpr int kSlots = kGradientInputGroups;  // (group, input) pairs per block
   static_assert(Tile::kExactDimIn && Tile::kExactDimOut && kDimIn == 8 && kSlots == 8, "the CapsNet tile");
   static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
@@ -352,6 +354,32 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
         : 0;
   }
 
+  // With kRoundInFlight, the u rows of a round go through shared memory, copied a round
+  // ahead ([2][kRoundRows], after the destinations): value r of a round is u[b, i, e] for
+  // the (b, i, e) of row r's dL/du, so its destination says where it is and whether it
+  // exists. The next round's copies land while this round waits on its terms, instead of
+  // the u rows' own round trips after them. 16-byte pieces of kPiece values, within a row
+  // of E. Without, each u row is loaded where it is used.
+  constexpr int kPiece = 16 / int(sizeof(scalar_t));
+  constexpr int kRoundPieces = kRoundRows / kPiece;
+  static_assert(kDimIn % kPiece == 0 && kRoundRows % kPiece == 0, "a piece lies within one row of u");
+  scalar_t* const u_stages = reinterpret_cast<scalar_t*>(destinations + kRoundRows);
+  const auto stage_round = [&](int stage, int round_first) {  // round_first: counted in the group
+    scalar_t* const staged = u_stages + stage * kRoundRows;
+#pragma unroll 1
+    for (int piece = flat; piece < kRoundPieces; piece += threads) {  // model-loop: ceil(gradient_round_rows * storage_bytes / 16 / gradient_threads)
+      const GradientRowDestination destination = destinations[piece * kPiece];
+      if (round_first < destination.limit) {
+        copy16_async(staged + piece * kPiece, p.u + (destination.offset + round_first * sample_values));
+      }
+    }
+    commit_copies();
+  };
+  if constexpr (kRoundInFlight) {
+    __syncthreads();  // the destinations are written
+    stage_round(0, 0);
+  }
+
   acc_t w[kRows][kDimIn];
 #pragma unroll
   for (int d = 0; d < kRows; ++d) {
@@ -370,12 +398,26 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
   const int end = active ? smaller(first + group_samples, batch) : first;
   int coefficient = int(g.coefficient(0, read_i, j, first));
   int vector = int(g.term_vector(first, 0, j)) + row;
-  int u_row = int(g.input_row(first, read_i));
+  int u_row = int(g.input_row(first, read_i));  // without kRoundInFlight
   const acc_t initial = initial_coupling(p.prior_couplings, g, read_i, j, p.options);
   acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
+  if constexpr (kRoundInFlight) {
+    wait_for_copies<0>();
+    __syncthreads();  // the first round's u rows have landed
+  }
 #pragma unroll 1
   for (int b = first; b < first + group_samples; b += kRound) {  // model-loop: gradient_rounds
     const int round_samples = end - b;
+    const int round_first = b - first;  // the round's first sample, counted in the group
+    const int stage = (round_first / kRound) & 1;
+    if constexpr (kRoundInFlight) {
+      if (round_first + kRound < group_samples) {
+        // model-fraction-begin: 1 - 1 / gradient_rounds
+        stage_round(stage ^ 1, round_first + kRound);  // into the stage the round before read
+        // model-fraction-end
+      }
+    }
+    const scalar_t* const staged_u = u_stages + stage * kRoundRows + slot * kDimIn;  // round sample 0
     // The round's samples kInFlight at a time: their dL/du_hat rows x, then per sample
     // dW rows += x (outer) u[b, i] and its partial of dL/du[b, i].
 #pragma unroll
@@ -386,14 +428,6 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
       acc_t xs[kInFlight][kRows];
       grad_predictions<true, kTermsAtOnce>(walk, p.coefficients + (coefficient + first_q), initial,
           p.terms + (vector + first_q * walk.sample_terms), kRows, round_samples - first_q, xs);
-      // u[b, i] of all these samples before any of their products, so that their loads
-      // overlap (a sample past the round reads the first's row, not used).
-      acc_t u_rows[kInFlight][kDimIn];
-#pragma unroll
-      for (int in_flight = 0; in_flight < kInFlight; ++in_flight) {
-        const int q = first_q + in_flight < round_samples ? first_q + in_flight : first_q;
-        load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_rows[in_flight]);
-      }
 #pragma unroll
       for (int in_flight = 0; in_flight < kInFlight; ++in_flight) {
         const int q = first_q + in_flight;
@@ -401,7 +435,12 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
           continue;
         }
         const acc_t (&x)[kRows] = xs[in_flight];
-        const acc_t (&u_i)[kDimIn] = u_rows[in_flight];
+        acc_t u_i[kDimIn];
+        if constexpr (kRoundInFlight) {
+          load_row<Tile>(staged_u + q * (kSlots * kDimIn), kDimIn, u_i);
+        } else {
+          load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_i);
+        }
         acc_t partial[kDimIn];
         fill(partial, acc_t(0));
 #pragma unroll
@@ -423,7 +462,6 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
     u_row += kRound * walk.sample_input;
     __syncthreads();
     // dL/du[b, i, e] = the sum of a row of contributors, in the order (j, row group).
-    const int round_first = b - first;  // the round's first sample, counted in the group
     const int round_values = round_first * sample_values;
 #pragma unroll 1
     for (int r = flat; r < kRoundRows; r += threads) {  // model-loop: ceil(gradient_round_rows / gradient_threads)
@@ -441,6 +479,9 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
       if (round_first < destination.limit) {
         p.grad_u[destination.offset + round_values] = static_cast<scalar_t>(total);
       }
+    }
+    if constexpr (kRoundInFlight) {
+      wait_for_copies<0>();  // the next round's u rows: landed before the barrier publishes them
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them
   }

@@ -378,13 +378,15 @@ inline RoutingPlan plan_routing(
     const int64_t threads_x = row_groups * part.gradient_inputs_per_block;
     const int64_t threads = threads_x * num_out * groups;
     // Shared memory: a round of dL/du partial vectors, [vector of samples][group x input][E]
-    // [kMaxNumOut x row groups], and each of its rows' destination; reused for the sum of
-    // the groups' dW (the shares of at most half the threads at a level of the tree) and for
-    // the bias gradient's per-thread sums.
+    // [kMaxNumOut x row groups], each of its rows' destination, and where the kernel stages
+    // them (gradient_round_in_flight) two rounds of u rows (storage elements, no larger than
+    // op-math ones); reused for the sum of the groups' dW (the shares of at most half the
+    // threads at a level of the tree) and for the bias gradient's per-thread sums.
     const int64_t contributors = ceil_div(CapsNetTile::kMaxNumOut * row_groups, vector_values) * vector_values;
     const int64_t round_rows = vector_values * kGradientInputGroups * dim_in;
-    const int64_t round =
-        round_rows * contributors + round_rows * int64_t(sizeof(GradientRowDestination)) / acc_bytes;
+    const int64_t round = round_rows * contributors +
+        round_rows * int64_t(sizeof(GradientRowDestination)) / acc_bytes +
+        (gradient_round_in_flight(plan.gradient_rows, int(acc_bytes)) ? 2 * round_rows : 0);
     const int64_t group_sum = threads / 2 * gradient_group_share(int(acc_bytes), plan.gradient_rows);
     const int64_t shared = plan_detail::largest_of(round, plan_detail::largest_of(group_sum, threads + 16));
     plan.gradients = {

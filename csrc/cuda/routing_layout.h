@@ -97,6 +97,14 @@ C10_HOST_DEVICE constexpr int gradient_max_threads(int rows) {
 C10_HOST_DEVICE constexpr int gradient_min_blocks(int rows) {
   return rows == kWideGradientRows ? 2 : 1;
 }
+// Whether the gradient kernel of `rows` rows and op-math of acc_bytes keeps a round's loads
+// in flight together: its samples' dL/du_hat rows, their product terms two at a time, and
+// the next round's u rows staged in shared memory (routing_gradients.cuh). Only the 4-row
+// kernel with float math has the registers: at the 168-register cap of their one or two
+// blocks per SM, the float64 and 8-row kernels spill with them.
+C10_HOST_DEVICE constexpr bool gradient_round_in_flight(int rows, int acc_bytes) {
+  return rows == kNarrowGradientRows && acc_bytes == 4;
+}
 // Where the gradient kernel stores a row of a round's dL/du sums (one per row, in shared
 // memory after the round's rows): in the round whose first sample, counted in the sample
 // group, is s < limit, at grad_u[offset + s * I * E].

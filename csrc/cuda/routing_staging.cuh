@@ -31,8 +31,10 @@
 
 namespace capsnet::cuda {
 
-// 16 bytes from global to shared memory, asynchronously on sm_80 and later.
-__device__ __forceinline__ void copy16_async(float* __restrict__ shared_destination, const float* __restrict__ global_source) {
+// 16 bytes from global to shared memory, asynchronously on sm_80 and later (the rings, and
+// the gradient kernel's u rows).
+template <typename T>
+__device__ __forceinline__ void copy16_async(T* __restrict__ shared_destination, const T* __restrict__ global_source) {
   CAPSNET_ASSERT_VECTOR_ALIGNED(shared_destination);
   CAPSNET_ASSERT_VECTOR_ALIGNED(global_source);
 #if defined(__CUDACC__)
