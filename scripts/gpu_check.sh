@@ -32,7 +32,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 EPOCHS=${EPOCHS:-2}
 DRY_RUN=${DRY_RUN:-0}
 ONLY=${ONLY:-}
-STEPS="environment build tests benchmark kernels staging direct wide plans training"
+STEPS="environment build tests benchmark kernels staging direct wide plans stalls training"
 for name in $ONLY; do
   case " $STEPS " in
     *" $name "*) ;;
@@ -146,6 +146,10 @@ NEEDS_GPU=0 NEEDS_EXTENSION=1 step wide env CAPSNET_CUDA_PLAN=gradient_rows=8 "$
   --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-wide $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step plans "$PYTHON" -m benchmarks.plan_sweep --batch-sizes 32 128 512 1024 --out "$OUT"
+
+# What the kernels wait on (Nsight Compute's warp-state statistics at B = 128 and 1024), where
+# the machine has ncu and lets it read the counters; stalls.md says when it does not.
+NEEDS_GPU=1 NEEDS_EXTENSION=1 step stalls "$PYTHON" -m benchmarks.stall_profile --batch-sizes 128 1024 --out "$OUT"
 
 NEEDS_GPU=1 NEEDS_EXTENSION=1 step training "$PYTHON" train_mnist.py --data-dir "$DATA_DIR" --out-dir "$OUT/training" \
   --epochs "$EPOCHS" --device cuda --no-progress --overwrite

@@ -23,7 +23,7 @@ def test_an_unknown_step_stops_before_anything_runs(tmp_path):
     result = _run(tmp_path / "out", "build tset")
     assert result.returncode == 2
     assert "unknown step 'tset'" in result.stderr
-    assert "environment build tests benchmark kernels staging direct wide plans training" in result.stderr
+    assert "environment build tests benchmark kernels staging direct wide plans stalls training" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -31,7 +31,7 @@ def test_only_runs_the_named_steps_and_keeps_the_table(tmp_path):
     out = tmp_path / "out"
     first = _run(out, "environment tests")
     assert first.returncode == 0, first.stderr
-    for skipped in ("build", "benchmark", "kernels", "staging", "direct", "wide", "plans", "training"):
+    for skipped in ("build", "benchmark", "kernels", "staging", "direct", "wide", "plans", "stalls", "training"):
         assert f"== {skipped}: not in ONLY, skipped" in first.stdout
     assert "== tests: env CUDA_LAUNCH_BLOCKING=1" in first.stdout
     (out / "steps.md").write_text((out / "steps.md").read_text() + "| tests | 0 | 1 |\n")
