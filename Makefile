@@ -111,7 +111,7 @@ cuda-model: venv
 	$(PY) -m benchmarks.cuda_model --check --dtype float64
 	$(PY) -m benchmarks.cuda_model --check --dtype float16
 	CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0,gradient_rows=8 $(PY) -m benchmarks.cuda_model --check
-	CAPSNET_CUDA_PLAN=sweep_staging_slots=0 $(PY) -m benchmarks.cuda_model --check --arch sm_80
+	CAPSNET_CUDA_PLAN=sweep_staging_slots=0,gradient_loads_ahead=0 $(PY) -m benchmarks.cuda_model --check --arch sm_80
 	$(PY) -m benchmarks.cuda_model --lines kLater
 
 # No venv and no downloads: the Python that has torch (PYTHON=...), MNIST from DATA_DIR.

@@ -550,7 +550,8 @@ def plan_and_launches(batch: int, shape: dict, iterations: int, acc_bytes: int, 
     num_in = 8 if plan.get("chunk_levels", 0) > 0 else 2
     tiny_plan = simt.describe_plan(1, num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], iterations, acc_bytes, sms)
     assert (tiny_plan.get("chunk_levels", 0) > 0) == (plan.get("chunk_levels", 0) > 0), "the tiny call must use the same launches"
-    # Tensors of the storage type: the ring and the wide gradient rows exist for float32 only.
+    # Tensors of the storage type: the rings, the wide gradient rows and the gradient kernel
+    # without its loads ahead exist for float32 only.
     storage = getattr(torch, dtype)
     u = torch.randn(1, num_in, shape["dim_in"], generator=tiny).to(storage)
     W = torch.randn(num_in, shape["num_out"], shape["dim_out"], shape["dim_in"], generator=tiny).to(storage)
@@ -624,7 +625,8 @@ def row_key(launch: str) -> str:
     m = re.search(r"::(k\w+)", launch)
     staged = ", staged" if "kInputRingSlots" in launch else ""  # W and u through the InputRing
     if "kNarrowGradientRows" in launch:  # float gradient_kernel, 4 rows of W[i, j] per thread (default)
-        return f"{name}<narrow>"
+        # Without its loads ahead: CAPSNET_CUDA_PLAN=gradient_loads_ahead=0.
+        return f"{name}<narrow, at use>" if re.search(r"\bfalse\s*>", launch) else f"{name}<narrow>"
     if "kWideGradientRows" in launch:  # float gradient_kernel, 8 rows (CAPSNET_CUDA_PLAN=gradient_rows=8)
         return f"{name}<wide>"
     return f"{name}<{m.group(1)}{staged}>" if m else name

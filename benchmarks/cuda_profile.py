@@ -33,17 +33,20 @@ def model_key(kernel_name: str, enums: dict | None = None) -> str | None:
     (or '..., capsnet::cuda::ForwardStep::kLater>') -> 'forward_iteration_kernel<kLater>'; a memset
     -> 'cudaMemsetAsync'; None for other kernels. A forward or sweep kernel whose last template
     argument (its InputRing's slots) is not 0 reads W and u through the ring: '<kLater, staged>'. A float
-    gradient kernel with 4 rows of W[i, j] per thread (the default): 'gradient_kernel<narrow>';
-    with 8 (CAPSNET_CUDA_PLAN=gradient_rows=8): 'gradient_kernel<wide>'."""
+    gradient kernel with 4 rows of W[i, j] per thread (the default): 'gradient_kernel<narrow>',
+    or 'gradient_kernel<narrow, at use>' without its loads ahead (CAPSNET_CUDA_PLAN=
+    gradient_loads_ahead=0); with 8 (CAPSNET_CUDA_PLAN=gradient_rows=8): 'gradient_kernel<wide>'."""
     if kernel_name.startswith("Memset"):
         return cuda_model.MEMSET
     m = re.search(r"capsnet::cuda::(\w+_kernel)<(.*)>\s*\(", kernel_name)
     if not m:
         return None
     name, arguments = m.groups()
-    if name == "gradient_kernel" and re.match(r"float,.*,\s*4\s*$", arguments):
+    if name == "gradient_kernel" and re.match(r"float,.*,\s*4\s*(,\s*(true|1)\s*)?$", arguments):
         return f"{name}<narrow>"
-    if name == "gradient_kernel" and re.match(r"float,.*,\s*8\s*$", arguments):
+    if name == "gradient_kernel" and re.match(r"float,.*,\s*4\s*,\s*(false|0)\s*$", arguments):
+        return f"{name}<narrow, at use>"
+    if name == "gradient_kernel" and re.match(r"float,.*,\s*8\s*(,\s*(true|false|1|0)\s*)?$", arguments):
         return f"{name}<wide>"
     ringed = ("forward_iteration_kernel", "backward_sweep_kernel")
     slots = re.search(r",\s*(\d+)\s*$", arguments) if name in ringed else None

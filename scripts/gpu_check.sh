@@ -134,12 +134,13 @@ NEEDS_GPU=0 NEEDS_EXTENSION=1 step kernels "$PYTHON" -m benchmarks.cuda_profile 
 # Builds its own small extension (nvcc): needs the GPU, not capsnet._C's kernels.
 NEEDS_GPU=1 step staging "$PYTHON" -m benchmarks.staging_experiment --batch-sizes 32 128 512 1024 --out "$OUT"
 
-# The alternatives to the default plan's kernels, per kernel beside the kernels step: the
-# forward and backward sweep kernels with direct loads of W and u instead of their
-# shared-memory rings (CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0), and the
-# gradient kernel with 8 rows of W[i, j] per thread, one sample's dL/du_hat loads at a time,
-# instead of 4 (CAPSNET_CUDA_PLAN=gradient_rows=8).
-NEEDS_GPU=0 NEEDS_EXTENSION=1 step direct env CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0 "$PYTHON" -m benchmarks.cuda_profile \
+# The alternatives to the default plan's kernels, per kernel beside the kernels step: every
+# kernel loading W, u and the gradient's terms where it uses them, instead of through the
+# forward's and the backward sweep's shared-memory rings and the gradient kernel's loads
+# ahead (CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0,gradient_loads_ahead=0); and
+# the gradient kernel with 8 rows of W[i, j] per thread, one sample's dL/du_hat loads at a
+# time, instead of 4 (CAPSNET_CUDA_PLAN=gradient_rows=8).
+NEEDS_GPU=0 NEEDS_EXTENSION=1 step direct env CAPSNET_CUDA_PLAN=staging_slots=0,sweep_staging_slots=0,gradient_loads_ahead=0 "$PYTHON" -m benchmarks.cuda_profile \
   --batch-sizes 32 128 512 1024 --out "$OUT" --suffix=-direct $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 
 NEEDS_GPU=0 NEEDS_EXTENSION=1 step wide env CAPSNET_CUDA_PLAN=gradient_rows=8 "$PYTHON" -m benchmarks.cuda_profile \

@@ -342,6 +342,26 @@ def test_the_sweeps_ring_gives_the_direct_loads_bits(monkeypatch, batch):
         assert_close_report(staged[name], expected[name], f"sweep ring B={batch} {name}", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("batch", [37, 128, 300])
+def test_gradient_loads_ahead_give_the_loads_at_use_bits(monkeypatch, batch):
+    """The default gradient kernel loads its product terms two at a time and copies the
+    next round's u rows into shared memory (cp.async): the very bits of the kernel that
+    loads each where it uses it (gradient_loads_ahead=0), and the reference's values. On the
+    GPU the copies really are asynchronous: a missing wait would read u before it landed."""
+    case = capsnet_case(batch)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_loads_ahead=0")
+    at_use = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    for _ in range(3):
+        ahead = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
+        for name in at_use:
+            assert torch.equal(ahead[name], at_use[name]), f"B={batch} {name}: loads ahead differ from loads at use"
+    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
+    for name in expected:
+        assert_close_report(ahead[name], expected[name], f"loads ahead B={batch} {name}", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("batch", [37, 128])
 def test_narrow_gradient_rows_give_the_wide_kernels_bits(monkeypatch, batch):
     """The default gradient kernel (4 rows of W[i, j] per thread, a round's dL/du_hat loads in

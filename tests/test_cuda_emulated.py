@@ -396,6 +396,53 @@ def test_narrow_gradient_rows_give_the_wide_kernels_bits(simt, monkeypatch, prob
         assert torch.equal(grad_u, grad_us[0]), f"grad_u differs between the ascending and {schedule} orders (seed {seed})"
 
 
+# As NARROW_PROBLEMS, and several rounds per sample group in blocks of two groups (B = 96).
+LOADS_AHEAD_PROBLEMS = NARROW_PROBLEMS + [(96, 100, (True, False, False), 9)]
+
+
+@pytest.mark.parametrize("problem", LOADS_AHEAD_PROBLEMS, ids=["prior-37", "leaky-5", "prior-leaky-detach-64", "prior-96"])
+def test_gradient_loads_ahead_give_the_loads_at_use_bits(simt, monkeypatch, problem):
+    """The default 4-row gradient kernel loads ahead: its product terms two at a time and
+    the next round's u rows into shared memory. It reads the same values and adds them in
+    the same order as the kernel that loads each where it is used (gradient_loads_ahead=0):
+    every output has the same bits, under every thread and block order."""
+    batch, num_in, (prior, leaky, detach), sm_count = problem
+    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_loads_ahead=0")
+    at_use_plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    assert not at_use_plan["gradient_loads_ahead"], at_use_plan
+    simt.clear_launch_log()
+    at_use = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
+                          multiprocessor_count=sm_count)
+    assert any("kNarrowGradientRows, false>" in name for name in simt.full_launch_log()), simt.full_launch_log()
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    assert plan["gradient_loads_ahead"] and plan["gradient_rounds"] >= (2 if batch == 96 else 1), plan
+    # Two rounds of u rows (kRound x 8 (group, input) slots x E floats) more shared memory.
+    staged_bytes = 2 * 4 * 8 * 8 * 4
+    assert plan["launches"]["gradient_kernel"]["shared_bytes"] == at_use_plan["launches"]["gradient_kernel"]["shared_bytes"] + staged_bytes
+    for schedule, seed in SCHEDULES:
+        simt.clear_launch_log()
+        ahead = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
+                             seed=seed, multiprocessor_count=sm_count)
+        assert any("kNarrowGradientRows, true>" in name for name in simt.full_launch_log()), simt.full_launch_log()
+        for name, a, e in zip(OUTPUT_NAMES, ahead, at_use):
+            assert torch.equal(a, e), f"{name} differs from the loads at use under the {schedule} order (seed {seed})"
+
+
+def test_half_storage_loads_ahead_whatever_the_plan_says(simt, monkeypatch):
+    """The kernel that loads at use is compiled for float32 storage only; float16 storage
+    keeps its loads ahead under gradient_loads_ahead=0, with the same results."""
+    u, W, bias, _, grad_v = make_inputs(9, 12, 10, 16, 8, torch.float16)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
+    expected = run_emulated(simt, u, W, bias, None, grad_v, 3)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_loads_ahead=0")
+    assert simt.describe_plan(9, 12, 10, 16, 8, 3, 4, 132, float32_storage=False)["gradient_loads_ahead"]
+    actual = run_emulated(simt, u, W, bias, None, grad_v, 3)
+    for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
 def test_wide_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
     """The 8-row gradient kernel is compiled for float32 storage; other storage runs its
@@ -422,6 +469,7 @@ def test_wide_gradient_rows_are_float32_only(simt, monkeypatch, dtype):
     ("staging_slots=2", "CAPSNET_CUDA_PLAN: staging_slots must be 0 or 3, got 2"),
     ("gradient_rows=2", "CAPSNET_CUDA_PLAN: gradient_rows must be 8 or 4, got 2"),
     ("sweep_staging_slots=1", "CAPSNET_CUDA_PLAN: sweep_staging_slots must be 0 or 3, got 1"),
+    ("gradient_loads_ahead=2", "CAPSNET_CUDA_PLAN: gradient_loads_ahead must be 0 or 1, got 2"),
 ])
 def test_bad_plan_choices_are_refused_with_their_name(simt, monkeypatch, text, message):
     monkeypatch.setenv("CAPSNET_CUDA_PLAN", text)
@@ -500,10 +548,10 @@ def declared_kernels():
 
 
 def top_level_split(text):
-    """`text` split at the commas outside angle brackets."""
+    """`text` split at the commas outside angle brackets and parentheses."""
     parts, depth, current = [], 0, ""
     for char in text:
-        depth += (char == "<") - (char == ">")
+        depth += (char in "<(") - (char in ">)")
         if char == "," and depth == 0:
             parts.append(current.strip())
             current = ""

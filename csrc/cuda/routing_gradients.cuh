@@ -276,11 +276,12 @@ constexpr int kGradientMinBlocks = gradient_min_blocks(kRows);
 // after each round, the block's threads add them up (in the order j, row group) and store
 // dL/du. At the end the groups' dW rows are added in a fixed pairwise tree, and the block
 // does its share of dL/dbias. With 4 rows (kNarrowGradientRows) and float math, a round's
-// samples form their dL/du_hat rows together, loading the terms two at a time
-// (grad_predictions). dL/du_hat, and so dW,
+// samples form their dL/du_hat rows together, and with kLoadsAhead load their terms two at
+// a time (grad_predictions) and the next round's u rows into shared memory. dL/du_hat, and so dW,
 // dbias and dprior, have the same bits whatever kRows; dL/du adds J x row groups partials,
 // so its rounding depends on kRows.
-template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows>
+template <typename scalar_t, typename Tile, int kRows = kDefaultGradientRows,
+    bool kLoadsAhead = gradient_round_in_flight(kRows, int(sizeof(opmath_t<scalar_t>)))>
 __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks<kRows>)
     gradient_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = opmath_t<scalar_t>;
@@ -290,12 +291,14 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
   constexpr int kContributors = (kRowGroups * Tile::kMaxNumOut + Vector16<acc_t>::kWidth - 1) / Vector16<acc_t>::kWidth *
       Vector16<acc_t>::kWidth;
   constexpr int kRound = Vector16<acc_t>::kWidth;  // samples per round
-  // Where the registers allow it: the samples whose dL/du_hat rows are formed together
-  // (their loads in flight at once), the product terms loaded at once (grad_predictions),
-  // and the u rows staged a round ahead (below).
+  // Where the registers allow it, the samples whose dL/du_hat rows are formed together
+  // (their loads in flight at once); with kLoadsAhead (the planner's there,
+  // RoutingPlan::gradient_loads_ahead), also the product terms two at a time
+  // (grad_predictions) and the u rows staged a round ahead (below).
   constexpr bool kRoundInFlight = gradient_round_in_flight(kRows, int(sizeof(acc_t)));
+  static_assert(kRoundInFlight || !kLoadsAhead, "loading ahead needs the registers of a round in flight");
   constexpr int kInFlight = kRoundInFlight ? kRound : 1;
-  constexpr int kTermsAtOnce = kRoundInFlight ? 2 : 1;
+  constexpr int kTermsAtOnce = kLoadsAhead ? 2 : 1;
   constexpr int kSlots = kGradientInputGroups;  // (group, input) pairs per block
   static_assert(Tile::kExactDimIn && Tile::kExactDimOut && kDimIn == 8 && kSlots == 8, "the CapsNet tile");
   static_assert(kContributors % Vector16<acc_t>::kWidth == 0, "contributor rows are whole vectors");
@@ -354,7 +357,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
         : 0;
   }
 
-  // With kRoundInFlight, the u rows of a round go through shared memory, copied a round
+  // With kLoadsAhead, the u rows of a round go through shared memory, copied a round
   // ahead ([2][kRoundRows], after the destinations): value r of a round is u[b, i, e] for
   // the (b, i, e) of row r's dL/du, so its destination says where it is and whether it
   // exists. The next round's copies land while this round waits on its terms, instead of
@@ -375,7 +378,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
     }
     commit_copies();
   };
-  if constexpr (kRoundInFlight) {
+  if constexpr (kLoadsAhead) {
     __syncthreads();  // the destinations are written
     stage_round(0, 0);
   }
@@ -398,10 +401,10 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
   const int end = active ? smaller(first + group_samples, batch) : first;
   int coefficient = int(g.coefficient(0, read_i, j, first));
   int vector = int(g.term_vector(first, 0, j)) + row;
-  int u_row = int(g.input_row(first, read_i));  // without kRoundInFlight
+  int u_row = int(g.input_row(first, read_i));  // without kLoadsAhead
   const acc_t initial = initial_coupling(p.prior_couplings, g, read_i, j, p.options);
   acc_t* const mine = shared + (slot * kDimIn) * kContributors + contributor;  // round sample 0, e = 0
-  if constexpr (kRoundInFlight) {
+  if constexpr (kLoadsAhead) {
     wait_for_copies<0>();
     __syncthreads();  // the first round's u rows have landed
   }
@@ -410,7 +413,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
     const int round_samples = end - b;
     const int round_first = b - first;  // the round's first sample, counted in the group
     const int stage = (round_first / kRound) & 1;
-    if constexpr (kRoundInFlight) {
+    if constexpr (kLoadsAhead) {
       if (round_first + kRound < group_samples) {
         // model-fraction-begin: 1 - 1 / gradient_rounds
         stage_round(stage ^ 1, round_first + kRound);  // into the stage the round before read
@@ -436,7 +439,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
         }
         const acc_t (&x)[kRows] = xs[in_flight];
         acc_t u_i[kDimIn];
-        if constexpr (kRoundInFlight) {
+        if constexpr (kLoadsAhead) {
           load_row<Tile>(staged_u + q * (kSlots * kDimIn), kDimIn, u_i);
         } else {
           load_row<Tile>(p.u + (u_row + q * walk.sample_input), kDimIn, u_i);
@@ -480,7 +483,7 @@ __global__ void __launch_bounds__(kGradientMaxThreads<kRows>, kGradientMinBlocks
         p.grad_u[destination.offset + round_values] = static_cast<scalar_t>(total);
       }
     }
-    if constexpr (kRoundInFlight) {
+    if constexpr (kLoadsAhead) {
       wait_for_copies<0>();  // the next round's u rows: landed before the barrier publishes them
     }
     __syncthreads();  // the round's entries are read before the next round overwrites them

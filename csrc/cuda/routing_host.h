@@ -41,9 +41,9 @@ struct HostOptions {
 
 // CAPSNET_CUDA_PLAN, for experiments (benchmarks/plan_sweep.py, benchmarks/cuda_profile.py):
 // a comma-separated list of `inputs_per_chunk=N` (N >= 1), `sample_groups=N` (1, 2, 4 or 8),
-// `staging_slots=N` and `sweep_staging_slots=N` (0 or kInputRingSlots) and `gradient_rows=N`
-// (kWideGradientRows or kNarrowGradientRows) that replace the planner's choices (PlanChoices,
-// routing_launch.h),
+// `staging_slots=N` and `sweep_staging_slots=N` (0 or kInputRingSlots), `gradient_rows=N`
+// (kWideGradientRows or kNarrowGradientRows) and `gradient_loads_ahead=N` (0 or 1) that
+// replace the planner's choices (PlanChoices, routing_launch.h),
 // e.g. "inputs_per_chunk=9,sample_groups=8".
 // Read on every call, so that one process can time several plans. Unset or empty: none.
 // The messages format numbers with std::to_string: on one GPU machine (torch 2.11, nvcc
@@ -69,10 +69,10 @@ inline PlanChoices plan_choices_from_environment() {
     const std::string key = item.substr(0, equals);
     const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
     TORCH_CHECK(key == "inputs_per_chunk" || key == "sample_groups" || key == "staging_slots" || key == "gradient_rows" ||
-                    key == "sweep_staging_slots",
+                    key == "sweep_staging_slots" || key == "gradient_loads_ahead",
                 "CAPSNET_CUDA_PLAN: unknown choice '", key, "' in '", all,
-                "'; the choices are inputs_per_chunk=N, sample_groups=N, staging_slots=N, gradient_rows=N and "
-                "sweep_staging_slots=N");
+                "'; the choices are inputs_per_chunk=N, sample_groups=N, staging_slots=N, gradient_rows=N, "
+                "sweep_staging_slots=N and gradient_loads_ahead=N");
     size_t parsed = 0;
     long long number = 0;
     try {
@@ -94,6 +94,9 @@ inline PlanChoices plan_choices_from_environment() {
                   "CAPSNET_CUDA_PLAN: gradient_rows must be " + std::to_string(kWideGradientRows) + " or " +
                       std::to_string(kNarrowGradientRows) + got);
       choices.gradient_rows = number;
+    } else if (key == "gradient_loads_ahead") {
+      TORCH_CHECK(number == 0 || number == 1, "CAPSNET_CUDA_PLAN: gradient_loads_ahead must be 0 or 1" + got);
+      choices.gradient_loads_ahead = number;
     } else {
       TORCH_CHECK(number == 1 || number == 2 || number == 4 || number == 8,
                   "CAPSNET_CUDA_PLAN: sample_groups must be 1, 2, 4 or 8", got);
@@ -103,13 +106,14 @@ inline PlanChoices plan_choices_from_environment() {
   return choices;
 }
 
-// The choices that apply to storage of `dtype`: the input rings and the wide gradient rows
-// are compiled for float32 storage only.
+// The choices that apply to storage of `dtype`: the input rings, the wide gradient rows and
+// the gradient kernel without its loads ahead are compiled for float32 storage only.
 inline PlanChoices plan_choices_for(PlanChoices choices, at::ScalarType dtype) {
   if (dtype != at::kFloat) {
     choices.staging_slots = 0;
     choices.sweep_staging_slots = 0;
     choices.gradient_rows = 0;
+    choices.gradient_loads_ahead = -1;
   }
   return choices;
 }

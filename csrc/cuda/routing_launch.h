@@ -54,14 +54,19 @@ constexpr DeviceLimits kH100Limits{132, 1024, 48 * 1024, true, 227 * 1024, 228 *
 //   where the forward's does; the sweep's larger block (two kinds of thread rows: over 48 KiB
 //   with the ring) must still fit kRoutingBlocksPerMultiprocessor blocks on an SM, within
 //   the opt-in limit of a block. The planner takes it there on GPUs with async_copies.
-// Storage other than float32 has neither the rings nor the wide rows compiled: routing_host.h
-// (plan_choices_for) clears those choices for it before they reach the planner.
+// - gradient_loads_ahead (-1: the planner's, 1 where gradient_round_in_flight): 0 makes the
+//   4-row float32 gradient kernel load each product term and each u row where it is used,
+//   as it did before it loaded ahead (to time the two in one run).
+// Storage other than float32 has neither the rings, nor the wide rows, nor the gradient
+// kernel without its loads ahead compiled: routing_host.h (plan_choices_for) clears those
+// choices for it before they reach the planner.
 struct PlanChoices {
   int64_t inputs_per_chunk = 0;
   int64_t sample_groups = 0;
   int64_t staging_slots = -1;
   int64_t gradient_rows = 0;
   int64_t sweep_staging_slots = -1;
+  int64_t gradient_loads_ahead = -1;
 };
 
 enum class TileKind { kCapsNet, kGeneric };
@@ -103,6 +108,7 @@ struct RoutingPlan {
   KernelLaunch backward_output;    // backward_output_kernel (r = 1: no sweep)
   KernelLaunch gradients;          // gradient_kernel (CapsNet tile)
   int gradient_rows;               // its rows of W[i, j] per thread (CapsNet tile)
+  bool gradient_loads_ahead;       // its terms two at a time and u rows staged a round ahead
   KernelLaunch grad_weight;        // grad_weight_kernel (generic tile)
   KernelLaunch grad_input;         // grad_input_kernel (generic tile)
   // Workspace sizes in elements of the op-math type (counters: int32).
@@ -348,6 +354,8 @@ inline RoutingPlan plan_routing(
     const bool wide_rows = acc_bytes == 4 && choices.gradient_rows == kWideGradientRows;
     plan.gradient_rows = wide_rows ? kWideGradientRows : kDefaultGradientRows;
     const int64_t row_groups = gradient_row_groups(plan.gradient_rows);
+    plan.gradient_loads_ahead =
+        gradient_round_in_flight(plan.gradient_rows, int(acc_bytes)) && choices.gradient_loads_ahead != 0;
     int64_t best = -1;
     int groups = 1;
     for (int z = 1; z <= kGradientInputGroups; z *= 2) {
@@ -378,15 +386,14 @@ inline RoutingPlan plan_routing(
     const int64_t threads_x = row_groups * part.gradient_inputs_per_block;
     const int64_t threads = threads_x * num_out * groups;
     // Shared memory: a round of dL/du partial vectors, [vector of samples][group x input][E]
-    // [kMaxNumOut x row groups], each of its rows' destination, and where the kernel stages
-    // them (gradient_round_in_flight) two rounds of u rows (storage elements, no larger than
-    // op-math ones); reused for the sum of the groups' dW (the shares of at most half the
+    // [kMaxNumOut x row groups], each of its rows' destination, and where the kernel loads
+    // ahead two rounds of u rows (storage elements, no larger than op-math ones); reused for the sum of the groups' dW (the shares of at most half the
     // threads at a level of the tree) and for the bias gradient's per-thread sums.
     const int64_t contributors = ceil_div(CapsNetTile::kMaxNumOut * row_groups, vector_values) * vector_values;
     const int64_t round_rows = vector_values * kGradientInputGroups * dim_in;
     const int64_t round = round_rows * contributors +
         round_rows * int64_t(sizeof(GradientRowDestination)) / acc_bytes +
-        (gradient_round_in_flight(plan.gradient_rows, int(acc_bytes)) ? 2 * round_rows : 0);
+        (plan.gradient_loads_ahead ? 2 * round_rows : 0);
     const int64_t group_sum = threads / 2 * gradient_group_share(int(acc_bytes), plan.gradient_rows);
     const int64_t shared = plan_detail::largest_of(round, plan_detail::largest_of(group_sum, threads + 16));
     plan.gradients = {

@@ -149,8 +149,11 @@ void launch_backward(const Launcher& launch, const RoutingPlan& plan, BackwardPa
         if (plan.gradient_rows == kWideGradientRows) {  // 8 rows, one sample's loads at a time
           launch(CAPSNET_KERNEL(kGradientMaxThreads<kWideGradientRows>, gradient_kernel<scalar_t, Tile, kWideGradientRows>),
               plan.gradients, p);
-        } else {  // 4 rows, a round's samples' loads in flight together
-          launch(CAPSNET_KERNEL(kGradientMaxThreads<kNarrowGradientRows>, gradient_kernel<scalar_t, Tile, kNarrowGradientRows>),
+        } else if (plan.gradient_loads_ahead) {  // 4 rows, a round's loads in flight together and ahead
+          launch(CAPSNET_KERNEL(kGradientMaxThreads<kNarrowGradientRows>, gradient_kernel<scalar_t, Tile, kNarrowGradientRows, true>),
+              plan.gradients, p);
+        } else {  // 4 rows, each term and u row loaded where it is used
+          launch(CAPSNET_KERNEL(kGradientMaxThreads<kNarrowGradientRows>, gradient_kernel<scalar_t, Tile, kNarrowGradientRows, false>),
               plan.gradients, p);
         }
         return;

@@ -97,11 +97,11 @@ C10_HOST_DEVICE constexpr int gradient_max_threads(int rows) {
 C10_HOST_DEVICE constexpr int gradient_min_blocks(int rows) {
   return rows == kWideGradientRows ? 2 : 1;
 }
-// Whether the gradient kernel of `rows` rows and op-math of acc_bytes keeps a round's loads
-// in flight together: its samples' dL/du_hat rows, their product terms two at a time, and
-// the next round's u rows staged in shared memory (routing_gradients.cuh). Only the 4-row
-// kernel with float math has the registers: at the 168-register cap of their one or two
-// blocks per SM, the float64 and 8-row kernels spill with them.
+// Whether the gradient kernel of `rows` rows and op-math of acc_bytes forms a round's
+// samples' dL/du_hat rows together (their loads in flight at once), and can load ahead:
+// their product terms two at a time and the next round's u rows staged in shared memory
+// (routing_gradients.cuh). Only the 4-row kernel with float math has the registers: at the
+// 168-register cap of their one or two blocks per SM, the float64 and 8-row kernels spill.
 C10_HOST_DEVICE constexpr bool gradient_round_in_flight(int rows, int acc_bytes) {
   return rows == kNarrowGradientRows && acc_bytes == 4;
 }

@@ -151,6 +151,7 @@ pybind11::dict describe_plan(
   out["sweep_staging_slots"] = plan.sweep_staging_slots;
   out["sample_groups"] = part.sample_groups;
   out["gradient_rows"] = plan.gradient_rows;
+  out["gradient_loads_ahead"] = plan.gradient_loads_ahead;
   out["gradient_inputs_per_block"] = part.gradient_inputs_per_block;
   out["gradient_group_samples"] = part.gradient_group_samples;
   out["gradient_rounds"] = part.gradient_rounds;
