@@ -300,66 +300,51 @@ def test_plan_choices(monkeypatch, choices):
         run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
 
 
+def assert_plans_give_the_same_bits(monkeypatch, batch, baseline_plan, plan, what, device="cuda", **options):
+    """A CapsNet-shape float32 forward+backward under CAPSNET_CUDA_PLAN=`baseline_plan` once
+    and under `plan` three times: every output the very bits of the baseline's, and the
+    float64 reference's values. `what` names `plan`'s kernels in the messages."""
+    case = capsnet_case(batch)
+    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device=device)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", baseline_plan)
+    baseline = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", **options)
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", plan)
+    for _ in range(3):
+        actual = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", **options)
+        for name in baseline:
+            assert torch.equal(actual[name], baseline[name]), f"B={batch} {name}: {what} differs from {baseline_plan}"
+    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference",
+                           **options)
+    for name in expected:
+        assert_close_report(actual[name], expected[name], f"{what} B={batch} {name}", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("batch", [37, 128])
 def test_staged_inputs_give_the_direct_loads_bits(monkeypatch, batch):
     """The forward's shared-memory ring for W and u (the default on sm_80 and later, whose
-    cp.async copies in the background; staging_slots=3 elsewhere): the very bits of the
-    direct loads (staging_slots=0), and the reference's values. On the GPU the copies really
-    are asynchronous, which the emulator cannot show: a missing wait would read a slot
-    before its copies landed."""
-    case = capsnet_case(batch)
-    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=0")
-    direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", return_couplings=True)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "staging_slots=3")
-    for _ in range(3):
-        staged = run_routing(u, W, bias, grad_v, case.iterations, backend="fused", return_couplings=True)
-        for name in direct:
-            assert torch.equal(staged[name], direct[name]), f"B={batch} {name}: staged differs from direct"
-    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference",
-                           return_couplings=True)
-    for name in expected:
-        assert_close_report(staged[name], expected[name], f"staged B={batch} {name}", dtype=torch.float32)
+    cp.async copies in the background; staging_slots=3 elsewhere) against the direct loads
+    (staging_slots=0). On the GPU the copies really are asynchronous, which the emulator
+    cannot show: a missing wait would read a slot before its copies landed."""
+    assert_plans_give_the_same_bits(monkeypatch, batch, "staging_slots=0", "staging_slots=3", "the forward's ring",
+                                    return_couplings=True)
 
 
 @pytest.mark.parametrize("batch", [37, 128])
 def test_the_sweeps_ring_gives_the_direct_loads_bits(monkeypatch, batch):
     """sweep_staging_slots=3 (the default on sm_80 and later where it fits): the backward
     sweep's passes read W and u through their own ring, in blocks past 48 KiB (the launcher's
-    opt-in): the very bits of its direct loads (sweep_staging_slots=0), and the reference's
-    values; a missing wait or opt-in shows only on a GPU."""
-    case = capsnet_case(batch)
-    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=0")
-    direct = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "sweep_staging_slots=3")
-    for _ in range(3):
-        staged = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-        for name in direct:
-            assert torch.equal(staged[name], direct[name]), f"B={batch} {name}: the sweep's ring differs from direct"
-    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
-    for name in expected:
-        assert_close_report(staged[name], expected[name], f"sweep ring B={batch} {name}", dtype=torch.float32)
+    opt-in), against their direct loads (sweep_staging_slots=0); a missing wait or opt-in
+    shows only on a GPU."""
+    assert_plans_give_the_same_bits(monkeypatch, batch, "sweep_staging_slots=0", "sweep_staging_slots=3", "the sweep's ring")
 
 
 @pytest.mark.parametrize("batch", [37, 128, 300])
 def test_gradient_loads_ahead_give_the_loads_at_use_bits(monkeypatch, batch):
     """The default gradient kernel loads its product terms two at a time and copies the
-    next round's u rows into shared memory (cp.async): the very bits of the kernel that
-    loads each where it uses it (gradient_loads_ahead=0), and the reference's values. On the
-    GPU the copies really are asynchronous: a missing wait would read u before it landed."""
-    case = capsnet_case(batch)
-    u, W, bias, grad_v = make_inputs(case, dtype=torch.float32, device="cuda")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_loads_ahead=0")
-    at_use = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    for _ in range(3):
-        ahead = run_routing(u, W, bias, grad_v, case.iterations, backend="fused")
-        for name in at_use:
-            assert torch.equal(ahead[name], at_use[name]), f"B={batch} {name}: loads ahead differ from loads at use"
-    expected = run_routing(*_to([u, W, bias], dtype=torch.float64), grad_v.double(), case.iterations, backend="reference")
-    for name in expected:
-        assert_close_report(ahead[name], expected[name], f"loads ahead B={batch} {name}", dtype=torch.float32)
+    next round's u rows into shared memory (cp.async), against the kernel that loads each
+    where it uses it (gradient_loads_ahead=0). On the GPU the copies really are
+    asynchronous: a missing wait would read u before it landed."""
+    assert_plans_give_the_same_bits(monkeypatch, batch, "gradient_loads_ahead=0", "", "the gradient's loads ahead")
 
 
 @pytest.mark.parametrize("batch", [37, 128])

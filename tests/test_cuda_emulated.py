@@ -359,6 +359,19 @@ def test_staging_is_left_out_where_it_does_not_apply(simt, monkeypatch, case):
 NARROW_PROBLEMS = [(37, 20, (True, False, False), 2), (5, 24, (False, True, False), 132), (64, 12, (True, True, True), 7)]
 
 
+def plan_and_run(simt, monkeypatch, plan_text, problem, inputs, launched, **order):
+    """The plan and the emulated forward+backward (r = 3) of a NARROW_PROBLEMS-style problem
+    under CAPSNET_CUDA_PLAN=`plan_text` (and a thread and block `order`: schedule, seed),
+    whose launches must include one naming `launched`."""
+    batch, num_in, (prior, leaky, detach), sm_count = problem
+    monkeypatch.setenv("CAPSNET_CUDA_PLAN", plan_text)
+    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    simt.clear_launch_log()
+    outputs = run_emulated(simt, *inputs, 3, leaky=leaky, detach=detach, multiprocessor_count=sm_count, **order)
+    assert any(launched in name for name in simt.full_launch_log()), simt.full_launch_log()
+    return plan, outputs
+
+
 @pytest.mark.parametrize("problem", NARROW_PROBLEMS, ids=["prior-37", "leaky-5", "prior-leaky-detach-64"])
 def test_narrow_gradient_rows_give_the_wide_kernels_bits(simt, monkeypatch, problem):
     """The default gradient kernel holds 4 rows of W[i, j] per thread and forms a round's
@@ -367,26 +380,16 @@ def test_narrow_gradient_rows_give_the_wide_kernels_bits(simt, monkeypatch, prob
     the same bits under every thread and block order; dL/du adds twice the row groups'
     partials with 4 rows, so it matches to rounding, and is the same in every order."""
     batch, num_in, (prior, leaky, detach), sm_count = problem
-    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_rows=8")
-    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    inputs = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    plan, wide = plan_and_run(simt, monkeypatch, "gradient_rows=8", problem, inputs, "kWideGradientRows")
     block = plan["launches"]["gradient_kernel"]["block"]
     assert plan["gradient_rows"] == 8 and block[0] * block[2] == 2 * 8 and block[1] == 10, plan
-    simt.clear_launch_log()
-    wide = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
-                        multiprocessor_count=sm_count)
-    assert any("kWideGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
-    block = plan["launches"]["gradient_kernel"]["block"]
-    assert plan["gradient_rows"] == 4 and block[0] * block[2] == 4 * 8 and block[1] == 10, plan
-    expected = reference_outputs(u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach)
+    expected = reference_outputs(*inputs, 3, leaky=leaky, detach=detach)
     grad_us = []
     for schedule, seed in SCHEDULES:
-        simt.clear_launch_log()
-        narrow = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
-                              seed=seed, multiprocessor_count=sm_count)
-        assert any("kNarrowGradientRows" in name for name in simt.full_launch_log()), simt.full_launch_log()
+        plan, narrow = plan_and_run(simt, monkeypatch, "", problem, inputs, "kNarrowGradientRows", schedule=schedule, seed=seed)
+        block = plan["launches"]["gradient_kernel"]["block"]
+        assert plan["gradient_rows"] == 4 and block[0] * block[2] == 4 * 8 and block[1] == 10, plan
         for name, a, e in zip(OUTPUT_NAMES, narrow, wide):
             if name != "grad_u":
                 assert torch.equal(a, e), f"{name} differs from the 8-row kernel's under the {schedule} order (seed {seed})"
@@ -407,25 +410,18 @@ def test_gradient_loads_ahead_give_the_loads_at_use_bits(simt, monkeypatch, prob
     the same order as the kernel that loads each where it is used (gradient_loads_ahead=0):
     every output has the same bits, under every thread and block order."""
     batch, num_in, (prior, leaky, detach), sm_count = problem
-    u, W, bias, logit_prior, grad_v = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "gradient_loads_ahead=0")
-    at_use_plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
+    inputs = make_inputs(batch, num_in, 10, 16, 8, torch.float32, weight_scale=0.2, prior=prior)
+    at_use_plan, at_use = plan_and_run(simt, monkeypatch, "gradient_loads_ahead=0", problem, inputs,
+                                       "kNarrowGradientRows, false>")
     assert not at_use_plan["gradient_loads_ahead"], at_use_plan
-    simt.clear_launch_log()
-    at_use = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach,
-                          multiprocessor_count=sm_count)
-    assert any("kNarrowGradientRows, false>" in name for name in simt.full_launch_log()), simt.full_launch_log()
-    monkeypatch.setenv("CAPSNET_CUDA_PLAN", "")
-    plan = simt.describe_plan(batch, num_in, 10, 16, 8, 3, 4, sm_count, prior, detach)
-    assert plan["gradient_loads_ahead"] and plan["gradient_rounds"] >= (2 if batch == 96 else 1), plan
     # Two rounds of u rows (kRound x 8 (group, input) slots x E floats) more shared memory.
     staged_bytes = 2 * 4 * 8 * 8 * 4
-    assert plan["launches"]["gradient_kernel"]["shared_bytes"] == at_use_plan["launches"]["gradient_kernel"]["shared_bytes"] + staged_bytes
     for schedule, seed in SCHEDULES:
-        simt.clear_launch_log()
-        ahead = run_emulated(simt, u, W, bias, logit_prior, grad_v, 3, leaky=leaky, detach=detach, schedule=schedule,
-                             seed=seed, multiprocessor_count=sm_count)
-        assert any("kNarrowGradientRows, true>" in name for name in simt.full_launch_log()), simt.full_launch_log()
+        plan, ahead = plan_and_run(simt, monkeypatch, "", problem, inputs, "kNarrowGradientRows, true>",
+                                   schedule=schedule, seed=seed)
+        assert plan["gradient_loads_ahead"] and plan["gradient_rounds"] >= (2 if batch == 96 else 1), plan
+        shared_bytes = plan["launches"]["gradient_kernel"]["shared_bytes"]
+        assert shared_bytes == at_use_plan["launches"]["gradient_kernel"]["shared_bytes"] + staged_bytes, plan
         for name, a, e in zip(OUTPUT_NAMES, ahead, at_use):
             assert torch.equal(a, e), f"{name} differs from the loads at use under the {schedule} order (seed {seed})"
 
