@@ -387,8 +387,9 @@ inline RoutingPlan plan_routing(
     const int64_t threads = threads_x * num_out * groups;
     // Shared memory: a round of dL/du partial vectors, [vector of samples][group x input][E]
     // [kMaxNumOut x row groups], each of its rows' destination, and where the kernel loads
-    // ahead two rounds of u rows (storage elements, no larger than op-math ones); reused for the sum of the groups' dW (the shares of at most half the
-    // threads at a level of the tree) and for the bias gradient's per-thread sums.
+    // ahead two rounds of u rows (storage elements, no larger than op-math ones); reused
+    // for the sum of the groups' dW (the shares of at most half the threads at a level of
+    // the tree) and for the bias gradient's per-thread sums.
     const int64_t contributors = ceil_div(CapsNetTile::kMaxNumOut * row_groups, vector_values) * vector_values;
     const int64_t round_rows = vector_values * kGradientInputGroups * dim_in;
     const int64_t round = round_rows * contributors +
